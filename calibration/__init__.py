@@ -1,0 +1,1 @@
+"""Per-channel calibration: manipulator µm <-> microscope µm <-> pixels, assignment, correction."""

@@ -1,0 +1,104 @@
+"""Load a RigConfig from TOML, with environment overrides.
+
+Overrides: ``PATCHRIG__SECTION__KEY=value`` sets ``[section] key``; the value is parsed as
+TOML when it can be (numbers, booleans, arrays, quoted strings), else taken as a string.
+Example: ``PATCHRIG__SERVER__COMMAND_ENDPOINT=tcp://127.0.0.1:6000``. Channel entries are
+addressed by name: ``PATCHRIG__CHANNELS__A__MAX_SPEED_UM_S=500``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.models import RigConfig
+from rig.errors import ConfigError
+
+ENV_PREFIX = "PATCHRIG__"
+
+
+def default_config_path() -> Path:
+    """The shipped simulated quad-rig profile, ``config/sim.toml``."""
+    return Path(__file__).with_name("sim.toml")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any, var: str) -> None:
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if key == "channels":
+            name = keys[i + 1]
+            matches = [c for c in node.get("channels", []) if c.get("name") == name]
+            if not matches:
+                raise ConfigError(f"{var}: no channel named {name!r}")
+            node = matches[0]
+            rest = keys[i + 2 :]
+            for k in rest[:-1]:
+                node = node.setdefault(k, {})
+            node[rest[-1]] = value
+            return
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{var}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply every ``PATCHRIG__A__B=v`` variable of ``environ`` to ``data`` (in place)."""
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in var[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            raise ConfigError(f"{var}: empty override path")
+        if keys[0] == "channels" and len(keys) >= 3:
+            keys = ["channels", var[len(ENV_PREFIX) :].split("__")[1], *keys[2:]]
+        _apply_override(data, keys, _parse_env_value(raw), var)
+    return data
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> RigConfig:
+    """Validate an already parsed mapping; errors name the key and ``source``."""
+    try:
+        return RigConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> RigConfig:
+    """Read ``path`` (default: the shipped ``sim.toml``), apply env overrides, validate."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    apply_env_overrides(data, os.environ if environ is None else environ)
+    return config_from_mapping(data, str(file))

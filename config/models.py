@@ -1,0 +1,184 @@
+"""Pydantic models of the rig configuration. Unknown keys are rejected everywhere.
+
+Units are in the key names: ``*_um`` micrometres, ``*_um_s`` micrometres per second,
+``*_s`` seconds, ``*_px`` pixels, ``*_hz`` hertz.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are an error, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LimitsConfig(Strict):
+    """Per-axis soft limits in the device's own µm. Targets outside are rejected, never clipped."""
+
+    min_um: list[float]
+    max_um: list[float]
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitsConfig:
+        if len(self.min_um) != len(self.max_um):
+            raise ValueError("min_um and max_um must have the same number of axes")
+        if not 1 <= len(self.min_um) <= 4:
+            raise ValueError("limits need 1 to 4 axes")
+        for lo, hi in zip(self.min_um, self.max_um, strict=True):
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+                raise ValueError(f"each axis needs finite min_um < max_um, got {lo} .. {hi}")
+        return self
+
+
+class SensapexConfig(Strict):
+    """A Sensapex uMp/uMs reached through the vendor SDK (libum) over UDP."""
+
+    device_id: Annotated[int, Field(ge=1, le=19)]
+    address: str = "169.254.255.255"
+    group: Annotated[int, Field(ge=0, le=10)] = 0
+    timeout_ms: Annotated[int, Field(ge=10, le=5000)] = 200
+
+
+class ScientificaConfig(Strict):
+    """A Scientifica PatchStar/MicroStar on a serial port (LinLab protocol)."""
+
+    port: str
+    baud: Literal[9600, 38400] = 9600
+    timeout_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+    expected_version: Literal[2, 3] | None = None
+
+
+class SimulatedDriverConfig(Strict):
+    """The in-process simulated backend (no protocol), for fast tests."""
+
+    acceleration_um_s2: Annotated[float, Field(gt=0)] = 20000.0
+
+
+class ChannelConfig(Strict):
+    """One pipette channel: a manipulator, its limits and speed policy."""
+
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+    driver: Literal["sensapex", "scientifica", "simulated"]
+    n_axes: Annotated[int, Field(ge=3, le=4)] = 3
+    limits: LimitsConfig
+    max_speed_um_s: Annotated[float, Field(gt=0, le=5000)] = 1000.0
+    default_speed_um_s: Annotated[float, Field(gt=0)] = 200.0
+    sensapex: SensapexConfig | None = None
+    scientifica: ScientificaConfig | None = None
+    simulated: SimulatedDriverConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChannelConfig:
+        if len(self.limits.min_um) != self.n_axes:
+            raise ValueError(f"limits have {len(self.limits.min_um)} axes, n_axes is {self.n_axes}")
+        if self.default_speed_um_s > self.max_speed_um_s:
+            raise ValueError("default_speed_um_s exceeds max_speed_um_s")
+        section = getattr(self, self.driver)
+        if self.driver != "simulated" and section is None:
+            raise ValueError(f"driver {self.driver!r} needs a [{self.driver}] section")
+        for other in ("sensapex", "scientifica", "simulated"):
+            if other != self.driver and getattr(self, other) is not None:
+                raise ValueError(f"section [{other}] given but driver is {self.driver!r}")
+        return self
+
+
+class RigIdentity(Strict):
+    """What a calibration is valid for: the rig, the objective and the pixel size."""
+
+    name: Annotated[str, Field(min_length=1)] = "sim-rig"
+    objective: str = "25x/1.05"
+    um_per_px: Annotated[float, Field(gt=0.05, le=10)] = 0.62
+
+
+class FramesConfig(Strict):
+    """Where frames come from and when they count as stale."""
+
+    source: Literal["simulated", "zmq", "replay"] = "simulated"
+    zmq_endpoint: str = "tcp://127.0.0.1:5560"
+    replay_path: Path | None = None
+    replay_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 30.0
+    stale_after_s: Annotated[float, Field(gt=0)] = 1.0
+    focal_z_um: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FramesConfig:
+        if self.source == "replay" and self.replay_path is None:
+            raise ValueError("source 'replay' needs replay_path")
+        return self
+
+
+class LocaliserConfig(Strict):
+    """The tip localiser: checkpoint (None = the shipped default), device and gates."""
+
+    checkpoint: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    min_score: Annotated[float, Field(ge=0, le=1)] = 0.5
+    threads: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class CalibrationConfig(Strict):
+    """Calibration persistence and the gates of continuous correction."""
+
+    directory: Path = Path("~/.local/share/patchrig/calibration")
+    assignment_gate_um: Annotated[float, Field(gt=0)] = 15.0
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.7
+    max_offset_jump_um: Annotated[float, Field(gt=0)] = 10.0
+    tolerance_um: Annotated[float, Field(gt=0)] = 2.0
+    max_iterations: Annotated[int, Field(ge=1, le=50)] = 6
+
+
+class ServerConfig(Strict):
+    """ZeroMQ endpoints, security and limits of the command server."""
+
+    command_endpoint: str = "tcp://127.0.0.1:5555"
+    telemetry_endpoint: str = "tcp://127.0.0.1:5556"
+    curve_dir: Path | None = None
+    max_message_bytes: Annotated[int, Field(ge=256, le=10_000_000)] = 65536
+    lease_s: Annotated[float, Field(gt=0)] = 10.0
+    heartbeat_hz: Annotated[float, Field(gt=0, le=100)] = 1.0
+
+
+class SimulationConfig(Strict):
+    """The simulated world (only used when devices or frames are simulated)."""
+
+    seed: int = 0
+    frame_rate_hz: Annotated[float, Field(gt=0, le=200)] = 30.0
+    image_size_px: Annotated[int, Field(ge=64, le=4096)] = 512
+    drift_um_per_min: Annotated[float, Field(ge=0)] = 0.5
+    jump_probability_per_min: Annotated[float, Field(ge=0)] = 0.0
+    sensapex_group: Annotated[int, Field(ge=0, le=10)] = 0
+
+
+class RigConfig(Strict):
+    """The whole rig configuration (one TOML file)."""
+
+    rig: RigIdentity = RigIdentity()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    frames: FramesConfig = FramesConfig()
+    localiser: LocaliserConfig = LocaliserConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    server: ServerConfig = ServerConfig()
+    simulation: SimulationConfig | None = None
+    channels: list[ChannelConfig] = Field(min_length=1, max_length=8)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_names(cls, channels: list[ChannelConfig]) -> list[ChannelConfig]:
+        names = [c.name for c in channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channel names must be unique, got {names}")
+        return channels
+
+    def channel(self, name: str) -> ChannelConfig:
+        """The channel called ``name``; KeyError if there is none."""
+        for c in self.channels:
+            if c.name == name:
+                return c
+        raise KeyError(name)

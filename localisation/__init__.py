@@ -1,0 +1,1 @@
+"""Pipette-tip localisation: the paper's GAN + coarse-to-fine model, baselines, training, tools."""

@@ -1,0 +1,81 @@
+"""The ``patchrig`` command line: a thin dispatcher.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so ``patchrig --help`` is instant and a
+broken optional dependency of one command cannot break the others. Every failure prints one
+clear line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from rig.errors import PatchrigError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sim": ("rig.cmd_sim", "run the whole simulated rig and a scripted session (the main job)"),
+    "run": ("rig.cmd_run", "run the daemon on the devices a config names"),
+    "client": ("rig.cmd_client", "send one patchrig-rpc/1 command to a running daemon"),
+    "keygen": ("rig.cmd_keygen", "generate ZeroMQ CURVE key pairs for non-loopback binding"),
+    "check-config": ("config.cli", "validate a rig configuration file without touching hardware"),
+    "simulate": ("simulators.cli_simulate", "run one device simulator on its own"),
+    "data": ("simulators.cli_data", "synthesise, import and view labelled tip datasets"),
+    "train": ("localisation.cli_train", "train a localiser configuration"),
+    "evaluate": ("localisation.cli_evaluate", "evaluate a localiser checkpoint on a dataset"),
+    "locate": ("localisation.cli_locate", "localise tips in an image, a folder or a dataset"),
+    "bench": ("rig.cmd_bench", "benchmarks: localiser, manipulators, microscope, calibration, daemon"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; sub-parsers get their arguments lazily in ``main``."""
+    parser = argparse.ArgumentParser(
+        prog="patchrig",
+        description="Closed-loop control daemon for robot-assisted two-photon multi-pipette "
+        "in vivo patch-clamp. Run `patchrig COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-json", action="store_true", help="JSON log lines even on a terminal"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``patchrig`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    top_args, rest = top.parse_known_args(args_list)
+    if top_args.command is None:
+        top.print_help()
+        return 2
+    module_name, help_text = COMMANDS[top_args.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"patchrig {top_args.command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    from rig.logs import configure_logging
+
+    configure_logging(top_args.log_level, json_lines=True if top_args.log_json else None)
+    try:
+        return int(module.run(args) or 0)
+    except PatchrigError as exc:
+        print(f"patchrig {top_args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"patchrig {top_args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as exc:
+        print(f"patchrig {top_args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Simulated hardware that speaks the real protocols, around one shared simulated world."""

@@ -1,0 +1,88 @@
+"""Configuration loading: shipped profiles validate, unknown keys and bad values are rejected
+with the key and the file named, environment overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import default_config_path, load_config
+from rig.cli import main
+from rig.errors import ConfigError
+
+CONFIG_DIR = Path(default_config_path()).parent
+
+
+@pytest.mark.parametrize("name", ["sim.toml", "example-rig.toml"])
+def test_shipped_profiles_validate(name: str) -> None:
+    cfg = load_config(CONFIG_DIR / name, environ={})
+    assert len(cfg.channels) >= 2
+
+
+def test_sim_profile_is_a_quad_rig() -> None:
+    cfg = load_config(environ={})
+    drivers = sorted(c.driver for c in cfg.channels)
+    assert drivers == ["scientifica", "scientifica", "sensapex", "sensapex"]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rig.toml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    text = default_config_path().read_text().replace("[server]", "[server]\nbogus_key = 1")
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert "server.bogus_key" in str(info.value)
+    assert str(path) in str(info.value)
+    assert "unknown key" in str(info.value)
+
+
+def test_inverted_limits_rejected(tmp_path: Path) -> None:
+    text = default_config_path().read_text().replace(
+        "min_um = [0.0, 0.0, 0.0], max_um = [20000.0, 20000.0, 20000.0]",
+        "min_um = [0.0, 0.0, 0.0], max_um = [20000.0, -5.0, 20000.0]",
+    )
+    with pytest.raises(ConfigError, match="channels.1.limits"):
+        load_config(_write(tmp_path, text), environ={})
+
+
+def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[rig\nname="), environ={})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_env_overrides_section_and_channel() -> None:
+    cfg = load_config(
+        environ={
+            "PATCHRIG__SERVER__COMMAND_ENDPOINT": "tcp://127.0.0.1:6001",
+            "PATCHRIG__CHANNELS__B__MAX_SPEED_UM_S": "500",
+            "PATCHRIG__LOCALISER__MIN_SCORE": "0.8",
+        }
+    )
+    assert cfg.server.command_endpoint == "tcp://127.0.0.1:6001"
+    assert cfg.channel("B").max_speed_um_s == 500.0
+    assert cfg.localiser.min_score == 0.8
+
+
+def test_env_override_validated() -> None:
+    with pytest.raises(ConfigError, match="max_speed_um_s"):
+        load_config(environ={"PATCHRIG__CHANNELS__A__MAX_SPEED_UM_S": "-3"})
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(default_config_path())]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = _write(tmp_path, "nonsense = 1\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nonsense" in err

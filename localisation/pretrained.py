@@ -26,7 +26,6 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 from rig.errors import DataError
 
 
-
 def read_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
     """Read a state dict (``.pth``/``.pt``) from ``path`` with ``weights_only=True``.
 

@@ -1,0 +1,410 @@
+"""The ``patchrig-tips/1`` labelled dataset format: reading, writing, and COCO import.
+
+Layout::
+
+    DIR/labels.json
+    DIR/images/...   (PNG or TIFF, 8- or 16-bit greyscale; colour is converted to grey)
+
+``labels.json``::
+
+    {"format": "patchrig-tips/1",
+     "images": [{"file": "images/000000.png", "um_per_px": 0.62, "tips": [[x, y], ...]}]}
+
+Tips are in the image's own pixels: x = column, y = row, floats, origin at the CENTRE of the
+top-left pixel. ``tips`` may be empty. Extra keys (per image or top level) are kept in
+``TipRecord.extra`` / ``TipDataset.meta`` and ignored otherwise.
+
+Readers are strict: a malformed labels file, a bad entry, or a missing or unreadable image
+raises ``rig.errors.DataError`` naming the file (and the entry). Writers are atomic: labels are
+written to a temporary file in the same directory, fsynced, then renamed over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import tifffile
+
+from rig.errors import DataError
+
+FORMAT = "patchrig-tips/1"
+LABELS_NAME = "labels.json"
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class TipRecord:
+    """One labelled image. ``file``: path relative to the dataset directory (as in
+    labels.json); ``path``: absolute path; ``tips_px``: (n, 2) float64 x, y pixel-centre
+    coordinates; ``extra``: the entry's other keys."""
+
+    file: str
+    path: Path
+    um_per_px: float
+    tips_px: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "file": self.file,
+            "um_per_px": float(self.um_per_px),
+            "tips": [[float(x), float(y)] for x, y in np.asarray(self.tips_px).reshape(-1, 2)],
+        }
+        for key, value in self.extra.items():
+            if key not in entry:
+                entry[key] = value
+        return entry
+
+
+@dataclass
+class TipDataset:
+    """A dataset read from ``root``: its records in file order and its top-level extra keys."""
+
+    root: Path
+    records: list[TipRecord]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[TipRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, index: int) -> TipRecord:
+        return self.records[index]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_dataset(directory: str | Path, *, check_images: bool = True) -> TipDataset:
+    """Read ``DIR/labels.json``; with ``check_images`` every image file must exist.
+
+    Raises DataError naming the labels file (and entry) or the missing image.
+    """
+    root = Path(directory)
+    labels_path = root / LABELS_NAME
+    if not labels_path.is_file():
+        raise DataError(f"{labels_path}: no labels file (expected a {FORMAT} dataset)")
+    try:
+        doc = json.loads(labels_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{labels_path}: not UTF-8 text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{labels_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"{labels_path}: top level must be a JSON object")
+    if doc.get("format") != FORMAT:
+        raise DataError(f"{labels_path}: format must be {FORMAT!r}, got {doc.get('format')!r}")
+    images = doc.get("images")
+    if not isinstance(images, list):
+        raise DataError(f"{labels_path}: 'images' must be a list")
+    records = []
+    seen: set[str] = set()
+    for index, entry in enumerate(images):
+        record = _parse_entry(labels_path, index, entry)
+        if record.file in seen:
+            raise DataError(f"{labels_path}: images[{index}]: duplicate file {record.file!r}")
+        seen.add(record.file)
+        if check_images and not record.path.is_file():
+            raise DataError(f"{record.path}: image listed in {labels_path} (images[{index}]) is missing")
+        records.append(record)
+    meta = {k: v for k, v in doc.items() if k not in ("format", "images")}
+    return TipDataset(root=root, records=records, meta=meta)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
+    where = f"{labels_path}: images[{index}]"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: must be an object")
+    file = entry.get("file")
+    if not isinstance(file, str) or not file:
+        raise DataError(f"{where}: 'file' must be a non-empty string")
+    rel = Path(file)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(f"{where} ({file}): 'file' must be a path inside the dataset directory")
+    if rel.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(f"{where} ({file}): images must be PNG or TIFF")
+    where = f"{where} ({file})"
+    um_per_px = entry.get("um_per_px")
+    if not _finite_number(um_per_px) or um_per_px <= 0:
+        raise DataError(f"{where}: 'um_per_px' must be a positive number, got {um_per_px!r}")
+    tips = entry.get("tips")
+    if not isinstance(tips, list):
+        raise DataError(f"{where}: 'tips' must be a list of [x, y]")
+    for j, tip in enumerate(tips):
+        if not (isinstance(tip, list) and len(tip) == 2 and all(_finite_number(c) for c in tip)):
+            raise DataError(f"{where}: tips[{j}] must be [x, y] with finite numbers, got {tip!r}")
+    extra = {k: v for k, v in entry.items() if k not in ("file", "um_per_px", "tips")}
+    return TipRecord(
+        file=file,
+        path=labels_path.parent / rel,
+        um_per_px=float(um_per_px),
+        tips_px=np.asarray(tips, dtype=np.float64).reshape(-1, 2),
+        extra=extra,
+    )
+
+
+def load_image(record: TipRecord | str | Path) -> np.ndarray:
+    """The image as an (h, w) uint8 or uint16 array; colour is converted to grey.
+
+    Raises DataError naming the file if it is missing, unreadable, or not 8/16-bit.
+    """
+    path = record.path if isinstance(record, TipRecord) else Path(record)
+    if not path.is_file():
+        raise DataError(f"{path}: image file is missing")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            image = tifffile.imread(path)
+            colour_order = "rgb"
+        else:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            colour_order = "bgr"
+    except Exception as exc:  # tifffile raises several types on corrupt files
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    if image is None:
+        raise DataError(f"{path}: cannot read image (corrupt or unsupported format)")
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        code = {
+            ("rgb", 3): cv2.COLOR_RGB2GRAY,
+            ("rgb", 4): cv2.COLOR_RGBA2GRAY,
+            ("bgr", 3): cv2.COLOR_BGR2GRAY,
+            ("bgr", 4): cv2.COLOR_BGRA2GRAY,
+        }[(colour_order, image.shape[2])]
+        image = cv2.cvtColor(np.ascontiguousarray(image), code)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim != 2:
+        raise DataError(f"{path}: expected a 2D greyscale or colour image, got shape {image.shape}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: expected 8- or 16-bit pixels, got {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def write_image(path: str | Path, pixels: np.ndarray) -> None:
+    """Write an (h, w) uint8/uint16 image as PNG or TIFF (by suffix), atomically."""
+    path = Path(path)
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: can only write 2D uint8/uint16 images, got {pixels.dtype} {pixels.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if suffix in (".tif", ".tiff"):
+                tifffile.imwrite(fh, pixels)
+            elif suffix == ".png":
+                ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+                if not ok:
+                    raise DataError(f"{path}: PNG encoding failed")
+                fh.write(buf.tobytes())
+            else:
+                raise DataError(f"{path}: images must be .png or .tif/.tiff")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_labels(
+    directory: str | Path,
+    records: Iterable[TipRecord | Mapping[str, Any]],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``DIR/labels.json`` atomically (temp file, fsync, rename). Records may be
+    ``TipRecord`` or dicts with file/um_per_px/tips. Every entry is validated first, so a bad
+    record changes nothing on disk."""
+    root = Path(directory)
+    labels_path = root / LABELS_NAME
+    entries = []
+    for index, record in enumerate(records):
+        entry = record.to_json() if isinstance(record, TipRecord) else dict(record)
+        if "tips" in entry:
+            entry["tips"] = [[float(x), float(y)] for x, y in np.asarray(entry["tips"], float).reshape(-1, 2)]
+        _parse_entry(labels_path, index, entry)
+        entries.append(entry)
+    doc: dict[str, Any] = {"format": FORMAT}
+    if meta:
+        doc.update({k: v for k, v in meta.items() if k not in ("format", "images")})
+    # one image per line: readable, diff-friendly and compact
+    head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items())
+    body = ",\n".join(f"  {json.dumps(e, separators=(', ', ': '))}" for e in entries)
+    text = "{\n" + head + ',\n "images": [\n' + body + ("\n ]\n}\n" if entries else " ]\n}\n")
+    _atomic_write_text(labels_path, text)
+    return labels_path
+
+
+def write_dataset(
+    directory: str | Path,
+    records: Iterable[tuple[str, np.ndarray, float, np.ndarray] | tuple[str, np.ndarray, float, np.ndarray, Mapping[str, Any]]],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> TipDataset:
+    """Write images and labels: ``records`` are (file, pixels, um_per_px, tips_px[, extra]).
+
+    Images are written first, labels.json last and atomically, so a dataset is either
+    complete or has no labels file. Returns the dataset as read back.
+    """
+    root = Path(directory)
+    entries = []
+    for record in records:
+        file, pixels, um_per_px, tips = record[:4]
+        extra = dict(record[4]) if len(record) > 4 else {}  # type: ignore[misc]
+        write_image(root / file, pixels)
+        entry = {"file": file, "um_per_px": float(um_per_px), "tips": np.asarray(tips, float).reshape(-1, 2)}
+        entry.update({k: v for k, v in extra.items() if k not in entry})
+        entries.append(entry)
+    write_labels(root, entries, meta=meta)
+    return read_dataset(root)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# COCO keypoints import
+
+
+def import_coco(
+    coco_json: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    um_per_px: float,
+    *,
+    keypoint_name: str | None = None,
+    include_occluded: bool = False,
+    coco_corner_origin: bool = True,
+) -> TipDataset:
+    """Import a COCO keypoints file (as CVAT and Label Studio export) into patchrig-tips/1.
+
+    Each annotation is one pipette; its tip is the keypoint called ``keypoint_name`` (default:
+    "tip" if the category names one, else the first keypoint). Keypoints with visibility 2 are
+    kept (and 1, "labelled but occluded", with ``include_occluded``); 0 means not labelled.
+    COCO measures from the top-left CORNER of the image (pixel centres at +0.5), so 0.5 is
+    subtracted unless ``coco_corner_origin=False``. Images are converted to greyscale PNG in
+    ``out_dir/images``; images without annotations are kept with no tips. Raises DataError
+    naming the file on malformed input or missing images; nothing is written then.
+    """
+    coco_path = Path(coco_json)
+    if not _finite_number(um_per_px) or um_per_px <= 0:
+        raise DataError(f"um_per_px must be a positive number, got {um_per_px!r}")
+    try:
+        doc = json.loads(coco_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{coco_path}: COCO file is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{coco_path}: invalid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{coco_path}: not a COCO file (no 'images' list)")
+    annotations = doc.get("annotations", [])
+    categories = doc.get("categories", [])
+    if not isinstance(annotations, list) or not isinstance(categories, list):
+        raise DataError(f"{coco_path}: 'annotations' and 'categories' must be lists")
+    tip_index = _coco_tip_indices(coco_path, categories, keypoint_name)
+
+    images: dict[Any, dict[str, Any]] = {}
+    for i, im in enumerate(doc["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise DataError(f"{coco_path}: images[{i}] needs 'id' and 'file_name'")
+        images[im["id"]] = im
+    tips: dict[Any, list[list[float]]] = {k: [] for k in images}
+    shift = 0.5 if coco_corner_origin else 0.0
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+            raise DataError(f"{coco_path}: annotations[{i}] refers to no known image")
+        kps = ann.get("keypoints")
+        if kps is None:
+            continue
+        if not isinstance(kps, list) or len(kps) % 3 or not all(_finite_number(v) for v in kps):
+            raise DataError(f"{coco_path}: annotations[{i}]: 'keypoints' must be [x, y, v, ...]")
+        k = tip_index.get(ann.get("category_id"), 0)
+        if 3 * k + 2 >= len(kps):
+            raise DataError(f"{coco_path}: annotations[{i}]: no keypoint number {k}")
+        x, y, v = kps[3 * k : 3 * k + 3]
+        if v == 2 or (v == 1 and include_occluded):
+            tips[ann["image_id"]].append([float(x) - shift, float(y) - shift])
+
+    src_root = Path(images_dir)
+    loaded = []
+    used: set[str] = set()
+    for image_id, im in images.items():
+        src = src_root / im["file_name"]
+        if not src.is_file():
+            alt = src_root / Path(im["file_name"]).name
+            if not alt.is_file():
+                raise DataError(f"{src}: image named in {coco_path} is missing")
+            src = alt
+        pixels = load_image(src)
+        h, w = pixels.shape
+        if ("width" in im and im["width"] != w) or ("height" in im and im["height"] != h):
+            raise DataError(
+                f"{src}: size {w}x{h} does not match {coco_path} ({im.get('width')}x{im.get('height')})"
+            )
+        stem = Path(im["file_name"]).stem
+        name = f"images/{stem}.png"
+        n = 1
+        while name in used:
+            name = f"images/{stem}_{n}.png"
+            n += 1
+        used.add(name)
+        extra = {"source": str(im["file_name"]), "coco_id": image_id}
+        loaded.append((name, pixels, float(um_per_px), np.asarray(tips[image_id], float), extra))
+    return write_dataset(out_dir, loaded, meta={"imported_from": str(coco_path)})
+
+
+def _coco_tip_indices(
+    coco_path: Path, categories: list[Any], keypoint_name: str | None
+) -> dict[Any, int]:
+    out: dict[Any, int] = {}
+    for cat in categories:
+        if not isinstance(cat, dict):
+            raise DataError(f"{coco_path}: categories must be objects")
+        names = cat.get("keypoints") or []
+        if keypoint_name is not None:
+            if keypoint_name not in names:
+                raise DataError(f"{coco_path}: category {cat.get('name')!r} has no keypoint {keypoint_name!r}")
+            out[cat.get("id")] = names.index(keypoint_name)
+        else:
+            out[cat.get("id")] = names.index("tip") if "tip" in names else 0
+    return out

@@ -1,0 +1,132 @@
+"""Localiser checkpoints: weights plus the configuration that built them, versioned.
+
+A checkpoint is a ``torch.save`` dict of plain types and tensors (loaded with
+``weights_only=True``: no pickle of arbitrary objects):
+
+    {"format": "patchrig-localiser", "format_version": 1, "config_name": "fast",
+     "config": {...LocaliserConfig.to_dict()...}, "model_state": {...},
+     "trainer_state": {...} (training checkpoints only), "metrics": {...}}
+
+Loading checks the format, the version, and (when the caller expects one) the configuration
+name, so a checkpoint of another configuration is refused with a clear DataError rather than
+failing deep inside ``load_state_dict``. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from localisation.configs import LocaliserConfig, build_model
+from rig.errors import DataError
+
+FORMAT = "patchrig-localiser"
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "fast.pt"
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    cfg: LocaliserConfig,
+    *,
+    trainer_state: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    half: bool = False,
+) -> None:
+    """Write atomically. ``half`` stores floating weights as float16 (shipped checkpoints)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+        for k, v in unwrap(model).state_dict().items()
+    }
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config_name": cfg.name,
+        "config": _jsonable(cfg.to_dict()),
+        "model_state": state,
+        "metrics": _jsonable(metrics or {}),
+    }
+    if trainer_state is not None:
+        payload["trainer_state"] = trainer_state
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: str | Path, *, expect_config: str | None = None) -> dict[str, Any]:
+    """The checkpoint dict, validated. DataError: missing/unreadable file, not a localiser
+    checkpoint, unsupported version, or a configuration other than ``expect_config``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise DataError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(f"checkpoint {path}: not a patchrig localiser checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"checkpoint {path}: format version {payload.get('format_version')!r}, "
+            f"this patchrig reads version {FORMAT_VERSION}"
+        )
+    if expect_config is not None and payload.get("config_name") != expect_config:
+        raise DataError(
+            f"checkpoint {path} was trained with config {payload.get('config_name')!r}, "
+            f"not {expect_config!r}"
+        )
+    return payload
+
+
+def load_model(
+    path: str | Path, *, expect_config: str | None = None
+) -> tuple[nn.Module, LocaliserConfig, dict[str, Any]]:
+    """Rebuild the model from the checkpoint's own configuration and load its weights
+    (float32). Returns (model in eval mode, config, checkpoint dict)."""
+    payload = read_checkpoint(path, expect_config=expect_config)
+    try:
+        cfg = LocaliserConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"checkpoint {path}: malformed configuration ({exc})") from exc
+    model = build_model(cfg)
+    load_weights(model, payload, path)
+    model.eval()
+    return model, cfg, payload
+
+
+def load_weights(model: nn.Module, payload: dict[str, Any], path: str | Path) -> None:
+    """Load the checkpoint's weights into ``model`` (DataError when they do not fit)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["model_state"].items()}
+    try:
+        unwrap(model).load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
+        raise DataError(f"checkpoint {path}: weights do not fit this model ({first})") from exc
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or the module itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,215 @@
+"""Training and evaluation data: frames prepared once at the model's scale, then augmented.
+
+Rendering synthetic frames costs far more than augmenting them, so frames are rendered (or
+read from a ``patchrig-tips/1`` directory) once, prepared with ``preprocess.prepare`` (the
+same code inference uses), kept in memory as uint8 and optionally cached on disk as ``.npz``.
+Every epoch then draws fresh random crops/flips/scales of them (``TipTrainingSet``).
+
+Variable tip counts are padded to ``MAX_TIPS`` rows with a boolean validity mask: padded
+rows are never tips (there are no fake (0, 0) tips anywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from localisation.augment import AugmentConfig, random_geometric, random_photometric
+from localisation.configs import LocaliserConfig
+from localisation.preprocess import Resampling, prepare
+from rig.errors import DataError
+
+MAX_TIPS = 16  # padding rows per training sample (more tips than this in one crop: DataError)
+
+
+@dataclass
+class PreparedFrame:
+    """One frame on the model's grid. ``image`` uint8 (h, w) (normalised x 255);
+    ``tips_model_px`` (n, 2) in model pixels; ``resampling`` maps back to the input's pixels
+    whose size is ``um_per_px``; ``file`` names the source (dataset file or synthetic seed)."""
+
+    image: np.ndarray
+    tips_model_px: np.ndarray
+    resampling: Resampling
+    um_per_px: float
+    file: str
+
+    def image_float(self) -> np.ndarray:
+        return self.image.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def prepare_example(
+    pixels: np.ndarray, tips_px: np.ndarray, um_per_px: float, cfg: LocaliserConfig, file: str
+) -> PreparedFrame:
+    """Prepare one labelled frame for ``cfg`` (labels follow the resampling)."""
+    img, rs = prepare(
+        pixels,
+        um_per_px,
+        mode=cfg.input_mode,
+        size=cfg.input_size,
+        model_um_per_px=cfg.model_um_per_px,
+        what=file,
+    )
+    tips = rs.to_model(np.asarray(tips_px, dtype=np.float64).reshape(-1, 2)).astype(np.float32)
+    return PreparedFrame(
+        image=np.round(img * 255.0).astype(np.uint8),
+        tips_model_px=tips,
+        resampling=rs,
+        um_per_px=float(um_per_px),
+        file=file,
+    )
+
+
+def render_synthetic(
+    cfg: LocaliserConfig, seed_start: int, n: int, *, progress: bool = True, desc: str = "render"
+) -> list[PreparedFrame]:
+    """Render ``n`` synthetic frames (seeds ``seed_start`` ...) with the simulator's broad
+    randomisation (0-6 tips, 0.35-1.0 µm/px, 512x512) and prepare them for ``cfg``."""
+    from simulators.synth import sample_example
+
+    frames = []
+    for seed in tqdm(range(seed_start, seed_start + n), desc=desc, disable=not progress, unit="frame"):
+        ex = sample_example(seed, domain=cfg.domain)
+        frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}"))
+    return frames
+
+
+def load_directory(cfg: LocaliserConfig, directory: str | Path, *, progress: bool = True) -> list[PreparedFrame]:
+    """Read a ``patchrig-tips/1`` dataset and prepare every image for ``cfg``."""
+    from localisation.dataset_format import load_image, read_dataset
+
+    ds = read_dataset(directory)
+    frames = []
+    for rec in tqdm(ds.records, desc=f"read {directory}", disable=not progress, unit="image"):
+        pixels = load_image(rec)
+        frames.append(prepare_example(pixels, rec.tips_px, rec.um_per_px, cfg, rec.file))
+    return frames
+
+
+def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
+    """Write prepared frames to one ``.npz`` atomically (no pickle)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = np.array([f.image.shape for f in frames], dtype=np.int64).reshape(-1, 2)
+    n_tips = np.array([len(f.tips_model_px) for f in frames], dtype=np.int64)
+    arrays = {
+        "pixels": np.concatenate([f.image.ravel() for f in frames]) if frames else np.zeros(0, np.uint8),
+        "shapes": shapes,
+        "tips": np.concatenate([f.tips_model_px.reshape(-1, 2) for f in frames]).astype(np.float32)
+        if frames
+        else np.zeros((0, 2), np.float32),
+        "n_tips": n_tips,
+        "scales": np.array([[f.resampling.sx, f.resampling.sy] for f in frames], dtype=np.float64).reshape(-1, 2),
+        "um_per_px": np.array([f.um_per_px for f in frames], dtype=np.float64),
+        "files": np.array([f.file for f in frames], dtype=str),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_cache(path: str | Path) -> list[PreparedFrame]:
+    """Read frames written by ``save_cache`` (DataError if malformed)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            pixels, shapes, tips, n_tips = z["pixels"], z["shapes"], z["tips"], z["n_tips"]
+            scales, upp, files = z["scales"], z["um_per_px"], z["files"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: not a prepared-frame cache ({exc})") from exc
+    frames = []
+    p_off = t_off = 0
+    for i, (h, w) in enumerate(shapes):
+        img = pixels[p_off : p_off + h * w].reshape(h, w)
+        p_off += h * w
+        t = tips[t_off : t_off + n_tips[i]]
+        t_off += n_tips[i]
+        frames.append(PreparedFrame(img, t, Resampling(float(scales[i, 0]), float(scales[i, 1])), float(upp[i]), str(files[i])))
+    return frames
+
+
+def cached_synthetic(
+    cfg: LocaliserConfig, seed_start: int, n: int, cache_dir: str | Path | None, *, desc: str
+) -> list[PreparedFrame]:
+    """``render_synthetic`` with an on-disk cache keyed by everything that changes the frames."""
+    if cache_dir is None:
+        return render_synthetic(cfg, seed_start, n, desc=desc)
+    scale = cfg.model_um_per_px if cfg.input_mode == "fixed_scale" else cfg.input_size
+    key = f"synth-{cfg.domain}-{cfg.input_mode}-{scale}-{seed_start}-{n}.npz"
+    path = Path(cache_dir) / key
+    if path.exists():
+        return load_cache(path)
+    frames = render_synthetic(cfg, seed_start, n, desc=desc)
+    save_cache(frames, path)
+    return frames
+
+
+class TipTrainingSet(Dataset):
+    """Randomly augmented training samples from prepared frames.
+
+    Item: ``{"image": (1, S, S) float32 in [0, 1], "tips": (MAX_TIPS, 2) model px, "valid":
+    (MAX_TIPS,) bool}`` with S = ``cfg.input_size``. Deterministic per (seed, epoch, index):
+    call ``set_epoch`` each epoch for fresh augmentations.
+    """
+
+    def __init__(self, frames: Sequence[PreparedFrame], cfg: LocaliserConfig, *, seed: int = 0, augment: bool = True) -> None:
+        self.frames = list(frames)
+        self.cfg = cfg
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        frame = self.frames[i]
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        img = frame.image_float()
+        s = self.cfg.input_size
+        aug = self.cfg.augment if self.augment else no_augmentation(self.cfg.augment)
+        out, tips = random_geometric(
+            img,
+            frame.tips_model_px,
+            (s, s),
+            aug,
+            rng,
+            random_crop=self.cfg.input_mode == "fixed_scale",
+            border_value=float(img.mean()),
+        )
+        if self.augment and self.cfg.augment.photometric:
+            out = random_photometric(out, rng)
+        if len(tips) > MAX_TIPS:
+            raise DataError(f"{frame.file}: {len(tips)} tips in one sample, at most {MAX_TIPS}")
+        padded = np.zeros((MAX_TIPS, 2), dtype=np.float32)
+        padded[: len(tips)] = tips
+        valid = np.zeros(MAX_TIPS, dtype=bool)
+        valid[: len(tips)] = True
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None],
+            "tips": torch.from_numpy(padded),
+            "valid": torch.from_numpy(valid),
+        }
+
+
+def no_augmentation(aug: AugmentConfig) -> AugmentConfig:
+    """The same augmentation config with every random change switched off."""
+    return dataclasses.replace(aug, flip=False, rot90=False, scale_range=(1.0, 1.0), photometric=False)

@@ -1,0 +1,197 @@
+"""``TipLocaliser``: a trained checkpoint as the daemon's localiser.
+
+``TipLocaliser.load(checkpoint=None)`` loads the shipped ``localisation/checkpoints/fast.pt``
+(or any localiser checkpoint); ``.locate(pixels, um_per_px)`` takes a greyscale frame of any
+size and pixel size and returns ``TipDetection``s in the INPUT's pixels (x = column, y = row,
+origin at the centre of the top-left pixel), best first. Steps, each timed in
+``last_timings_ms``:
+
+1. pre-processing: validation, resampling to the model's scale (``fixed_scale``: 1 model px =
+   ``model_um_per_px`` µm, then padding to the network's multiple; ``resize``: S x S), robust
+   intensity normalisation (preprocess.py);
+2. denoiser: the CycleGAN generator on the whole frame, when the configuration has one;
+3. model: the network's forward pass;
+4. post-processing: thresholding, duplicate suppression, mapping back to input pixels.
+
+Deterministic: same frame -> same detections (eval mode, deterministic kernels, no
+randomness). Bad frames (not an array, empty, NaN, wrong dimensions) raise ``DataError``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
+from localisation.configs import LocaliserConfig, model_stride
+from localisation.postprocess import detections
+from localisation.preprocess import Resampling, pad_to_multiple, prepare
+from localisation.types import TipDetection
+
+
+@dataclass
+class ModelPrediction:
+    """Detections on the model grid: ``xy_model_px`` (m, 2), ``scores`` (m,), and the
+    predicted heatmap probability (h, w) on the model grid when the model has one."""
+
+    xy_model_px: np.ndarray
+    scores: np.ndarray
+    heatmap: np.ndarray | None
+    outputs: dict[str, torch.Tensor]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_input(image_model: np.ndarray, cfg: LocaliserConfig, model: nn.Module) -> np.ndarray:
+    """Pad a prepared image to what the network accepts (fixed_scale) or check its size."""
+    if cfg.input_mode == "fixed_scale":
+        return pad_to_multiple(image_model, max(model_stride(model), 1))
+    return image_model
+
+
+@torch.inference_mode()
+def predict_prepared(
+    model: nn.Module,
+    cfg: LocaliserConfig,
+    image_model: np.ndarray,
+    *,
+    device: torch.device,
+    denoiser: nn.Module | None = None,
+    score_threshold: float | None = None,
+    timings: dict[str, float] | None = None,
+) -> ModelPrediction:
+    """Run the network on one prepared image (model grid, float32 in [0, 1])."""
+    h, w = image_model.shape
+    x = torch.from_numpy(np.ascontiguousarray(model_input(image_model, cfg, model)))[None, None].to(device)
+    t0 = time.perf_counter()
+    if denoiser is not None:
+        x = denoiser.denoise(x)
+    _sync(device)
+    t1 = time.perf_counter()
+    out = model(x)
+    _sync(device)
+    t2 = time.perf_counter()
+    thr = cfg.score_threshold if score_threshold is None else score_threshold
+    xy, scores = detections(out, score_threshold=thr, n_max=cfg.n_max)[0]
+    inside = (xy[:, 0] <= w - 0.5) & (xy[:, 1] <= h - 0.5) & (xy[:, 0] >= -0.5) & (xy[:, 1] >= -0.5)
+    xy, scores = xy[inside], scores[inside]
+    heat = None
+    if "heatmap" in out:
+        heat = torch.sigmoid(out["heatmap"][0, 0].float()).cpu().numpy()[:h, :w]
+    elif "center_logits" in out:
+        s = int(getattr(model, "out_stride", 1))
+        heat = torch.sigmoid(out["center_logits"][0, 0].float()).cpu().numpy()[: -(-h // s), : -(-w // s)]
+    if timings is not None:
+        timings["denoiser"] = (t1 - t0) * 1e3
+        timings["model"] = (t2 - t1) * 1e3
+    return ModelPrediction(xy, scores, heat, out)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TipLocaliser:
+    """A loaded localiser (see the module docstring). Thread-safe: one call at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LocaliserConfig,
+        *,
+        device: torch.device,
+        checkpoint: str,
+        denoiser: nn.Module | None = None,
+        score_threshold: float | None = None,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.cfg = cfg
+        self.device = device
+        self.checkpoint = checkpoint
+        self.denoiser = None if denoiser is None else denoiser.eval().to(device)
+        self.score_threshold = cfg.score_threshold if score_threshold is None else score_threshold
+        self.last_timings_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        *,
+        expect_config: str | None = None,
+        denoiser: str | Path | None = None,
+        score_threshold: float | None = None,
+    ) -> TipLocaliser:
+        """Load a checkpoint (None: the shipped ``fast.pt``). ``threads``: torch CPU threads
+        (None: the configuration's). ``expect_config``: refuse a checkpoint of another
+        configuration (DataError). ``denoiser``: a CycleGAN generator file overriding the
+        configuration's."""
+        path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        model, cfg, _payload = load_model(path, expect_config=expect_config)
+        torch.set_num_threads(int(threads if threads is not None else cfg.threads))
+        dev = resolve_device(device)
+        den = None
+        den_path = denoiser if denoiser is not None else cfg.denoiser
+        if den_path:
+            from localisation.models.cyclegan import Denoiser
+
+            den = Denoiser.load(den_path)
+        return cls(model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold)
+
+    def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
+        """Validated, resampled, normalised frame on the model grid."""
+        return prepare(
+            pixels,
+            um_per_px,
+            mode=self.cfg.input_mode,
+            size=self.cfg.input_size,
+            model_um_per_px=self.cfg.model_um_per_px,
+        )
+
+    def locate_with_heatmap(
+        self, pixels: np.ndarray, um_per_px: float
+    ) -> tuple[list[TipDetection], ModelPrediction, Resampling]:
+        """``locate`` plus the model-grid prediction (heatmap) and the resampling used."""
+        with self._lock:
+            t0 = time.perf_counter()
+            image_model, rs = self.prepare(pixels, um_per_px)
+            t1 = time.perf_counter()
+            timings: dict[str, float] = {"preprocess": (t1 - t0) * 1e3}
+            pred = predict_prepared(
+                self.model,
+                self.cfg,
+                image_model,
+                device=self.device,
+                denoiser=self.denoiser,
+                score_threshold=self.score_threshold,
+                timings=timings,
+            )
+            t2 = time.perf_counter()
+            xy_in = rs.to_input(pred.xy_model_px)
+            dets = [
+                TipDetection(float(x), float(y), float(s))
+                for (x, y), s in zip(xy_in, pred.scores, strict=True)
+            ]
+            t3 = time.perf_counter()
+            timings["postprocess"] = (t3 - t2) * 1e3 + (t2 - t1) * 1e3 - timings["denoiser"] - timings["model"]
+            timings["total"] = (t3 - t0) * 1e3
+            self.last_timings_ms = timings
+            return dets, pred, rs
+
+    def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
+        """Tips in the input's pixels, best first (possibly none). See the module docstring."""
+        return self.locate_with_heatmap(pixels, um_per_px)[0]

@@ -1,0 +1,115 @@
+"""Localisation metrics, in µm: the paper's and detection metrics, split by tip count.
+
+Matching: per image, predictions and true tips are paired one-to-one by the Hungarian algorithm
+on Euclidean distance, gated at ``gate_um`` (10 µm): a pair farther apart is not a match. Then
+
+- ``acc_{e}um`` (e = 3, 5, 10): fraction of TRUE tips whose match lies within e µm (the paper's
+  accuracy within an error threshold; acc_10um equals the recall);
+- ``mean_error_um``: mean distance of the matched pairs;
+- ``precision`` = matches / predictions, ``recall`` = matches / true tips, ``f1``;
+- ``heatmap_iou``: IoU of predicted and true heatmaps binarised at 0.5 (models with a heatmap);
+- ``exact_count``: fraction of images with as many predictions as true tips.
+
+Everything is also reported per number of true tips in the image (``by_n_tips``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+THRESHOLDS_UM = (3.0, 5.0, 10.0)
+CURVE_UM = tuple(float(x) for x in np.arange(0.0, 20.01, 0.5))
+
+
+def gated_match(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> np.ndarray:
+    """Distances (µm) of the gated Hungarian matches between (p, 2) and (t, 2) points."""
+    pred_um = np.asarray(pred_um, dtype=np.float64).reshape(-1, 2)
+    true_um = np.asarray(true_um, dtype=np.float64).reshape(-1, 2)
+    if len(pred_um) == 0 or len(true_um) == 0:
+        return np.zeros(0)
+    d = np.linalg.norm(pred_um[:, None] - true_um[None], axis=-1)
+    big = 1e6
+    rows, cols = linear_sum_assignment(np.where(d <= gate_um, d, big))
+    m = d[rows, cols]
+    return m[m <= gate_um]
+
+
+@dataclass
+class _Tally:
+    images: int = 0
+    true: int = 0
+    pred: int = 0
+    distances: list[float] = field(default_factory=list)
+    exact_count: int = 0
+    ious: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int | None]:
+        d = np.asarray(self.distances)
+        matched = len(d)
+        precision = matched / self.pred if self.pred else (1.0 if self.true == 0 else 0.0)
+        recall = matched / self.true if self.true else 1.0
+        out: dict[str, float | int | None] = {
+            "images": self.images,
+            "true_tips": self.true,
+            "predicted_tips": self.pred,
+            "matched_tips": matched,
+        }
+        for e in THRESHOLDS_UM:
+            out[f"acc_{e:g}um"] = float((d <= e).sum() / self.true) if self.true else None
+        out["mean_error_um"] = float(d.mean()) if matched else None
+        out["precision"] = float(precision)
+        out["recall"] = float(recall)
+        out["f1"] = float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+        out["exact_count"] = self.exact_count / self.images if self.images else None
+        out["heatmap_iou"] = float(np.mean(self.ious)) if self.ious else None
+        return out
+
+
+class MetricsAccumulator:
+    """Add images one by one, then ``summary()`` (overall and by number of true tips)."""
+
+    def __init__(self, gate_um: float = 10.0) -> None:
+        self.gate_um = gate_um
+        self.total = _Tally()
+        self.by_n: dict[int, _Tally] = defaultdict(_Tally)
+
+    def add(
+        self,
+        pred_px: np.ndarray,
+        true_px: np.ndarray,
+        um_per_px: float,
+        *,
+        heatmap_iou: float | None = None,
+    ) -> np.ndarray:
+        """One image: predictions and truths in the same pixels, pixel size ``um_per_px``.
+        Returns the matched distances (µm)."""
+        pred = np.asarray(pred_px, dtype=np.float64).reshape(-1, 2) * um_per_px
+        true = np.asarray(true_px, dtype=np.float64).reshape(-1, 2) * um_per_px
+        dist = gated_match(pred, true, self.gate_um)
+        for t in (self.total, self.by_n[len(true)]):
+            t.images += 1
+            t.true += len(true)
+            t.pred += len(pred)
+            t.distances.extend(dist.tolist())
+            t.exact_count += int(len(pred) == len(true))
+            if heatmap_iou is not None:
+                t.ious.append(heatmap_iou)
+        return dist
+
+    def curve(self) -> dict[str, list[float]]:
+        """Accuracy (fraction of true tips matched within e) for e in 0..20 µm; matches are
+        gated at ``gate_um``, so the curve is flat beyond it."""
+        d = np.asarray(self.total.distances)
+        n = max(self.total.true, 1)
+        return {"threshold_um": list(CURVE_UM), "accuracy": [float((d <= e).sum() / n) for e in CURVE_UM]}
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "overall": self.total.summary(),
+            "by_n_tips": {str(k): self.by_n[k].summary() for k in sorted(self.by_n)},
+            "gate_um": self.gate_um,
+        }

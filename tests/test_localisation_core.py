@@ -1,0 +1,299 @@
+"""Localiser building blocks: heatmaps, Hungarian matching, losses, augmentation, metrics,
+post-processing, preprocessing, configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from localisation.augment import AugmentConfig, affine_matrix, apply_affine, random_geometric
+from localisation.configs import CONFIGS, LocaliserConfig, build_model, get_config
+from localisation.heatmaps import batch_heatmaps, gaussian_heatmap, heatmap_iou
+from localisation.matching import (
+    batched_match,
+    dice_loss,
+    hungarian_distance_loss,
+    match,
+    paper_total_loss,
+    presence_targets,
+)
+from localisation.metrics import MetricsAccumulator, gated_match
+from localisation.models.fast import FastTipNet, centernet_loss, decode_peaks
+from localisation.postprocess import detections, suppress_duplicates
+from localisation.preprocess import Resampling, normalise, pad_to_multiple, prepare, validate_frame
+from rig.errors import DataError
+
+torch.set_num_threads(1)
+
+
+# ---- heatmaps ---------------------------------------------------------------------------
+
+
+def test_gaussian_heatmap_peaks_at_tip_with_sigma_width() -> None:
+    hm = gaussian_heatmap(torch.tensor([[10.0, 20.0]]), 40, 30, sigma_px=3.0)
+    assert hm.shape == (40, 30)
+    assert hm[20, 10] == pytest.approx(1.0)
+    assert torch.argmax(hm).item() == 20 * 30 + 10
+    # one sigma away along x: exp(-1/2)
+    assert hm[20, 13].item() == pytest.approx(np.exp(-0.5), rel=1e-5)
+
+
+def test_heatmap_sum_vs_max_and_padding_rows_ignored() -> None:
+    tips = torch.tensor([[[5.0, 5.0], [6.0, 5.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False]])
+    s = batch_heatmaps(tips, valid, 16, 16, sigma_px=2.0, mode="sum")
+    m = batch_heatmaps(tips, valid, 16, 16, sigma_px=2.0, mode="max")
+    assert s.shape == (1, 1, 16, 16)
+    assert s.max() > 1.0 and m.max() == pytest.approx(1.0)
+    # the padded (0, 0) row must not create a tip at the corner
+    assert s[0, 0, 0, 0] < 0.01
+
+
+def test_empty_heatmap_and_iou() -> None:
+    empty = gaussian_heatmap(torch.zeros(0, 2), 8, 8, sigma_px=1.0)
+    assert empty.sum() == 0
+    a = gaussian_heatmap(torch.tensor([[4.0, 4.0]]), 16, 16, sigma_px=2.0)
+    assert heatmap_iou(a, a) == 1.0
+    b = gaussian_heatmap(torch.tensor([[12.0, 12.0]]), 16, 16, sigma_px=2.0)
+    assert heatmap_iou(a, b) == 0.0
+    assert heatmap_iou(empty, empty) == 1.0
+
+
+# ---- matching and losses ----------------------------------------------------------------
+
+
+def test_hungarian_match_finds_the_optimal_assignment() -> None:
+    pred = np.array([[0.0, 0.0], [10.0, 0.0], [5.0, 5.0]])
+    true = np.array([[9.0, 0.0], [0.0, 1.0]])
+    r, c = match(pred, true)
+    pairs = sorted(zip(r.tolist(), c.tolist(), strict=True))
+    assert pairs == [(0, 1), (1, 0)]
+    # greedy nearest would pair pred 0 with true 0 here; Hungarian minimises the total
+    r, c = match(np.array([[0.0, 0.0], [2.0, 0.0]]), np.array([[1.0, 0.0], [3.5, 0.0]]))
+    assert sorted(zip(r.tolist(), c.tolist(), strict=True)) == [(0, 0), (1, 1)]
+
+
+def test_batched_match_ignores_padding() -> None:
+    pred = torch.tensor([[[1.0, 1.0], [50.0, 50.0]], [[3.0, 3.0], [0.0, 0.0]]])
+    true = torch.tensor([[[50.0, 51.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, False], [False, False]])
+    out = batched_match(pred, true, valid)
+    assert out[0][0].tolist() == [1] and out[0][1].tolist() == [0]
+    assert len(out[1][0]) == 0
+
+
+def test_hungarian_loss_zero_at_perfect_prediction_and_positive_otherwise() -> None:
+    true = torch.tensor([[[10.0, 20.0], [30.0, 40.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False]])
+    perfect = torch.tensor([[[30.0, 40.0], [10.0, 20.0]]])  # order does not matter
+    assert hungarian_distance_loss(perfect, true, valid).item() == pytest.approx(0.0, abs=1e-2)
+    off = perfect + torch.tensor([3.0, 4.0])
+    assert hungarian_distance_loss(off, true, valid).item() == pytest.approx(5.0, rel=1e-3)
+
+
+def test_dice_loss_zero_at_perfect_and_presence_targets() -> None:
+    target = batch_heatmaps(torch.tensor([[[8.0, 8.0]]]), torch.tensor([[True]]), 16, 16, sigma_px=2.0, mode="max")
+    target = (target > 0.5).float()
+    perfect_logits = (target * 2 - 1) * 50
+    assert dice_loss(perfect_logits, target).item() == pytest.approx(0.0, abs=1e-3)
+    assert dice_loss(-perfect_logits, target).item() > 0.9
+    pred = torch.tensor([[[8.0, 8.0], [100.0, 100.0]]])
+    t = presence_targets(pred, torch.tensor([[[8.5, 8.0]]]), torch.tensor([[True]]))
+    assert t.tolist() == [[1.0, 0.0]]
+
+
+def test_total_loss_decreases_when_optimised() -> None:
+    torch.manual_seed(0)
+    coords = torch.nn.Parameter(torch.rand(1, 3, 2) * 32)
+    heat = torch.nn.Parameter(torch.zeros(1, 1, 32, 32))
+    presence = torch.nn.Parameter(torch.zeros(1, 3))
+    true = torch.tensor([[[5.0, 5.0], [20.0, 25.0]]])
+    valid = torch.tensor([[True, True]])
+    target = batch_heatmaps(true, valid, 32, 32, sigma_px=3.0)
+    opt = torch.optim.Adam([coords, heat, presence], lr=0.5)
+    losses = []
+    for _ in range(60):
+        terms = paper_total_loss({"heatmap": heat, "coords": coords, "presence": presence}, target, true, valid, alpha=0.15)
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+        losses.append(terms["total"].item())
+    assert losses[-1] < 0.3 * losses[0]
+    assert set(terms) == {"dice", "hungarian", "presence", "total"}
+
+
+def test_centernet_loss_decreases_on_fast_model() -> None:
+    torch.manual_seed(0)
+    model = FastTipNet(widths=(4, 8, 8, 8), n_max=4)
+    x = torch.rand(2, 1, 32, 32)
+    tips = torch.tensor([[[10.0, 12.0], [0.0, 0.0]], [[20.0, 5.0], [3.0, 28.0]]])
+    valid = torch.tensor([[True, False], [True, True]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = last = None
+    for _ in range(30):
+        terms = centernet_loss(model(x), tips, valid, stride=4)
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+        first = terms["total"].item() if first is None else first
+        last = terms["total"].item()
+    assert last < 0.5 * first
+
+
+def test_decode_peaks_recovers_subcell_positions() -> None:
+    logits = torch.full((1, 1, 8, 8), -10.0) + 0.1 * torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    offset = torch.zeros(1, 2, 8, 8)
+    logits[0, 0, 2, 5] = 5.0
+    offset[0, :, 2, 5] = torch.tensor([0.25, -0.5])
+    logits[0, 0, 6, 1] = 3.0
+    coords, presence = decode_peaks(logits, offset, stride=4, k=3)
+    assert coords.shape == (1, 3, 2) and presence.shape == (1, 3)
+    # cell (5, 2) + offset -> ((5 + .25 + .5) * 4 - .5, (2 - .5 + .5) * 4 - .5)
+    assert coords[0, 0].tolist() == pytest.approx([22.5, 7.5])
+    assert coords[0, 1].tolist() == pytest.approx([5.5, 25.5])
+    assert presence[0, 2] < -9  # the third 'peak' is background: dropped by any threshold
+
+
+# ---- augmentation -------------------------------------------------------------------------
+
+
+def _dot_image(tips: np.ndarray, h: int, w: int) -> np.ndarray:
+    img = np.zeros((h, w), np.float32)
+    for x, y in tips:
+        img[int(round(y)), int(round(x))] = 1.0
+    return img
+
+
+@pytest.mark.parametrize("flip_x,flip_y,k", [(True, False, 0), (False, True, 0), (True, True, 1), (False, False, 3)])
+def test_flips_and_rotations_move_labels_with_pixels(flip_x: bool, flip_y: bool, k: int) -> None:
+    tips = np.array([[3.0, 7.0], [20.0, 11.0]])
+    img = _dot_image(tips, 24, 24)
+    m = affine_matrix(scale=1.0, centre_in=(11.5, 11.5), centre_out=(11.5, 11.5), flip_x=flip_x, flip_y=flip_y, rot90_k=k)
+    out, moved = apply_affine(img, tips, m, (24, 24), border_value=0.0)
+    assert len(moved) == 2
+    for x, y in moved:
+        assert out[int(round(y)), int(round(x))] == pytest.approx(1.0)
+
+
+def test_scaling_keeps_labels_on_the_feature_and_drops_tips_outside() -> None:
+    rng = np.random.default_rng(1)
+    tips = np.array([[30.0, 30.0], [1.0, 1.0]])
+    img = np.zeros((64, 64), np.float32)
+    img[28:33, 28:33] = 1.0  # a blob centred on the first tip
+    for _ in range(5):
+        out, moved = random_geometric(
+            img, tips, (48, 48), AugmentConfig(flip=True, rot90=True, scale_range=(0.9, 1.1)), rng,
+            random_crop=True, border_value=0.0,
+        )
+        # the blob's centre of mass follows the first tip whenever it is inside
+        ys, xs = np.nonzero(out > 0.5)
+        if len(xs):
+            centre = np.array([xs.mean(), ys.mean()])
+            assert np.min(np.linalg.norm(moved - centre, axis=1)) < 1.0
+        assert ((moved >= -0.5) & (moved <= 47.5)).all()
+
+
+# ---- preprocessing ------------------------------------------------------------------------
+
+
+def test_resampling_maps_pixel_centres_both_ways() -> None:
+    rs = Resampling(0.5, 0.25)
+    pts = np.array([[0.0, 0.0], [9.5, 3.0]])
+    assert np.allclose(rs.to_input(rs.to_model(pts)), pts)
+    # the centre of input pixels 0 and 1 is the centre of model pixel 0 at scale 1/2
+    assert rs.to_model(np.array([[0.5, 1.5]]))[0].tolist() == pytest.approx([0.0, 0.0])
+
+
+def test_prepare_fixed_scale_and_resize() -> None:
+    img = (np.arange(100 * 200).reshape(100, 200) % 251).astype(np.uint16)
+    out, rs = prepare(img, 0.75, mode="fixed_scale", size=256, model_um_per_px=1.5)
+    assert out.shape == (50, 100) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert rs.sx == pytest.approx(0.5)
+    out, rs = prepare(img, 0.75, mode="resize", size=64, model_um_per_px=None)
+    assert out.shape == (64, 64)
+    assert pad_to_multiple(np.zeros((50, 100), np.float32), 16).shape == (64, 112)
+    assert normalise(np.ones((10, 10), np.float32)).max() == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad,upp",
+    [
+        (np.zeros((0, 5)), 1.0),
+        (np.zeros((4, 4, 4, 4)), 1.0),
+        (np.full((16, 16), np.nan), 1.0),
+        (np.zeros((16, 16)), float("nan")),
+        (np.zeros((16, 16)), -1.0),
+        ("not an image", 1.0),
+        (np.zeros((16, 16), dtype=bool), 1.0),
+    ],
+)
+def test_bad_frames_raise_data_error(bad: object, upp: float) -> None:
+    with pytest.raises(DataError):
+        validate_frame(bad, upp)
+
+
+# ---- metrics and post-processing --------------------------------------------------------------
+
+
+def test_metrics_accuracy_precision_and_split_by_tip_count() -> None:
+    acc = MetricsAccumulator(gate_um=10.0)
+    # image 1: two tips, one found 2 µm off, one 8 µm off, plus a false positive far away
+    acc.add(np.array([[10.0, 10.0], [50.0, 58.0], [200.0, 200.0]]), np.array([[10.0, 12.0], [50.0, 50.0]]), 1.0)
+    # image 2: no tips, no predictions
+    acc.add(np.zeros((0, 2)), np.zeros((0, 2)), 0.5)
+    s = acc.summary()
+    o = s["overall"]
+    assert o["acc_3um"] == 0.5 and o["acc_5um"] == 0.5 and o["acc_10um"] == 1.0
+    assert o["precision"] == pytest.approx(2 / 3) and o["recall"] == 1.0
+    assert o["mean_error_um"] == pytest.approx(5.0)
+    assert set(s["by_n_tips"]) == {"0", "2"}
+    assert s["by_n_tips"]["0"]["precision"] == 1.0
+    assert len(gated_match(np.array([[0.0, 0.0]]), np.array([[11.0, 0.0]]), 10.0)) == 0
+
+
+def test_postprocess_thresholds_and_suppresses_duplicates() -> None:
+    out = {
+        "coords": torch.tensor([[[10.0, 10.0], [10.5, 10.0], [40.0, 40.0], [60.0, 60.0]]]),
+        "presence": torch.tensor([[3.0, 2.0, 1.0, -3.0]]),
+    }
+    (xy, scores), = detections(out, score_threshold=0.5, n_max=4, min_separation_px=3.0)
+    assert xy.tolist() == [[10.0, 10.0], [40.0, 40.0]]
+    assert scores[0] > scores[1]
+    keep = suppress_duplicates(np.array([[0.0, 0.0], [1.0, 0.0]]), np.array([0.1, 0.9]), 2.0)
+    assert keep.tolist() == [1]
+    # a paper-style output without presence is scored by its own heatmap
+    heat = torch.full((1, 1, 32, 32), -10.0)
+    heat[0, 0, 5, 5] = 10.0
+    out2 = {"coords": torch.tensor([[[5.0, 5.0], [20.0, 20.0]]]), "heatmap": heat}
+    (xy2, _s2), = detections(out2, score_threshold=0.2, n_max=2)
+    assert xy2.tolist() == [[5.0, 5.0]]
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+
+def test_configs_are_typed_and_round_trip() -> None:
+    for name in ("paper", "paper-small", "fast", "baseline-vgg16", "baseline-resnet18", "baseline-resnet50", "baseline-vit"):
+        assert name in CONFIGS
+    paper = get_config("paper")
+    assert [(s.epochs, s.lr) for s in paper.stages] == [(50, 1e-4), (50, 1e-3), (100, 1e-4)]
+    assert (paper.batch_size, paper.sigma_px, paper.alpha, paper.input_size, paper.n_max) == (32, 10.0, 0.15, 256, 4)
+    assert paper.plateau_patience_epochs == 20 and paper.plateau_factor == 0.5
+    fast = get_config("fast")
+    assert fast.n_max >= 6
+    assert LocaliserConfig.from_dict(fast.to_dict()) == fast
+    with pytest.raises(DataError):
+        get_config("nope")
+    with pytest.raises(ValueError):
+        fast.with_overrides(colour="red")
+
+
+def test_fast_model_contract_shapes() -> None:
+    model = build_model(get_config("fast-tiny")).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 64, 96))
+    assert out["coords"].shape == (2, model.n_max, 2)
+    assert out["presence"].shape == (2, model.n_max)
+    assert out["center_logits"].shape == (2, 1, 16, 24)

@@ -1,0 +1,372 @@
+"""Per-channel controllers: operation semantics, supersession and stop, one worker per channel.
+
+An ``Operation`` is one motion request (``move``, ``move_tip``, ``calibrate``) on one channel.
+Its life: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``stopped``; every transition is
+published on the telemetry ``op`` topic (with ``progress`` messages in between), and the
+request is answered when it ends (``wait: true``) or at once with ``{"op": id}``.
+
+Rules:
+- one operation runs per channel at a time, in the channel's worker thread;
+- a new operation supersedes the running one: the old one ends ``stopped`` (reason
+  "superseded"), and the pending one, if any, is dropped the same way (the queue holds at most
+  the newest request: it is bounded by construction);
+- ``stop`` cancels the running and pending operations and halts the manipulator from the
+  caller's thread (the server's loop), never waiting for the worker;
+- every move goes through the ``Manipulator`` interface, so limits and speed caps apply.
+
+``PositionPoller`` reads every channel's position a few times a second (one thread), caches
+it for ``status``, publishes the ``position`` topic and records device silence for the
+watchdog.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from manipulators.base import Manipulator, MoveHandle, MoveState
+from rig.errors import DeviceError, PatchrigError, Stopped
+from rig.logs import get_logger
+from rig.protocol import error_code_of
+
+OpBody = Callable[["Operation"], dict[str, Any]]
+Publish = Callable[[str, dict[str, Any]], Any]
+
+_op_numbers = itertools.count(1)
+
+
+def new_op_id(channel: str) -> str:
+    return f"{channel}-{next(_op_numbers)}"
+
+
+class Operation:
+    """One operation on one channel. Thread-safe: cancel from any thread, run in the worker.
+
+    ``body(op)`` does the work and returns the JSON result; it waits through ``wait_move`` and
+    ``sleep`` (both wake up at once on cancel) and calls ``check`` between steps.
+    ``halt_on_cancel``: stop the manipulator when cancelled (closed-loop work whose inner steps
+    do not watch the cancel flag); a plain move is redirected by its successor instead.
+    """
+
+    def __init__(
+        self,
+        channel: str,
+        method: str,
+        params: dict[str, Any],
+        body: OpBody,
+        *,
+        publish: Publish | None = None,
+        halt_on_cancel: bool = False,
+        on_finish: Callable[[Operation], None] | None = None,
+    ) -> None:
+        self.id = new_op_id(channel)
+        self.channel = channel
+        self.method = method
+        self.params = params
+        self.body = body
+        self.halt_on_cancel = halt_on_cancel
+        self.state = "queued"
+        self.result: dict[str, Any] | None = None
+        self.error: PatchrigError | None = None
+        self.created_s = time.monotonic()
+        self.started_s: float | None = None
+        self.finished_s: float | None = None
+        self.cancel_reason: str | None = None
+        self._publish = publish
+        self._on_finish = [on_finish] if on_finish is not None else []
+        self._wake = threading.Event()
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._handle: MoveHandle | None = None
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def wait_finished(self, timeout_s: float | None = None) -> bool:
+        return self._finished.wait(timeout_s)
+
+    def add_finish_callback(self, callback: Callable[[Operation], None]) -> None:
+        with self._lock:
+            if not self._finished.is_set():
+                self._on_finish.append(callback)
+                return
+        callback(self)
+
+    def cancel(self, reason: str) -> None:
+        """Ask the operation to end ``stopped`` with ``reason``; wakes its waits at once."""
+        with self._lock:
+            if self._finished.is_set() or self.cancel_reason is not None:
+                return
+            self.cancel_reason = reason
+            handle = self._handle
+        if handle is not None and not handle.done:
+            handle.finish(MoveState.INTERRUPTED, reason=reason)
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise ``Stopped`` if the operation was cancelled."""
+        if self.cancel_reason is not None:
+            raise Stopped(f"{self.method} {self.id} interrupted: {self.cancel_reason}", channel=self.channel)
+
+    # -- helpers for bodies ---------------------------------------------------------------
+    def wait_move(self, handle: MoveHandle, timeout_s: float) -> MoveHandle:
+        """Wait for ``handle``; raise Stopped on cancel, the handle's error on failure."""
+        with self._lock:
+            self._handle = handle
+            cancelled = self.cancel_reason
+        if cancelled is not None and not handle.done:
+            handle.finish(MoveState.INTERRUPTED, reason=cancelled)
+        self._wake.clear()
+        handle.add_done_callback(lambda _h: self._wake.set())
+        if not self._wake.wait(timeout_s) and not handle.done:
+            raise DeviceError(f"move not finished after {timeout_s:.1f} s", channel=self.channel)
+        self.check()
+        if not handle.done:  # woken by a cancel that raced with the wait
+            self.check()
+        handle.wait(0, check=True)
+        return handle
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; raise Stopped at once if cancelled."""
+        self._wake.clear()
+        self.check()
+        self._wake.wait(seconds)
+        self.check()
+
+    def progress(self, **fields: Any) -> None:
+        """Publish a progress message on the ``op`` topic."""
+        self._emit("progress", **fields)
+
+    # -- lifecycle (the controller calls these) -------------------------------------------
+    def _emit(self, state: str, **fields: Any) -> None:
+        if self._publish is not None:
+            self._publish(
+                "op", {"op": self.id, "channel": self.channel, "method": self.method, "state": state, **fields}
+            )
+
+    def _run(self) -> None:
+        self.started_s = time.monotonic()
+        try:
+            self.check()
+            self.state = "running"
+            self._emit("running")
+            result = self.body(self)
+            self.check()
+            self._finish("done", result=result)
+        except PatchrigError as exc:
+            reason = self.cancel_reason
+            if reason is not None and not isinstance(exc, Stopped):
+                exc = Stopped(f"{self.method} {self.id} {reason}: {exc}", channel=self.channel)
+            self._finish("stopped" if isinstance(exc, Stopped) else "failed", error=exc)
+        except Exception as exc:  # a bug in a body: report it as internal, never kill the worker
+            get_logger("patchrig.controller", channel=self.channel).exception("operation crashed", op=self.id)
+            err = PatchrigError(f"{self.method} crashed: {type(exc).__name__}: {exc}", channel=self.channel)
+            self._finish("failed", error=err)
+
+    def _drop(self, reason: str) -> None:
+        """End a queued operation that never ran."""
+        self.cancel_reason = reason
+        self._finish("stopped", error=Stopped(f"{self.method} {self.id} {reason} before it started", channel=self.channel))
+
+    def _finish(self, state: str, *, result: dict[str, Any] | None = None, error: PatchrigError | None = None) -> None:
+        with self._lock:
+            if self._finished.is_set():
+                return
+            self.state = state
+            self.result = {"op": self.id, **(result or {})} if error is None else None
+            self.error = error
+            self.finished_s = time.monotonic()
+            callbacks = list(self._on_finish)
+            self._finished.set()
+        seconds = self.finished_s - (self.started_s or self.created_s)
+        if error is None:
+            self._emit(state, result=self.result, seconds=seconds)
+        else:
+            self._emit(state, error={"code": error_code_of(error), "message": str(error)}, seconds=seconds)
+        for cb in callbacks:
+            cb(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"op": self.id, "channel": self.channel, "method": self.method, "state": self.state}
+
+
+class ChannelController:
+    """Runs one channel's operations in its own worker thread; stop from any thread."""
+
+    def __init__(self, name: str, manipulator: Manipulator, *, publish: Publish | None = None) -> None:
+        self.name = name
+        self.manipulator = manipulator
+        self._publish = publish
+        self.log = get_logger("patchrig.controller", channel=name)
+        self._cond = threading.Condition()
+        self._pending: Operation | None = None
+        self._current: Operation | None = None
+        self._closed = False
+        self.last_position_um: np.ndarray | None = None
+        self.last_position_s: float | None = None
+        self.last_device_ok_s: float = time.monotonic()
+        self.device_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"patchrig-controller-{name}", daemon=True)
+        self._thread.start()
+
+    # -- submit / stop --------------------------------------------------------------------
+    def submit(self, op: Operation) -> Operation:
+        """Queue ``op``; it supersedes the running and the pending operation of this channel."""
+        with self._cond:
+            if self._closed:
+                op._drop("refused: controller closed")
+                return op
+            dropped, self._pending = self._pending, op
+            running = self._current
+            self._cond.notify_all()
+        op._emit("queued", params=op.params)
+        if dropped is not None:
+            dropped._drop("superseded")
+        if running is not None and not running.finished:
+            self.log.info("superseding", old=running.id, new=op.id)
+            running.cancel("superseded")
+            if running.halt_on_cancel:
+                self._halt("superseded")
+        return op
+
+    def stop(self, reason: str = "stop") -> str | None:
+        """Cancel the running and pending operations and halt the device now.
+
+        Returns None, or the device's error text (the operations are cancelled regardless).
+        Never waits for the worker; safe from any thread.
+        """
+        with self._cond:
+            dropped, self._pending = self._pending, None
+            running = self._current
+        if running is not None:
+            running.cancel(reason)
+        if dropped is not None:
+            dropped._drop(reason)
+        return self._halt(reason)
+
+    def cancel_ops(self, reason: str) -> None:
+        """Cancel the operations without commanding the device (stop_all halts devices itself)."""
+        with self._cond:
+            dropped, self._pending = self._pending, None
+            running = self._current
+        if running is not None:
+            running.cancel(reason)
+        if dropped is not None:
+            dropped._drop(reason)
+
+    def _halt(self, reason: str) -> str | None:
+        try:
+            self.manipulator.stop(reason)
+            return None
+        except Exception as exc:
+            self.log.warning("stop failed", reason=reason, error=str(exc))
+            return str(exc)
+
+    @property
+    def current(self) -> Operation | None:
+        with self._cond:
+            return self._current or self._pending
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Cancel everything, halt, and join the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.stop("shutdown")
+        self._thread.join(timeout=timeout_s)
+
+    # -- cached state ---------------------------------------------------------------------
+    def note_position(self, position_um: np.ndarray) -> None:
+        self.last_position_um = np.asarray(position_um, float)
+        self.last_position_s = time.monotonic()
+        self.last_device_ok_s = self.last_position_s
+        self.device_error = None
+
+    def note_device_error(self, message: str) -> None:
+        self.device_error = message
+
+    def describe(self) -> dict[str, Any]:
+        """Cached state only (fast: called from the server loop)."""
+        op = self.current
+        age = None if self.last_position_s is None else time.monotonic() - self.last_position_s
+        return {
+            "driver": self.manipulator.driver_name,
+            "n_axes": self.manipulator.n_axes,
+            "limits": {"min_um": list(self.manipulator.limits.min_um), "max_um": list(self.manipulator.limits.max_um)},
+            "max_speed_um_s": self.manipulator.max_speed_um_s,
+            "default_speed_um_s": self.manipulator.default_speed_um_s,
+            "position_um": None if self.last_position_um is None else self.last_position_um.tolist(),
+            "position_age_s": age,
+            "op": None if op is None else op.describe(),
+            "device_error": self.device_error,
+        }
+
+    # -- worker ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed and self._pending is None:
+                    return
+                op, self._pending = self._pending, None
+                self._current = op
+            if self._closed:
+                op._drop("refused: shutting down")
+            else:
+                op._run()
+            with self._cond:
+                self._current = None
+
+
+class PositionPoller:
+    """One thread reading every channel's position at ``rate_hz``; publishes ``position``."""
+
+    def __init__(self, controllers: dict[str, ChannelController], *, publish: Publish | None, rate_hz: float = 5.0) -> None:
+        self._controllers = controllers
+        self._publish = publish
+        self._period_s = 1.0 / rate_hz
+        self._stop = threading.Event()
+        self.log = get_logger("patchrig.position")
+        self._thread = threading.Thread(target=self._run, name="patchrig-position", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    def poll_once(self) -> dict[str, Any]:
+        positions: dict[str, Any] = {}
+        for name, ctl in self._controllers.items():
+            try:
+                pos = ctl.manipulator.position_um
+                ctl.note_position(pos)
+                positions[name] = {"position_um": pos.tolist(), "busy": ctl.current is not None}
+            except Exception as exc:
+                if ctl.device_error is None:
+                    self.log.warning("position read failed", channel=name, error=str(exc))
+                ctl.note_device_error(str(exc))
+                positions[name] = {"position_um": None, "error": str(exc)}
+        if self._publish is not None:
+            self._publish("position", {"channels": positions})
+        return positions
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.poll_once()
+            self._stop.wait(max(0.0, self._period_s - (time.monotonic() - started)))

@@ -1,0 +1,181 @@
+"""The localiser worker: newest frame in, tips out, one thread.
+
+Loop: wait for a frame newer than the last one processed (the frame source keeps only the
+newest, so a slow localiser skips frames instead of building a backlog: skipped frames are
+counted as ``dropped``), run the localiser (GPU when the localiser was loaded on one, else
+CPU), keep detections scoring at least ``min_score``, hand them to ``on_detections`` (the
+calibration service: assignment to channels and offset correction) and publish the ``tips``
+topic. The newest result is kept for ``locate`` and for closed-loop operations
+(``wait_for_result``).
+
+``tips`` message: ``{"frame_id", "t_frame" (acquisition time.time()), "um_per_px", "shape",
+"z_um", "latency_ms" (frame received -> published), "localise_ms", "dropped",
+"tips": [{"x_px", "y_px", "score", "channel" | null}], ...assignment fields}``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from localisation.types import Localiser, TipDetection
+from rig.frame import Frame
+from rig.logs import get_logger
+
+OnDetections = Callable[[Frame, list[TipDetection]], dict[str, Any]]
+"""Called with each localised frame; returns extra JSON for the ``tips`` message, with
+``"assigned": {channel: detection index}`` when it assigns tips to channels."""
+
+
+@dataclass(frozen=True)
+class LocalisedFrame:
+    """One localised frame: detections (input pixels), the assignment and timings."""
+
+    frame: Frame
+    detections: list[TipDetection]
+    assigned: dict[str, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+    localise_ms: float = 0.0
+    done_s: float = 0.0  # time.monotonic() when published
+
+    @property
+    def age_s(self) -> float:
+        return time.monotonic() - self.frame.received_s
+
+    def detection_of(self, channel: str) -> TipDetection | None:
+        index = self.assigned.get(channel)
+        return None if index is None else self.detections[index]
+
+    def tips_json(self) -> list[dict[str, Any]]:
+        owner = {i: ch for ch, i in self.assigned.items()}
+        return [
+            {"x_px": d.x_px, "y_px": d.y_px, "score": d.score, "channel": owner.get(i)}
+            for i, d in enumerate(self.detections)
+        ]
+
+
+class LocaliserWorker:
+    """Runs ``localiser.locate`` on the newest frame of ``frames`` (a FrameSource)."""
+
+    def __init__(
+        self,
+        frames: Any,
+        localiser: Localiser,
+        *,
+        min_score: float = 0.5,
+        on_detections: OnDetections | None = None,
+        publish: Callable[[str, dict[str, Any]], Any] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self._frames = frames
+        self._localiser = localiser
+        self.min_score = float(min_score)
+        self._on_detections = on_detections
+        self._publish = publish
+        self.device = device
+        self.log = get_logger("patchrig.localiser")
+        self._cond = threading.Condition()
+        self._latest: LocalisedFrame | None = None
+        self._stop = threading.Event()
+        self.stats: dict[str, Any] = {"localised": 0, "dropped": 0, "errors": 0, "last_localise_ms": None}
+        self._thread = threading.Thread(target=self._run, name="patchrig-localiser", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10.0)
+
+    @property
+    def latest(self) -> LocalisedFrame | None:
+        with self._cond:
+            return self._latest
+
+    def wait_for_result(self, after_frame_id: int | None, timeout_s: float) -> LocalisedFrame | None:
+        """The newest result whose frame is newer than ``after_frame_id`` (None: any), or None
+        when none arrives within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                r = self._latest
+                if r is not None and (after_frame_id is None or r.frame.frame_id > after_frame_id):
+                    return r
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(remaining)
+
+    def wait_for_frame_after(self, received_after_s: float, timeout_s: float) -> LocalisedFrame | None:
+        """The first result of a frame received after ``received_after_s`` (monotonic)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                r = self._latest
+                if r is not None and r.frame.received_s > received_after_s:
+                    return r
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(remaining)
+
+    def process(self, frame: Frame) -> LocalisedFrame:
+        """Localise one frame, assign, publish and store it (the loop calls this)."""
+        t0 = time.perf_counter()
+        raw = self._localiser.locate(frame.pixels, frame.um_per_px)
+        localise_ms = (time.perf_counter() - t0) * 1e3
+        detections = [d for d in raw if d.score >= self.min_score]
+        extra: dict[str, Any] = {}
+        assigned: dict[str, int] = {}
+        if self._on_detections is not None:
+            try:
+                extra = dict(self._on_detections(frame, detections) or {})
+                assigned = {str(k): int(v) for k, v in extra.pop("assigned", {}).items()}
+            except Exception as exc:  # correction must never kill localisation
+                self.stats["errors"] += 1
+                self.log.warning("assignment failed", frame_id=frame.frame_id, error=str(exc))
+        result = LocalisedFrame(frame, detections, assigned, extra, localise_ms, time.monotonic())
+        with self._cond:
+            self._latest = result
+            self._cond.notify_all()
+        self.stats["localised"] += 1
+        self.stats["last_localise_ms"] = localise_ms
+        if self._publish is not None:
+            self._publish(
+                "tips",
+                {
+                    "frame_id": frame.frame_id,
+                    "t_frame": frame.t_s,
+                    "um_per_px": frame.um_per_px,
+                    "shape": list(frame.shape),
+                    "z_um": frame.z_um,
+                    "latency_ms": (time.monotonic() - frame.received_s) * 1e3,
+                    "localise_ms": localise_ms,
+                    "dropped": self.stats["dropped"],
+                    "device": self.device,
+                    "tips": result.tips_json(),
+                    **extra,
+                },
+            )
+        return result
+
+    def _run(self) -> None:
+        last_id: int | None = None
+        while not self._stop.is_set():
+            frame = self._frames.wait_for_frame(last_id, 0.2)
+            if frame is None or self._stop.is_set():
+                continue
+            if last_id is not None and frame.frame_id > last_id + 1:
+                self.stats["dropped"] += frame.frame_id - last_id - 1
+            last_id = frame.frame_id
+            try:
+                self.process(frame)
+            except Exception as exc:
+                self.stats["errors"] += 1
+                self.log.warning("localisation failed", frame_id=frame.frame_id, error=str(exc))

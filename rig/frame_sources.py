@@ -1,0 +1,496 @@
+"""Where the daemon's frames come from, behind one interface.
+
+- ``SimulatedFrameSource``: frames of an in-process ``SimMicroscope``;
+- ``ZmqFrameSource``: a ZeroMQ SUB of patchrig-frame/1 (``[b"frame", header JSON, bytes]``, see
+  ``rig.frame_sender``), keeping only the newest frame;
+- ``ReplayFrameSource``: a TIFF stack or a folder of PNG/TIFF images, replayed at a fixed rate.
+
+Every source keeps only its newest frame (``latest``), lets a consumer wait for a frame newer
+than the one it has (``wait_for_frame``), and counts ``received`` (accepted) frames, ``dropped``
+frames (superseded before anyone could take them, or missing from the sender's frame_id
+sequence) and ``rejected`` frames (malformed: wrong part count, bad header JSON, missing or
+wrong fields, truncated bytes, wrong size or dtype). A rejected frame is logged and counted and
+the source keeps going. The first accepted frame fixes the frame geometry (shape and dtype);
+later frames that differ are rejected as mismatched, because calibrations are only valid for
+one pixel geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from rig.errors import ConfigError, DataError
+from rig.frame import Frame
+from rig.logs import get_logger
+
+SCHEMA = "patchrig-frame/1"
+_DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
+
+
+class FrameRejected(ValueError):
+    """A frame was malformed or did not match the stream's geometry."""
+
+
+class FrameSource:
+    """Base class: newest-frame buffer, waiting, and counters. Subclasses call
+    ``_accept(frame)`` for each good frame and ``_reject(reason)`` for each bad one."""
+
+    name = "frames"
+
+    def __init__(self, *, expected_shape: tuple[int, int] | None = None, expected_dtype: str | None = None) -> None:
+        self._cond = threading.Condition()
+        self._latest: Frame | None = None
+        self._taken_id: int | None = None
+        self._received = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._expected_shape = tuple(expected_shape) if expected_shape is not None else None
+        self._expected_dtype = np.dtype(expected_dtype) if expected_dtype is not None else None
+        self._log = get_logger("rig.frame_sources", source=self.name)
+        self._closed = False
+
+    # -- consumer side ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start delivering frames."""
+
+    def close(self) -> None:
+        """Stop delivering frames and release resources; wakes any waiter."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def latest(self) -> Frame | None:
+        """The newest frame, or None if none has arrived."""
+        with self._cond:
+            if self._latest is not None:
+                self._taken_id = self._latest.frame_id
+            return self._latest
+
+    def wait_for_frame(self, after_frame_id: int | None, timeout_s: float) -> Frame | None:
+        """The newest frame whose id is greater than ``after_frame_id`` (any frame if None),
+        waiting up to ``timeout_s``; None on timeout or when closed."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        with self._cond:
+            while True:
+                f = self._latest
+                if f is not None and (after_frame_id is None or f.frame_id > after_frame_id):
+                    self._taken_id = f.frame_id
+                    return f
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return None
+                self._cond.wait(remaining)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: received (accepted), dropped (superseded or lost), rejected (malformed)."""
+        with self._cond:
+            return {"received": self._received, "dropped": self._dropped, "rejected": self._rejected}
+
+    def __enter__(self) -> FrameSource:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- producer side ---------------------------------------------------------------------
+    def _check_geometry(self, shape: tuple[int, int], dtype: np.dtype) -> None:
+        if self._expected_shape is not None and shape != self._expected_shape:
+            raise FrameRejected(f"shape {list(shape)} does not match the stream's {list(self._expected_shape)}")
+        if self._expected_dtype is not None and dtype != self._expected_dtype:
+            raise FrameRejected(f"dtype {dtype} does not match the stream's {self._expected_dtype}")
+
+    def _accept(self, frame: Frame, *, superseded: int = 0) -> None:
+        with self._cond:
+            self._check_geometry(frame.shape, frame.pixels.dtype)
+            if self._expected_shape is None:
+                self._expected_shape = frame.shape
+            if self._expected_dtype is None:
+                self._expected_dtype = frame.pixels.dtype
+            old = self._latest
+            if old is not None and self._taken_id != old.frame_id:
+                self._dropped += 1
+            self._dropped += superseded
+            self._latest = frame
+            self._received += 1
+            self._cond.notify_all()
+
+    def _count_lost(self, n: int) -> None:
+        with self._cond:
+            self._dropped += n
+
+    def _reject(self, reason: str) -> None:
+        with self._cond:
+            self._rejected += 1
+            n = self._rejected
+        if n <= 5 or n % 100 == 0:
+            self._log.warning("frame rejected", reason=reason, rejected_total=n)
+
+
+# --------------------------------------------------------------------------------------------
+# simulated
+
+
+class SimulatedFrameSource(FrameSource):
+    """Frames from an in-process ``simulators.microscope.SimMicroscope``. ``start`` subscribes
+    (and starts the microscope if it was not running; ``close`` then stops it again)."""
+
+    name = "simulated"
+
+    def __init__(self, microscope: Any) -> None:
+        super().__init__()
+        self.microscope = microscope
+        self._unsubscribe: Any = None
+        self._started_microscope = False
+
+    def start(self) -> None:
+        if self._unsubscribe is not None:
+            return
+        self._unsubscribe = self.microscope.subscribe(self._on_frame)
+        if not self.microscope.running:
+            self.microscope.start()
+            self._started_microscope = True
+
+    def _on_frame(self, frame: Frame) -> None:
+        try:
+            self._accept(frame)
+        except FrameRejected as exc:
+            self._reject(str(exc))
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._started_microscope:
+            self.microscope.close()
+            self._started_microscope = False
+        super().close()
+
+
+# --------------------------------------------------------------------------------------------
+# ZeroMQ
+
+
+def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Frame:
+    """Decode one patchrig-frame/1 message; raises FrameRejected saying what is wrong."""
+    if len(parts) != 3:
+        raise FrameRejected(f"expected 3 message parts, got {len(parts)}")
+    topic, raw_header, data = parts
+    if bytes(topic) != b"frame":
+        raise FrameRejected(f"topic must be b'frame', got {bytes(topic)[:20]!r}")
+    try:
+        header = json.loads(bytes(raw_header).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameRejected(f"header is not UTF-8 JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise FrameRejected("header must be a JSON object")
+    missing = [k for k in ("schema", "frame_id", "t", "shape", "dtype", "um_per_px") if k not in header]
+    if missing:
+        raise FrameRejected(f"header lacks {', '.join(missing)}")
+    if header["schema"] != SCHEMA:
+        raise FrameRejected(f"schema must be {SCHEMA!r}, got {header['schema']!r}")
+    fid = header["frame_id"]
+    if not isinstance(fid, int) or isinstance(fid, bool) or fid < 0:
+        raise FrameRejected(f"frame_id must be a non-negative integer, got {fid!r}")
+    t = header["t"]
+    if not _finite(t):
+        raise FrameRejected(f"t must be a finite number, got {t!r}")
+    shape = header["shape"]
+    if not (
+        isinstance(shape, list) and len(shape) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 16384 for s in shape)
+    ):
+        raise FrameRejected(f"shape must be [h, w] positive integers, got {shape!r}")
+    dtype = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
+    if dtype is None:
+        raise FrameRejected(f"dtype must be 'uint8' or 'uint16', got {header['dtype']!r}")
+    if header.get("order", "C") != "C":
+        raise FrameRejected(f"order must be 'C', got {header.get('order')!r}")
+    upx = header["um_per_px"]
+    if not _finite(upx) or upx <= 0:
+        raise FrameRejected(f"um_per_px must be a positive number, got {upx!r}")
+    z = header.get("z_um")
+    if z is not None and not _finite(z):
+        raise FrameRejected(f"z_um must be a number or null, got {z!r}")
+    h, w = shape
+    expected = h * w * dtype.itemsize
+    buf = memoryview(data)
+    if buf.nbytes != expected:
+        raise FrameRejected(f"pixel data has {buf.nbytes} bytes, header says {expected} ({h}x{w} {dtype})")
+    pixels = np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(h, w).astype(dtype, copy=False)
+    pixels.setflags(write=False)
+    return Frame(
+        frame_id=fid,
+        t_s=float(t),
+        pixels=pixels,
+        um_per_px=float(upx),
+        z_um=None if z is None else float(z),
+        received_s=time.monotonic() if received_s is None else received_s,
+    )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ZmqFrameSource(FrameSource):
+    """A ZeroMQ SUB socket receiving patchrig-frame/1 from ``endpoint`` (connects; the
+    acquisition program binds). A receiver thread drains everything queued and keeps only the
+    newest valid frame (ZMQ_CONFLATE cannot be used with multipart messages); frames it skips,
+    and gaps in the sender's frame_id sequence, count as dropped."""
+
+    name = "zmq"
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        expected_shape: tuple[int, int] | None = None,
+        expected_dtype: str | None = None,
+        receive_hwm: int = 16,
+    ) -> None:
+        super().__init__(expected_shape=expected_shape, expected_dtype=expected_dtype)
+        self.endpoint = endpoint
+        self._context = context
+        self._receive_hwm = receive_hwm
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_seen_id: int | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="frames-zmq", daemon=True)
+        self._thread.start()
+        self._ready.wait(5.0)
+        if self._error is not None:
+            self.close()
+            raise ConfigError(f"cannot subscribe to {self.endpoint}: {self._error}")
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
+        super().close()
+
+    def _run(self) -> None:
+        own = self._context is None
+        ctx = self._context or zmq.Context()
+        sock = None
+        try:
+            sock = ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, self._receive_hwm)
+            sock.setsockopt(zmq.SUBSCRIBE, b"frame")
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            self._ready.set()
+            if sock is not None:
+                sock.close(linger=0)
+            if own:
+                ctx.term()
+            return
+        self._ready.set()
+        self._log.info("subscribed", endpoint=self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(50):
+                    continue
+                newest: Frame | None = None
+                skipped = 0
+                while True:  # drain: keep only the newest valid frame
+                    try:
+                        parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    frame = self._decode(parts)
+                    if frame is None:
+                        continue
+                    if newest is not None:
+                        skipped += 1
+                    newest = frame
+                if newest is not None:
+                    try:
+                        self._accept(newest, superseded=skipped)
+                    except FrameRejected as exc:
+                        self._reject(str(exc))
+        finally:
+            sock.close(linger=0)
+            if own:
+                ctx.term()
+
+    def _decode(self, parts: list[bytes]) -> Frame | None:
+        try:
+            frame = decode_frame(parts)
+            with self._cond:
+                self._check_geometry(frame.shape, frame.pixels.dtype)
+        except FrameRejected as exc:
+            self._reject(str(exc))
+            return None
+        last = self._last_seen_id
+        if last is not None and frame.frame_id > last + 1:
+            self._count_lost(frame.frame_id - last - 1)
+        self._last_seen_id = frame.frame_id
+        return frame
+
+
+# --------------------------------------------------------------------------------------------
+# replay
+
+
+class ReplayFrameSource(FrameSource):
+    """Replays a multi-page TIFF stack, or a folder of PNG/TIFF images (sorted by name), at
+    ``rate_hz``, looping by default. Images are read lazily; colour is converted to grey.
+    An unreadable image or page is rejected, counted and logged, and replay goes on."""
+
+    name = "replay"
+
+    def __init__(
+        self,
+        path: str | Path,
+        rate_hz: float,
+        um_per_px: float,
+        *,
+        z_um: float | None = None,
+        loop: bool = True,
+    ) -> None:
+        super().__init__()
+        if not (rate_hz > 0 and math.isfinite(rate_hz)):
+            raise ConfigError(f"replay rate must be positive, got {rate_hz}")
+        if not (um_per_px > 0 and math.isfinite(um_per_px)):
+            raise ConfigError(f"replay um_per_px must be positive, got {um_per_px}")
+        self.path = Path(path).expanduser()
+        self.rate_hz = float(rate_hz)
+        self.um_per_px = float(um_per_px)
+        self.z_um = z_um
+        self.loop = loop
+        self._files: list[Path] = []
+        self._tiff: Any = None
+        if self.path.is_dir():
+            self._files = sorted(
+                p for p in self.path.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff") and p.is_file()
+            )
+            if not self._files:
+                raise ConfigError(f"{self.path}: no PNG or TIFF images to replay")
+            self.n_frames = len(self._files)
+        elif self.path.is_file():
+            import tifffile
+
+            try:
+                self._tiff = tifffile.TiffFile(self.path)
+                self.n_frames = len(self._tiff.pages)
+            except Exception as exc:
+                if self._tiff is not None:
+                    self._tiff.close()
+                raise ConfigError(f"{self.path}: cannot open as a TIFF stack ({exc})") from exc
+        else:
+            raise ConfigError(f"{self.path}: replay path does not exist")
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._tiff_lock = threading.Lock()
+        self.finished = threading.Event()
+
+    def read(self, index: int) -> np.ndarray:
+        """Frame ``index`` as an (h, w) uint8/uint16 array; raises DataError if unreadable."""
+        if self._files:
+            from localisation.dataset_format import load_image
+
+            return load_image(self._files[index])
+        with self._tiff_lock:
+            try:
+                image = np.asarray(self._tiff.pages[index].asarray())
+            except Exception as exc:
+                raise DataError(f"{self.path}: page {index} unreadable ({exc})") from exc
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            image = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            image = np.clip(image + 0.5, 0, 65535).astype(np.uint16)
+        if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
+            raise DataError(f"{self.path}: page {index} is {image.dtype} {image.shape}, not 2D 8/16-bit")
+        return image
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="frames-replay", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5.0)
+        if self._tiff is not None:
+            self._tiff.close()
+            self._tiff = None
+        super().close()
+
+    def _run(self) -> None:
+        period = 1.0 / self.rate_hz
+        next_t = time.monotonic()
+        frame_id = 0
+        index = 0
+        while not self._stop.is_set():
+            if index >= self.n_frames:
+                if not self.loop:
+                    self.finished.set()
+                    return
+                index = 0
+            try:
+                pixels = self.read(index)
+                pixels.setflags(write=False)
+                frame = Frame(frame_id, time.time(), pixels, self.um_per_px, self.z_um, time.monotonic())
+                self._accept(frame)
+            except (DataError, FrameRejected) as exc:
+                self._reject(f"frame {index}: {exc}")
+            frame_id += 1
+            index += 1
+            next_t += period
+            delay = next_t - time.monotonic()
+            if delay < 0:
+                next_t = time.monotonic()
+            else:
+                self._stop.wait(delay)
+
+
+# --------------------------------------------------------------------------------------------
+# factory
+
+
+def build_frame_source(cfg: Any, microscope: Any = None, *, um_per_px: float | None = None) -> FrameSource:
+    """The frame source a config asks for. ``cfg``: ``config.models.FramesConfig`` or a whole
+    ``RigConfig`` (then the replay pixel size defaults to ``rig.um_per_px``). ``microscope``:
+    the ``SimMicroscope`` for ``source = "simulated"``. Not started."""
+    frames = getattr(cfg, "frames", cfg)
+    if um_per_px is None and hasattr(cfg, "rig"):
+        um_per_px = cfg.rig.um_per_px
+    if frames.source == "simulated":
+        if microscope is None:
+            raise ConfigError("frames.source 'simulated' needs a simulated microscope")
+        return SimulatedFrameSource(microscope)
+    if frames.source == "zmq":
+        return ZmqFrameSource(frames.zmq_endpoint)
+    if frames.source == "replay":
+        if frames.replay_path is None:
+            raise ConfigError("frames.source 'replay' needs frames.replay_path")
+        if um_per_px is None:
+            raise ConfigError("replay needs the pixel size (rig.um_per_px)")
+        return ReplayFrameSource(frames.replay_path, frames.replay_rate_hz, um_per_px, z_um=frames.focal_z_um)
+    raise ConfigError(f"unknown frames.source {frames.source!r}")

@@ -80,6 +80,7 @@ class Operation:
         self._publish = publish
         self._on_finish = [on_finish] if on_finish is not None else []
         self._wake = threading.Event()
+        self.cancel_event = threading.Event()  # set on cancel: for code that takes an Event
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._handle: MoveHandle | None = None
@@ -110,6 +111,7 @@ class Operation:
                 return
             self.cancel_reason = reason
             handle = self._handle
+        self.cancel_event.set()
         if handle is not None and not handle.done:
             handle.finish(MoveState.INTERRUPTED, reason=reason)
         self._wake.set()

@@ -1,0 +1,155 @@
+"""Shared helpers of the daemon tests: a small simulated rig and a running daemon on free ports.
+
+``running_daemon(...)`` builds a SimWorld, in-process ``SimulatedManipulator`` channels that move
+its pipettes, and a ``Daemon`` bound to ``tcp://127.0.0.1:0`` (free ports, never the defaults);
+it yields a ``RigUnderTest`` and closes everything afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from config.loader import config_from_mapping
+from config.models import RigConfig
+from manipulators.base import Limits, Manipulator
+from manipulators.simulated import SimulatedManipulator
+from rig.client import PatchrigClient, TelemetrySubscriber
+from rig.daemon import Daemon
+from simulators.world import SimWorld
+
+LIMIT_UM = 5000.0
+START_UM = 2500.0
+
+
+def make_config(names: list[str], *, server: dict[str, Any] | None = None, frames: dict[str, Any] | None = None,
+                **sections: Any) -> RigConfig:
+    channels = [
+        {
+            "name": n,
+            "driver": "simulated",
+            "n_axes": 3,
+            "max_speed_um_s": 2000.0,
+            "default_speed_um_s": 500.0,
+            "limits": {"min_um": [0.0] * 3, "max_um": [LIMIT_UM] * 3},
+        }
+        for n in names
+    ]
+    data: dict[str, Any] = {"channels": channels, "server": server or {}, **sections}
+    if frames is not None:
+        data["frames"] = frames
+    return config_from_mapping(data, "<test>")
+
+
+def make_world(names: list[str], seed: int = 0) -> SimWorld:
+    world = SimWorld(seed=seed, um_per_px=0.62, image_size_px=(512, 512))
+    for n in names:
+        world.add_channel(n, n_axes=3, position_um=np.full(3, START_UM))
+    return world
+
+
+def make_manipulators(cfg: RigConfig, world: SimWorld | None) -> dict[str, Manipulator]:
+    out: dict[str, Manipulator] = {}
+    for ch in cfg.channels:
+        out[ch.name] = SimulatedManipulator(
+            ch.name,
+            Limits(tuple(ch.limits.min_um), tuple(ch.limits.max_um)),
+            ch.max_speed_um_s,
+            ch.default_speed_um_s,
+            world=world,
+            initial_position_um=[START_UM] * ch.n_axes,
+        )
+    return out
+
+
+@dataclass
+class RigUnderTest:
+    cfg: RigConfig
+    world: SimWorld
+    manipulators: dict[str, Manipulator]
+    daemon: Daemon
+    clients: list[Any] = field(default_factory=list)
+
+    def client(self, **kwargs: Any) -> PatchrigClient:
+        kwargs.setdefault("timeout_s", 5.0)
+        c = PatchrigClient(self.daemon.command_endpoint, **kwargs)
+        self.clients.append(c)
+        return c
+
+    def subscriber(self, topics: tuple[str, ...] = ()) -> TelemetrySubscriber:
+        s = TelemetrySubscriber(self.daemon.telemetry_endpoint, topics)
+        self.clients.append(s)
+        time.sleep(0.15)  # slow-joiner: let the subscription reach the publisher
+        return s
+
+    def positions(self) -> dict[str, np.ndarray]:
+        """True read-backs straight from the world (not through the daemon)."""
+        return {n: self.world.manipulator_position_um(n) for n in self.manipulators}
+
+
+@contextlib.contextmanager
+def running_daemon(
+    names: list[str] | None = None,
+    *,
+    server: dict[str, Any] | None = None,
+    daemon_kwargs: dict[str, Any] | None = None,
+    manipulators: Callable[[RigConfig, SimWorld], dict[str, Manipulator]] | None = None,
+    **cfg_sections: Any,
+) -> Iterator[RigUnderTest]:
+    names = names or ["A", "B"]
+    cfg = make_config(names, server=server, **cfg_sections)
+    world = make_world(names)
+    devices = (manipulators or make_manipulators)(cfg, world)
+    daemon = Daemon(
+        cfg,
+        devices,
+        command_endpoint="tcp://127.0.0.1:0",
+        telemetry_endpoint="tcp://127.0.0.1:0",
+        **(daemon_kwargs or {}),
+    )
+    rig = RigUnderTest(cfg, world, devices, daemon)
+    try:
+        daemon.start()
+        yield rig
+    finally:
+        for c in rig.clients:
+            c.close()
+        daemon.close()
+
+
+def raw_request(endpoint: str, frames: list[bytes] | bytes, *, timeout_s: float = 3.0,
+                socket_type: int = zmq.REQ) -> dict[str, Any] | None:
+    """Send raw bytes (one frame or several) and return the decoded reply, or None on timeout."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(socket_type)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        if isinstance(frames, bytes):
+            frames = [frames]
+        if socket_type == zmq.DEALER:
+            sock.send_multipart([b"", *frames])
+        else:
+            sock.send_multipart(frames)
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = sock.recv_multipart()
+        return json.loads(reply[-1])
+    finally:
+        sock.close(linger=0)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

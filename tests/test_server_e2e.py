@@ -1,0 +1,247 @@
+"""The daemon end to end over real ZeroMQ sockets: every method, the error codes, wait/op
+semantics, stop and stop_all while long operations run, telemetry topics."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from support_daemon import START_UM, raw_request, running_daemon, wait_until
+
+from rig.client import PatchrigClient
+from rig.protocol import RpcError
+
+
+@pytest.fixture
+def rig():
+    with running_daemon(["A", "B"], server={"heartbeat_hz": 10.0}) as r:
+        yield r
+
+
+def rpc_code(fn, *args, **kwargs) -> str:
+    with pytest.raises(RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code
+
+
+def test_ping_status_get_position(rig) -> None:
+    c = rig.client()
+    pong = c.ping()
+    assert pong["pong"] is True and pong["protocol"] == "patchrig-rpc/1"
+    st = c.status()
+    assert st["state"] == "running" and set(st["channels"]) == {"A", "B"}
+    assert st["channels"]["A"]["driver"] == "simulated" and st["channels"]["A"]["calibrated"] is False
+    assert c.get_position("A") == pytest.approx([START_UM] * 3)
+
+
+def test_move_wait_true_reaches_the_target(rig) -> None:
+    c = rig.client()
+    target = [START_UM + 40.0, START_UM - 25.0, START_UM + 10.0]
+    result = c.move("A", target, 1500.0)
+    assert result["op"].startswith("A-")
+    assert result["position_um"] == pytest.approx(target, abs=1e-6)
+    assert rig.world.manipulator_position_um("A") == pytest.approx(target, abs=1e-6)
+    assert rig.world.manipulator_position_um("B") == pytest.approx([START_UM] * 3)
+
+
+def test_move_wait_false_replies_at_once_and_reports_on_the_op_topic(rig) -> None:
+    sub = rig.subscriber(("op",))
+    c = rig.client()
+    t0 = time.monotonic()
+    reply = c.move("B", [START_UM + 100.0, START_UM, START_UM], 500.0, wait=False)
+    assert time.monotonic() - t0 < 0.15  # the move itself takes 0.2 s
+    op_id = reply["op"]
+    states = []
+    final = None
+    deadline = time.monotonic() + 5
+    while final is None and time.monotonic() < deadline:
+        item = sub.recv(1.0)
+        if item and item[1]["op"] == op_id:
+            states.append(item[1]["state"])
+            if item[1]["state"] in ("done", "failed", "stopped"):
+                final = item[1]
+    assert final is not None and final["state"] == "done"
+    assert states[0] == "queued" and "running" in states
+    assert final["result"]["position_um"] == pytest.approx([START_UM + 100.0, START_UM, START_UM])
+
+
+def test_error_codes_over_the_wire(rig) -> None:
+    c = rig.client()
+    ep = rig.daemon.command_endpoint
+    assert raw_request(ep, b"{not json")["error"]["code"] == "bad_request"
+    assert raw_request(ep, b'{"v":1,"id":"x","method":"warp"}') == {
+        "v": 1, "id": "x", "ok": False,
+        "error": {"code": "unknown_method", "message": raw_request(ep, b'{"v":1,"id":"x","method":"warp"}')["error"]["message"]},
+    }
+    assert rpc_code(c.call, "move", {"channel": "A", "position_um": "here"}) == "invalid_params"
+    assert rpc_code(c.move, "A", [START_UM, START_UM, 1e9]) == "out_of_bounds"
+    assert rpc_code(c.move, "A", [1.0, 2.0]) == "invalid_params"  # wrong axis count
+    assert rpc_code(c.move, "A", [START_UM] * 3, 1e5) == "invalid_params"  # above max speed
+    assert rpc_code(c.get_position, "Z") == "not_found"
+    assert rpc_code(c.stop, "Z") == "not_found"
+    assert rpc_code(c.locate) == "no_frame"
+    assert rpc_code(c.get_calibration, "A") == "not_calibrated"
+    assert rpc_code(c.move_tip, "A", target_px=[10.0, 10.0]) == "not_calibrated"
+    assert rpc_code(c.calibrate, "A") == "not_calibrated"
+    assert rpc_code(c.set_tip, "A", [1.0, 2.0]) == "not_calibrated"
+    c.lease("acquire", "rita", 30.0)
+    assert rpc_code(c.lease, "acquire", "someone-else") == "busy"
+    c.lease("release", "rita")
+    # nothing moved through any of this
+    for pos in rig.positions().values():
+        assert pos == pytest.approx([START_UM] * 3)
+
+
+def test_request_without_id_and_dealer_clients(rig) -> None:
+    ep = rig.daemon.command_endpoint
+    reply = raw_request(ep, b'{"v":1,"method":"ping"}')
+    assert reply["ok"] is True and reply["id"] is None
+    reply = raw_request(ep, b'{"v":1,"id":5,"method":"ping"}', socket_type=zmq.DEALER)
+    assert reply["ok"] is True and reply["id"] == 5
+
+
+def test_stop_interrupts_a_long_move_from_another_client(rig) -> None:
+    mover, stopper = rig.client(), rig.client()
+    outcome: dict = {}
+
+    def long_move() -> None:
+        try:
+            mover.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0)  # ~10 s
+        except RpcError as exc:
+            outcome["code"] = exc.code
+            outcome["t"] = time.monotonic()
+
+    t = threading.Thread(target=long_move)
+    t.start()
+    assert wait_until(lambda: rig.world.manipulator_position_um("A")[0] > START_UM + 20, 3.0)
+    t_stop = time.monotonic()
+    reply = stopper.stop("A")
+    assert reply["stopped"] is True
+    t.join(5.0)
+    assert outcome["code"] == "stopped"
+    assert outcome["t"] - t_stop < 1.0
+    stopped_at = rig.world.manipulator_position_um("A").copy()
+    time.sleep(0.2)
+    assert rig.world.manipulator_position_um("A") == pytest.approx(stopped_at)
+    assert stopped_at[0] < START_UM + 1000.0
+
+
+def test_one_client_is_never_blocked_by_another_clients_operation(rig) -> None:
+    mover, waiter, other = rig.client(), rig.client(), rig.client()
+    op = mover.move("A", [START_UM + 1500.0, START_UM, START_UM], 300.0, wait=False)["op"]
+    codes: list[str] = []
+
+    def wait_for_b() -> None:
+        try:
+            waiter.move("B", [START_UM + 1500.0, START_UM, START_UM], 300.0, timeout_s=20)
+        except RpcError as exc:
+            codes.append(exc.code)
+
+    t = threading.Thread(target=wait_for_b)
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    for _ in range(20):
+        other.ping()
+        other.get_position("A")
+        other.status()
+    assert time.monotonic() - t0 < 2.0
+    assert rig.daemon.controllers["A"].current is not None  # still running
+    other.stop_all()
+    t.join(5.0)
+    assert not t.is_alive() and codes == ["stopped"]
+    assert wait_until(lambda: rig.daemon.controllers["A"].current is None, 1.0) and op
+
+
+def test_stop_all_while_operations_run_on_every_channel(rig) -> None:
+    c, estop = rig.client(), rig.client()
+    sub = rig.subscriber(("event",))
+    for name in ("A", "B"):
+        c.move(name, [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)
+    assert wait_until(lambda: all(p[0] > START_UM + 10 for p in rig.positions().values()), 3.0)
+    t0 = time.perf_counter()
+    reply = estop.stop_all()
+    elapsed = time.perf_counter() - t0
+    assert reply["all_stopped"] is True and sorted(reply["stopped"]) == ["A", "B"]
+    assert elapsed < 0.5  # generous: only catches a stop queued behind the moves
+    frozen = rig.positions()
+    time.sleep(0.2)
+    for name, pos in rig.positions().items():
+        assert pos == pytest.approx(frozen[name])
+    ev = sub.wait_for(lambda t, m: m.get("kind") == "e-stop", 2.0)
+    assert ev is not None
+
+
+def test_a_new_move_supersedes_the_running_one(rig) -> None:
+    c = rig.client()
+    sub = rig.subscriber(("op",))
+    first = c.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)["op"]
+    time.sleep(0.1)
+    second = c.move("A", [START_UM, START_UM + 30.0, START_UM], 1000.0)
+    ended = sub.wait_op(first, 3.0)
+    assert ended is not None and ended["state"] == "stopped" and "superseded" in ended["error"]["message"]
+    assert second["position_um"] == pytest.approx([START_UM, START_UM + 30.0, START_UM])
+
+
+def test_lease_acquire_renew_release(rig) -> None:
+    c = rig.client()
+    got = c.lease("acquire", "rita", 5.0)
+    assert got["holder"] == "rita" and got["expires_in_s"] <= 5.0
+    assert c.lease("renew", "rita")["holder"] == "rita"
+    assert rpc_code(c.lease, "renew", "mallory") == "invalid_params"
+    assert c.lease("release", "rita")["holder"] is None
+    assert c.status()["lease"]["holder"] is None
+
+
+def test_heartbeat_and_position_topics(rig) -> None:
+    sub = rig.subscriber(("heartbeat", "position"))
+    beats, positions = [], []
+    deadline = time.monotonic() + 3.0
+    while (len(beats) < 3 or not positions) and time.monotonic() < deadline:
+        item = sub.recv(0.5)
+        if item:
+            (beats if item[0] == "heartbeat" else positions).append(item[1])
+    assert len(beats) >= 3
+    assert [b["seq"] for b in beats] == sorted(b["seq"] for b in beats)
+    assert beats[-1]["state"] == "running"
+    assert positions and positions[0]["channels"]["A"]["position_um"] == pytest.approx([START_UM] * 3)
+
+
+def test_shutdown_request_is_graceful(rig) -> None:
+    sub = rig.subscriber(("heartbeat", "event"))
+    mover = rig.client()
+    op = mover.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)["op"]
+    assert op
+    c = rig.client()
+    assert c.shutdown() == {"shutting_down": True}
+    assert rig.daemon.wait_closed(10.0)
+    final = sub.wait_for(lambda t, m: t == "heartbeat" and m.get("state") == "stopped", 2.0)
+    assert final is not None and final[1]["channels"]["A"]["op"] is None
+    frozen = rig.world.manipulator_position_um("A")
+    time.sleep(0.15)
+    assert rig.world.manipulator_position_um("A") == pytest.approx(frozen)
+    late = PatchrigClient(rig.daemon.command_endpoint, timeout_s=0.3, retries=0)
+    try:
+        assert rpc_code(late.ping) == "timeout"
+    finally:
+        late.close()
+
+
+def test_default_heartbeat_is_one_hertz() -> None:
+    from config.models import ServerConfig
+
+    assert ServerConfig().heartbeat_hz == 1.0
+
+
+def test_positions_never_change_without_a_command(rig) -> None:
+    before = rig.positions()
+    c = rig.client()
+    for _ in range(5):
+        c.status()
+    time.sleep(0.1)
+    after = rig.positions()
+    for k in before:
+        assert np.allclose(before[k], after[k])

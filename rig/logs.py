@@ -15,6 +15,21 @@ import structlog
 _configured = False
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (survives stream redirection)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     """Configure structlog and stdlib logging once per process.
 
@@ -48,7 +63,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

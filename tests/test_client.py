@@ -1,0 +1,96 @@
+"""The Python client: lazy pirate retries, error mapping, and ``patchrig client`` on top of it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import zmq
+from support_daemon import START_UM, running_daemon
+
+from rig.cli import main
+from rig.client import PatchrigClient
+from rig.protocol import RpcError, ok_reply
+
+
+class DroppingServer:
+    """A ROUTER that ignores the first ``drop`` requests, then answers ``ping`` (a real socket)."""
+
+    def __init__(self, drop: int) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.drop = drop
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            frames = self.sock.recv_multipart()
+            request = json.loads(frames[-1])
+            self.seen.append(request["id"])
+            if len(self.seen) <= self.drop:
+                continue
+            self.sock.send_multipart([*frames[:-1], ok_reply(request["id"], {"pong": True})])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_lazy_pirate_resends_after_a_dropped_request() -> None:
+    server = DroppingServer(drop=1)
+    try:
+        with PatchrigClient(server.endpoint, timeout_s=0.3, retries=2) as client:
+            assert client.ping() == {"pong": True}
+            assert client.resends == 1
+            assert len(server.seen) == 2 and server.seen[0] == server.seen[1]  # same id resent
+            assert client.ping() == {"pong": True}  # the recreated socket keeps working
+    finally:
+        server.close()
+
+
+def test_gives_up_with_timeout_after_all_retries() -> None:
+    server = DroppingServer(drop=10)
+    try:
+        with PatchrigClient(server.endpoint, timeout_s=0.1, retries=2) as client:
+            with pytest.raises(RpcError) as info:
+                client.ping()
+            assert info.value.code == "timeout" and client.resends == 2
+        assert len(server.seen) == 3
+    finally:
+        server.close()
+
+
+def test_typed_methods_and_error_codes_against_the_daemon() -> None:
+    with running_daemon(["A"]) as rig:
+        c = rig.client()
+        assert c.move("A", [START_UM + 3, START_UM, START_UM], 1000.0)["position_um"][0] == pytest.approx(START_UM + 3)
+        with pytest.raises(RpcError) as info:
+            c.move("A", [START_UM, START_UM, -1.0])
+        assert info.value.code == "out_of_bounds"
+        op = c.move("A", [START_UM, START_UM, START_UM], 1000.0, wait=False)
+        assert set(op) == {"op", "channel", "method"}
+
+
+def test_patchrig_client_command(capsys) -> None:
+    with running_daemon(["A"]) as rig:
+        ep = rig.daemon.command_endpoint
+        capsys.readouterr()  # the daemon's start-up log lines
+        assert main(["client", "--endpoint", ep, "get_position", '{"channel": "A"}']) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["position_um"] == pytest.approx([START_UM] * 3)
+        assert main(["client", "--endpoint", ep, "move", '{"channel": "A", "position_um": [0, 0, 99999]}']) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "out_of_bounds" in err[0]
+        assert main(["client", "--endpoint", ep, "ping", "[not json"]) == 1
+        assert "params are not JSON" in capsys.readouterr().err

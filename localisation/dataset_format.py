@@ -211,16 +211,17 @@ def write_image(path: str | Path, pixels: np.ndarray) -> None:
     suffix = path.suffix.lower()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if suffix in (".tif", ".tiff"):
-                tifffile.imwrite(fh, pixels)
-            elif suffix == ".png":
+        if suffix in (".tif", ".tiff"):
+            os.close(fd)
+            tifffile.imwrite(tmp, pixels)
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                if suffix != ".png":
+                    raise DataError(f"{path}: images must be .png or .tif/.tiff")
                 ok, buf = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 if not ok:
                     raise DataError(f"{path}: PNG encoding failed")
                 fh.write(buf.tobytes())
-            else:
-                raise DataError(f"{path}: images must be .png or .tif/.tiff")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -111,6 +111,12 @@ def _render_job(job: _Job) -> dict[str, Any]:
     }
 
 
+class _Progress(tqdm):  # type: ignore[type-arg]
+    """tqdm without its monitor thread (it would outlive the job)."""
+
+    monitor_interval = 0
+
+
 def _worker_init() -> None:
     cv2.setNumThreads(1)
 
@@ -149,7 +155,7 @@ def synthesise_dataset(
             for i in range(n)
         ]
         entries: list[dict[str, Any]] = []
-        bar = tqdm(total=n, desc=f"synth {domain}", unit="img", disable=not progress)
+        bar = _Progress(total=n, desc=f"synth {domain}", unit="img", disable=not progress)
         try:
             if workers <= 1 or n < 4:
                 for job in jobs:

@@ -64,13 +64,14 @@ def _errno_of(exc: BaseException) -> int | None:
 
 
 class _PendingMove:
-    __slots__ = ("channel", "request", "handle", "deadline_s")
+    __slots__ = ("channel", "request", "handle", "deadline_s", "exhausted_since_s")
 
     def __init__(self, channel: SensapexManipulator, request: Any, handle: MoveHandle, deadline_s: float):
         self.channel = channel
         self.request = request
         self.handle = handle
         self.deadline_s = deadline_s
+        self.exhausted_since_s: float | None = None
 
 
 class SensapexSdk:
@@ -189,7 +190,12 @@ class SensapexSdk:
                 now = time.monotonic()
                 ready = []
                 for dev_id, p in list(self._pending.items()):
-                    if p.request.finished_event.is_set() or p.handle.done or now > p.deadline_s:
+                    if (
+                        p.request.finished_event.is_set()
+                        or p.handle.done
+                        or now > p.deadline_s
+                        or p.channel._retries_exhausted(p, now)
+                    ):
                         ready.append(p)
                         del self._pending[dev_id]
             for p in ready:
@@ -268,8 +274,11 @@ class SensapexManipulator(Manipulator):
                 f"(3 tries of {self.timeout_ms} ms; is it powered, cabled and in this group?)",
                 channel=self.name,
             )
-        if errno == -5:
-            return NotFound(f"{what}: {self._where()} is not a valid device ({exc})", channel=self.name)
+        if errno == -5:  # libum forgets a device that stopped answering and then calls it invalid
+            return DeviceTimeout(
+                f"{what}: no answer from {self._where()}; the SDK no longer knows it ({exc})",
+                channel=self.name,
+            )
         if errno == -4:
             return InvalidParams(f"{what}: the SDK refused the arguments ({exc})", channel=self.name)
         return DeviceError(f"{what}: {self._where()} failed: {exc}", channel=self.name)
@@ -332,14 +341,54 @@ class SensapexManipulator(Manipulator):
             raise self._error(exc, "move") from None
         except ValueError as exc:  # axis-count mismatch inside MoveRequest
             raise DeviceError(f"move refused by the SDK: {exc}", channel=self.name) from None
+        if self.n_axes < 4:  # sensapex 1.504 compares n read-back axes with 4 thresholds and crashes
+            request.retry_threshold = request.retry_threshold[: self.n_axes]
+            request.fail_threshold = request.fail_threshold[: self.n_axes]
         distance = float(np.linalg.norm(target_um - np.asarray(request.start_pos[: self.n_axes], float)))
         deadline = start + 1.5 * distance / speed_um_s + self.completion_margin_s
         self._sdk.watch(self.device_id, _PendingMove(self, request, handle, deadline))
+
+    EXHAUSTED_GRACE_S = 0.15
+
+    def _retries_exhausted(self, p: _PendingMove, now: float) -> bool:
+        """True once the SDK has used all its attempts, the device is idle, and the SDK has not
+        finished the move for ``EXHAUSTED_GRACE_S`` (sensapex 1.504 crashes in that path for
+        3-axis devices, comparing 3 read-back axes with 4 thresholds, and retries forever)."""
+        request = p.request
+        if request.finished or request.attempts < request.max_attempts or request.has_more_calls_to_make():
+            return False
+        try:
+            if self._do_is_busy():
+                p.exhausted_since_s = None
+                return False
+        except PatchrigError:
+            return False
+        if p.exhausted_since_s is None:
+            p.exhausted_since_s = now
+        return now - p.exhausted_since_s > self.EXHAUSTED_GRACE_S
 
     def _resolve(self, p: _PendingMove) -> None:
         """Finish ``p.handle`` from its SDK MoveRequest (watcher thread)."""
         handle, request = p.handle, p.request
         if handle.done:
+            return
+        if not request.finished_event.is_set() and p.exhausted_since_s is not None:
+            ump = self._sdk.ump
+            with ump.lock:  # take the move away from the SDK so that its poller forgets it
+                if ump._last_move.get(self.device_id) is request:
+                    del ump._last_move[self.device_id]
+            try:
+                position = np.asarray(self._read_fresh_um(), float)
+            except PatchrigError as exc:
+                handle.finish(MoveState.FAILED, reason=str(exc), error=exc)
+                return
+            miss_um = float(np.max(np.abs(position - handle.setpoint_um)))
+            err0 = DeviceError(
+                f"move did not reach its target after {request.attempts} attempts: "
+                f"{miss_um:.2f} µm off, read-back {np.round(position, 3).tolist()}",
+                channel=self.name,
+            )
+            handle.finish(MoveState.FAILED, position_um=position, reason=str(err0), error=err0)
             return
         if not request.finished_event.is_set():  # deadline passed
             err = DeviceTimeout(
@@ -379,10 +428,57 @@ class SensapexManipulator(Manipulator):
         from sensapex import UMError
 
         self._sdk.unwatch(self.device_id)
+        ump = self._sdk.ump
         try:
-            self._sdk.ump.stop(self.device_id, reason=reason)
+            ump.stop(self.device_id, reason=reason)
         except (UMError, UserWarning) as exc:
+            # ump.stop raised before forgetting the move; left alone, the SDK's poller would see
+            # the device idle short of its target and send the GOTO again. Forget it here.
+            with ump.lock:
+                request = ump._last_move.pop(self.device_id, None)
+            if request is not None:
+                request.interrupted = True
+                request.interrupt_reason = f"stop failed: {exc}"
+                request.finished = True
+                request.finished_event.set()
             raise self._error(exc, "stop") from None
+        self._verify_stopped()
+
+    STOP_CHECK_S = 0.03
+    STOP_TRIES = 3
+
+    def _verify_stopped(self) -> None:
+        """Read the position twice ``STOP_CHECK_S`` apart; while it still changes, send STOP
+        again (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``."""
+        from sensapex import UMError
+
+        previous = np.asarray(self._read_fresh_um())
+        for attempt in range(1, self.STOP_TRIES + 1):
+            time.sleep(self.STOP_CHECK_S)
+            now = np.asarray(self._read_fresh_um())
+            if float(np.max(np.abs(now - previous))) < 0.5:
+                return
+            previous = now
+            if attempt < self.STOP_TRIES:
+                self.log.warning("device still moving after STOP; sending STOP again", attempt=attempt)
+                try:
+                    self._sdk.ump.call("um_stop", ctypes.c_int(self.device_id))
+                except (UMError, UserWarning) as exc:
+                    raise self._error(exc, "repeated stop") from None
+        raise DeviceError(
+            f"{self._where()} kept moving after {self.STOP_TRIES} STOP commands "
+            f"(position {np.round(previous, 3).tolist()} µm)",
+            channel=self.name,
+        )
+
+    def _read_fresh_um(self) -> list[float]:
+        from sensapex import UMError
+
+        try:
+            pos = self._sdk.ump.get_pos(self.device_id, timeout=-1)
+        except (UMError, UserWarning) as exc:
+            raise self._error(exc, "position read") from None
+        return [float(v) for v in pos[: self.n_axes]]
 
     def _stop_quietly(self, reason: str) -> None:
         try:

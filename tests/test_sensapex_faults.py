@@ -1,0 +1,276 @@
+"""Every fault switch of the Sensapex simulator, driven through the real SDK: each gives a clear
+error or a correct recovery within a bounded time, never a hang, never motion outside limits.
+
+Several faults only show up as a ~1 s delay (libum's stuck-drive fallback), so those tests
+assert on timing too (protocols/sensapex-smcp.md §7.9).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from support_sensapex import DEVICE_AXES, LIMITS_3, LIMITS_4, SensapexRig, sensapex_rig
+
+from manipulators.base import MoveState, stop_all
+from manipulators.sensapex import SensapexManipulator
+from rig.errors import DeviceError, DeviceTimeout, PatchrigError
+from simulators import smcp
+
+GROUP = 9
+X50 = np.array([50.0, 0.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[SensapexRig]:
+    with sensapex_rig(GROUP) as r:
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def fresh(rig: SensapexRig) -> Iterator[None]:
+    """Clean faults and positions before each test; afterwards close its channels and check
+    that no device ever left the channels' limits."""
+    rig.reset()
+    yield
+    rig.sim.faults.silent = False
+    rig.sim.faults.silent_ids.clear()
+    rig.close_all()
+    for dev_id, n in DEVICE_AXES.items():
+        lo, hi = rig.sim.visited_range_um(dev_id)
+        limits = LIMITS_4 if n == 4 else LIMITS_3
+        assert np.all(lo >= np.array(limits.min_um)) and np.all(hi <= np.array(limits.max_um)), (
+            f"device {dev_id} visited {lo}..{hi}, outside its limits"
+        )
+
+
+def counts(rig: SensapexRig) -> dict[str, int]:
+    return dict(rig.sim.request_counts)
+
+
+def delta(rig: SensapexRig, before: dict[str, int], name: str) -> int:
+    return rig.sim.request_counts.get(name, 0) - before.get(name, 0)
+
+
+# -- dropped ACKs ------------------------------------------------------------------------
+def test_dropped_goto_acks_are_resent_and_the_move_still_arrives(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    rig.sim.faults.drop_ack_types.add(smcp.CMD_GOTO_POS)
+    before = counts(rig)
+    target = m.position_um + X50
+    t0 = time.monotonic()
+    h = m.move_to(target, 1000.0).wait(10)
+    assert time.monotonic() - t0 < 5.0
+    assert h.state is MoveState.DONE
+    assert np.allclose(rig.sim.position_um(2), target, atol=0.01)
+    assert delta(rig, before, "GOTO_POS") >= 3  # libum resent the unacknowledged GOTO
+
+
+def test_dropped_position_query_acks_are_harmless(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    rig.sim.faults.drop_ack_types.add(smcp.CMD_GET_POSITIONS)
+    target = m.position_um + X50
+    t0 = time.monotonic()
+    m.move_to(target, 1000.0).wait(10)
+    assert time.monotonic() - t0 < 1.0
+    assert np.allclose(m.position_um, target, atol=0.1)
+
+
+def test_dropped_stop_ack_is_a_timeout_and_the_move_never_resumes(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    h = m.move_to(m.position_um + np.array([500.0, 0, 0]), 200.0)
+    time.sleep(0.3)
+    rig.sim.faults.drop_ack_types.add(smcp.CMD_STOP)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        m.stop()
+    assert time.monotonic() - t0 < 1.5
+    assert "'sx2'" in str(info.value) and "no answer" in str(info.value)
+    assert h.state is MoveState.INTERRUPTED
+    stopped_at = rig.sim.position_um(2)
+    assert not rig.sim.is_moving(2)
+    time.sleep(0.6)  # the SDK's poller must not send the GOTO again
+    assert not rig.sim.is_moving(2)
+    assert np.allclose(rig.sim.position_um(2), stopped_at, atol=0.01)
+
+
+# -- error replies -------------------------------------------------------------------------
+def test_error_reply_to_position_query_is_a_clear_error_and_nothing_moves(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    rig.sim.faults.error_types.add(smcp.CMD_GET_POSITIONS)
+    before = counts(rig)
+    time.sleep(0.05)  # let the cached position age beyond the read's 20 ms
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=r"'sx2'.*position read.*Peer failure"):
+        _ = m.position_um
+    with pytest.raises(DeviceError, match="'sx2'"):
+        m.move_to(start + X50, 500.0)
+    assert time.monotonic() - t0 < 2.0
+    assert delta(rig, before, "GOTO_POS") == 0
+    assert np.allclose(rig.sim.position_um(2), start)
+
+
+def test_error_reply_to_goto_fails_the_move_within_its_deadline(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    m.completion_margin_s = 1.5
+    start = rig.sim.position_um(2)
+    rig.sim.faults.error_types.add(smcp.CMD_GOTO_POS)
+    t0 = time.monotonic()
+    h = m.move_to(start + X50, 1000.0)
+    with pytest.raises(DeviceError) as info:
+        h.wait(10)
+    assert time.monotonic() - t0 < 4.0
+    assert h.state is MoveState.FAILED and "'sx2'" in str(info.value)
+    assert np.allclose(rig.sim.position_um(2), start)  # the device refused: nothing moved
+
+
+def test_error_reply_to_stop_is_detected_as_a_device_that_keeps_moving(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    h = m.move_to(m.position_um + np.array([400.0, 0, 0]), 400.0)
+    time.sleep(0.2)
+    rig.sim.faults.error_types.add(smcp.CMD_STOP)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=r"'sx2'.*kept moving after 3 STOP"):
+        m.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert h.state is MoveState.INTERRUPTED
+    rig.sim.faults.error_types.clear()
+    m.stop()  # once the device obeys again, stop works and is verified
+    assert not rig.sim.is_moving(2)
+
+
+# -- completion notifications ----------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["withhold_completion", "completion_before_ack"])
+def test_missing_or_early_completion_finishes_about_one_second_late(rig: SensapexRig, fault: str) -> None:
+    m = rig.open(2)
+    target = m.position_um + X50
+    t0 = time.monotonic()
+    m.move_to(target, 1000.0).wait(10)
+    normal_s = time.monotonic() - t0
+    setattr(rig.sim.faults, fault, True)
+    target2 = target - X50
+    t0 = time.monotonic()
+    h = m.move_to(target2, 1000.0).wait(10)
+    late_s = time.monotonic() - t0
+    assert h.state is MoveState.DONE
+    assert np.allclose(m.position_um, target2, atol=0.1)
+    assert normal_s < 0.5
+    assert 0.8 < late_s - normal_s < 2.5, (normal_s, late_s)
+
+
+# -- silence -----------------------------------------------------------------------------------
+def test_silent_device_reads_and_moves_time_out_clearly_without_motion(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    rig.sim.faults.silent = True
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        _ = m.position_um
+    assert time.monotonic() - t0 < 2.0
+    assert "'sx2'" in str(info.value) and "no answer from Sensapex device 2" in str(info.value)
+    with pytest.raises(DeviceTimeout):
+        m.move_to(start + X50, 500.0)
+    assert time.monotonic() - t0 < 4.0
+    assert np.allclose(rig.sim.position_um(2), start)
+
+
+def test_device_going_silent_mid_move_fails_the_move_within_its_deadline(rig: SensapexRig) -> None:
+    m = rig.open(1)
+    m.completion_margin_s = 1.0
+    target = m.position_um + np.array([200.0, 0, 0, 0])
+    h = m.move_to(target, 400.0)  # 0.5 s
+    time.sleep(0.15)
+    rig.sim.faults.silent_ids.add(1)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout, match=r"'sx1'.*did not complete within"):
+        h.wait(10)
+    assert time.monotonic() - t0 < 3.0
+    assert h.state is MoveState.FAILED
+
+
+def test_unknown_device_id_is_a_clear_error(rig: SensapexRig) -> None:
+    with pytest.raises(PatchrigError, match=r"'ghost'.*device 9.*devices found: \[1, 2, 3, 4\]"):
+        SensapexManipulator("ghost", LIMITS_3, 1000.0, device_id=9, address="127.0.0.1", group=GROUP)
+
+
+def test_stop_all_with_one_dead_device_stops_the_others(rig: SensapexRig) -> None:
+    channels = [rig.open(i) for i in (1, 2, 3)]
+    handles = [m.move_to(m.position_um + np.r_[400.0, np.zeros(m.n_axes - 1)], 200.0) for m in channels]
+    time.sleep(0.2)
+    rig.sim.faults.silent_ids.add(3)
+    t0 = time.monotonic()
+    result = stop_all(channels)
+    assert time.monotonic() - t0 < 3.0
+    assert result["sx1"] is None and result["sx2"] is None
+    assert result["sx3"] is not None and "no answer" in result["sx3"]
+    assert all(h.state is MoveState.INTERRUPTED for h in handles)
+    assert not rig.sim.is_moving(1) and not rig.sim.is_moving(2)
+
+
+# -- final-position offset ---------------------------------------------------------------------
+@pytest.mark.parametrize("device_id", [1, 2])  # 4-axis and 3-axis
+def test_persistent_final_offset_fails_clearly_after_the_sdk_retries(rig: SensapexRig, device_id: int) -> None:
+    m = rig.open(device_id)
+    rig.sim.faults.final_offset_um = 3.0
+    before = counts(rig)
+    t0 = time.monotonic()
+    h = m.move_to(m.position_um + np.r_[50.0, np.zeros(m.n_axes - 1)], 1000.0)
+    with pytest.raises(DeviceError, match="did not reach"):
+        h.wait(10)
+    assert time.monotonic() - t0 < 3.0
+    assert delta(rig, before, "GOTO_POS") == 5
+    assert h.state is MoveState.FAILED
+
+
+def test_one_time_offset_is_corrected_by_the_sdk_retry(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    rig.sim.faults.final_offset_um = 5.0
+    rig.sim.faults.final_offset_moves = 1
+    before = counts(rig)
+    target = m.position_um + X50
+    h = m.move_to(target, 1000.0).wait(10)
+    assert h.state is MoveState.DONE
+    assert np.allclose(rig.sim.position_um(2), target, atol=0.01)
+    assert delta(rig, before, "GOTO_POS") == 2
+
+
+def test_small_offset_within_tolerance_is_reported_honestly(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    rig.sim.faults.final_offset_um = 0.5
+    target = m.position_um + X50
+    h = m.move_to(target, 1000.0).wait(10)
+    assert h.state is MoveState.DONE
+    assert h.position_um is not None
+    assert h.position_um[0] - target[0] == pytest.approx(0.5, abs=0.01)
+
+
+# -- axis count ----------------------------------------------------------------------------------
+def test_unanswered_axis_count_falls_back_to_the_configured_count(rig: SensapexRig) -> None:
+    rig.sdk.ump._axis_counts.pop(3, None)  # make the SDK ask again
+    rig.sim.faults.answer_axis_count = False
+    t0 = time.monotonic()
+    m = rig.open(3)
+    assert 0.5 < time.monotonic() - t0 < 3.0  # one unanswered query: 3 tries of 200 ms
+    assert m.n_axes == 4
+    target = m.position_um + np.array([0, 0, 0, 30.0])
+    m.move_to(target, 500.0).wait(10)
+    assert np.allclose(m.position_um, target, atol=0.1)
+
+
+# -- malformed datagrams ---------------------------------------------------------------------------
+def test_garbage_datagrams_are_ignored(rig: SensapexRig) -> None:
+    m = rig.open(4)
+    junk = [b"", b"\x10", b"hello world, not smcp", b"\x11" + bytes(15), bytes(16)[:2] + b"\x00" * 14]
+    bad_count = smcp.encode(smcp.Frame(receiver=4, sender=600, message_id=1, options=1, type=14))[:-2] + b"\x00\x05"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in [*junk, bad_count]:
+            s.sendto(datagram, ("127.0.0.1", rig.sim.port))
+    time.sleep(0.05)
+    target = m.position_um + np.array([20.0, 0, 0])
+    m.move_to(target, 500.0).wait(5)
+    assert np.allclose(m.position_um, target, atol=0.1)

@@ -239,6 +239,10 @@ class ScientificaProtocol:
             self.port.write(command.encode("ascii") + b"\r")
             self._set_timeout(wait_s)
             raw = self.port.read_until(b"\r")
+            if raw and not raw.endswith(b"\r"):
+                # pyserial gives up as the deadline passes even mid-line: finish the line
+                self._set_timeout(min(0.05, wait_s))
+                raw += self.port.read_until(b"\r")
         except serial.SerialTimeoutException:
             self.timeout_count += 1
             raise DeviceTimeout(f"could not send {command!r} within {wait_s:.2f} s ({self._where()})",
@@ -596,7 +600,7 @@ class ScientificaManipulator(Manipulator):
         try:
             self._proto = ScientificaProtocol(self._serial, channel=name, port_name=port,
                                               timeout_s=self.timeout_s, abort=self._stop_flag.is_set)
-            self.info = self._proto.identify(baud, expected_version)
+            self._proto.identify(baud, expected_version)
             if acceleration_um_s2 is not None:
                 self._proto.set_acceleration(acceleration_um_s2)
             position = self._proto.read_position_um()
@@ -608,6 +612,13 @@ class ScientificaManipulator(Manipulator):
         self._last_ok_s = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"scientifica-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def info(self) -> ScientificaInfo:
+        """What the handshake learned (version, user units, TOP and ACC in device units)."""
+        info = self._proto.info
+        assert info is not None
+        return info
 
     # -- hooks ---------------------------------------------------------------------------------
     def validate_speed(self, speed_um_s: float | None) -> float:

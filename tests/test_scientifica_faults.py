@@ -1,0 +1,367 @@
+"""Faults between the Scientifica driver and the controller, through real pyserial and a pty:
+late replies, garbled bytes, silence, E replies, missed targets, wrong baud, absent or busy
+ports. Each one must end in a clear error (naming the channel and the port) or a correct
+recovery, within a bounded time, never a hang and never motion outside the limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import serial
+
+from manipulators.base import Limits, MoveState
+from manipulators.scientifica import ErrorReply, ScientificaManipulator, parse_int
+from rig.errors import DeviceError, DeviceTimeout, InvalidParams, Stopped
+from simulators.scientifica_device import ScientificaSimulator
+
+LIMITS = Limits((-500.0, -500.0, -500.0), (500.0, 500.0, 500.0))
+BAUD = {2: 9600, 3: 38400}
+BOUND_S = 10.0  # generous: only catches hangs
+
+
+@contextmanager
+def rig(version: int = 2, timeout_s: float = 0.3, **kwargs: object) -> Iterator[
+    tuple[ScientificaSimulator, ScientificaManipulator]
+]:
+    sim = ScientificaSimulator(version=version, baud=BAUD[version])
+    port = sim.start()
+    try:
+        m = ScientificaManipulator("C", LIMITS, 2000.0, 400.0, port=port, baud=BAUD[version],
+                                   timeout_s=timeout_s, **kwargs)  # type: ignore[arg-type]
+        try:
+            yield sim, m
+        finally:
+            m.close()
+    finally:
+        sim.close()
+
+
+def inside_limits(sim: ScientificaSimulator) -> bool:
+    return LIMITS.contains(sim.physical_position_um().tolist())
+
+
+# -- late replies -------------------------------------------------------------------------------
+def test_replies_later_than_usual_but_within_the_timeout_still_work() -> None:
+    with rig(timeout_s=0.5) as (sim, m):
+        sim.faults.reply_delay_s = 0.1
+        handle = m.move_to([40.0, 0.0, -20.0], 800.0).wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+        assert np.allclose(m.position_um, [40.0, 0.0, -20.0], atol=0.5)
+
+
+def test_replies_later_than_the_timeout_end_in_a_clear_error_or_the_target() -> None:
+    with rig(timeout_s=0.2) as (sim, m):
+        sim.faults.reply_delay_s = 0.5
+        t0 = time.monotonic()
+        handle = m.move_to([60.0, 0.0, 0.0], 800.0)
+        handle.wait(BOUND_S + 10, check=False)
+        assert time.monotonic() - t0 < BOUND_S + 10
+        if handle.state is MoveState.FAILED:
+            assert isinstance(handle.error, DeviceError)
+            assert "'C'" in str(handle.error)
+        else:
+            assert handle.state is MoveState.DONE
+            assert np.allclose(handle.position_um, [60.0, 0.0, 0.0], atol=0.5)
+        assert inside_limits(sim)
+        sim.faults.reply_delay_s = 0.0
+
+
+def test_a_device_answering_far_too_late_fails_to_open_with_a_clear_error() -> None:
+    with ScientificaSimulator() as sim:
+        sim.faults.reply_delay_s = 1.5
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError) as info:
+            ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.2)
+        assert time.monotonic() - t0 < BOUND_S
+        assert "'C'" in str(info.value) and sim.port in str(info.value)
+
+
+def test_stop_never_waits_behind_queued_slow_work() -> None:
+    with rig(timeout_s=0.5) as (sim, m):
+        handle = m.move_to([400.0, 0.0, 0.0], 100.0)
+        time.sleep(0.2)
+        sim.faults.reply_delay_s = 0.15  # every exchange now takes 0.15 s
+        results: list[object] = []
+        workers = [
+            threading.Thread(target=lambda: results.append(m.call(lambda p: p.exchange("VER", parse_int), 30)))
+            for _ in range(12)
+        ]  # about 1.8 s of queued work
+        for w in workers:
+            w.start()
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        m.stop()
+        stop_s = time.monotonic() - t0
+        assert handle.state is MoveState.INTERRUPTED
+        assert stop_s < 1.2, f"stop took {stop_s:.2f} s"
+        for w in workers:
+            w.join(BOUND_S)
+        assert results == [2] * 12  # the queued work still ran, after the stop
+        heard = list(sim.commands_received)
+        first_stop = heard.index("STOP")
+        assert heard[first_stop:].count("VER") >= 10, "STOP was not sent before the queued commands"
+        sim.faults.reply_delay_s = 0.0
+
+
+# -- garbled bytes ----------------------------------------------------------------------------------
+def test_garbled_replies_during_identification_are_resynchronised() -> None:
+    with ScientificaSimulator() as sim:
+        sim.faults.garble_next_replies = 1
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.3)
+        try:
+            assert m.describe()["controller_version"] == 2
+        finally:
+            m.close()
+
+
+def test_occasional_garbled_replies_during_a_move_are_recovered() -> None:
+    with rig() as (sim, m):
+        handle = m.move_to([80.0, 10.0, 0.0], 400.0)
+        time.sleep(0.05)
+        for _ in range(4):
+            sim.faults.garble_next_replies = 1
+            time.sleep(0.06)
+        handle.wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+        assert np.allclose(m.position_um, [80.0, 10.0, 0.0], atol=0.5)
+        assert m._proto.garbled_count >= 1
+
+
+def test_a_garbled_line_fails_the_move_then_recovers_when_clean() -> None:
+    with rig() as (sim, m):
+        handle = m.move_to([300.0, 0.0, 0.0], 200.0)
+        time.sleep(0.1)
+        sim.faults.garble_next_replies = 10**9
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeout, match="lost contact") as info:
+            handle.wait(BOUND_S)
+        assert time.monotonic() - t0 < BOUND_S
+        assert "'C'" in str(info.value) and sim.port in str(info.value)
+        assert inside_limits(sim)
+        sim.faults.garble_next_replies = 0
+        handle = m.move_to([10.0, 0.0, 0.0], 800.0).wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+        assert np.allclose(m.position_um, [10.0, 0.0, 0.0], atol=0.5)
+
+
+# -- silence -------------------------------------------------------------------------------------------
+def test_silence_mid_move_is_a_clear_timeout_and_the_driver_recovers() -> None:
+    with rig() as (sim, m):
+        handle = m.move_to([200.0, 0.0, 0.0], 400.0)
+        time.sleep(0.1)
+        sim.faults.silent = True
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeout) as info:
+            handle.wait(BOUND_S)
+        assert time.monotonic() - t0 < m.lost_after_s + 3.0
+        assert "'C'" in str(info.value) and sim.port in str(info.value)
+        with pytest.raises(DeviceTimeout, match="no position"):
+            _ = m.position_um
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError):
+            m.stop()  # STOP cannot be confirmed: say so, in bounded time
+        assert time.monotonic() - t0 < BOUND_S
+        assert inside_limits(sim)
+        sim.faults.silent = False
+        assert wait_for(lambda: _position_or_none(m) is not None, 3.0)
+        handle = m.move_to([0.0, 0.0, 0.0], 800.0).wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+
+
+def test_silent_device_at_open_is_a_timeout_naming_channel_and_port() -> None:
+    with ScientificaSimulator() as sim:
+        sim.faults.silent = True
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeout, match="no answer to the identity check") as info:
+            ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.2)
+        assert time.monotonic() - t0 < BOUND_S
+        assert "'C'" in str(info.value) and sim.port in str(info.value)
+
+
+def test_close_with_a_silent_device_returns() -> None:
+    with ScientificaSimulator() as sim:
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.2)
+        m.move_to([100.0, 0.0, 0.0], 200.0)
+        sim.faults.silent = True
+        t0 = time.monotonic()
+        m.close()
+        assert time.monotonic() - t0 < BOUND_S
+        with pytest.raises(DeviceError, match="closed"):
+            m.move_to([0.0, 0.0, 0.0], 200.0)
+
+
+# -- E replies and missed targets ----------------------------------------------------------------------
+def test_refused_move_fails_with_the_device_error_and_nothing_moves() -> None:
+    with rig() as (sim, m):
+        sim.faults.error_commands = {"ABS"}
+        handle = m.move_to([50.0, 0.0, 0.0], 400.0)
+        with pytest.raises(ErrorReply, match="refused 'ABS 500 0 0' with 'E,3'") as info:
+            handle.wait(BOUND_S)
+        assert info.value.errno == 3 and "'C'" in str(info.value)
+        assert np.allclose(sim.physical_position_um(), 0.0)
+        sim.faults.error_commands = set()
+        assert m.move_to([50.0, 0.0, 0.0], 400.0).wait(BOUND_S).state is MoveState.DONE
+
+
+def test_missed_targets_are_retried() -> None:
+    with rig() as (sim, m):
+        sim.faults.miss_next_moves = 2
+        handle = m.move_to([100.0, 0.0, 0.0], 800.0).wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+        assert np.allclose(handle.position_um, [100.0, 0.0, 0.0], atol=0.5)
+        assert list(sim.commands_received).count("ABS 1000 0 0") == 3
+
+
+def test_a_target_missed_every_time_fails_after_limited_retries() -> None:
+    with rig(max_retries=2) as (sim, m):
+        sim.faults.miss_next_moves = 100
+        handle = m.move_to([100.0, 0.0, 0.0], 800.0)
+        with pytest.raises(DeviceError, match="from the target after 2 retries"):
+            handle.wait(BOUND_S)
+        assert list(sim.commands_received).count("ABS 1000 0 0") == 3
+        sim.faults.miss_next_moves = 0
+
+
+def test_early_idle_status_is_rechecked_not_taken_as_arrival() -> None:
+    with rig(acceleration_um_s2=2000.0) as (sim, m):
+        sim.faults.idle_early_s = 0.25
+        handle = m.move_to([60.0, 0.0, 0.0], 300.0).wait(BOUND_S)
+        assert handle.state is MoveState.DONE
+        assert np.allclose(sim.physical_position_um(), [60.0, 0.0, 0.0], atol=0.5)
+        assert np.allclose(handle.position_um, [60.0, 0.0, 0.0], atol=0.5)
+
+
+# -- ports and baud rates --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("device_baud", "driver_baud"), [(38400, 9600), (9600, 38400)])
+def test_wrong_baud_is_a_clear_error_saying_the_right_rate(device_baud: int, driver_baud: int) -> None:
+    with ScientificaSimulator(version=2, baud=device_baud) as sim:
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError) as info:
+            ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, baud=driver_baud, timeout_s=0.2)
+        assert time.monotonic() - t0 < BOUND_S
+        text = str(info.value)
+        assert f"answers at {device_baud} baud, not the configured {driver_baud}" in text
+        assert "'C'" in text and sim.port in text
+        assert not sim.is_moving()
+
+
+def test_absent_port_is_a_clear_error(tmp_path: object) -> None:
+    missing = "/dev/pts/patchrig-no-such-port"
+    with pytest.raises(DeviceError, match="does not exist") as info:
+        ScientificaManipulator("C", LIMITS, 1000.0, port=missing)
+    assert missing in str(info.value) and "'C'" in str(info.value)
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with ScientificaSimulator() as sim:
+        holder = serial.Serial(sim.port, 9600, exclusive=True)  # LinLab holding the port
+        try:
+            with pytest.raises(DeviceError, match="in use") as info:
+                ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port)
+            assert sim.port in str(info.value) and "'C'" in str(info.value)
+        finally:
+            holder.close()
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port)
+        try:
+            with pytest.raises(DeviceError, match="in use"):
+                ScientificaManipulator("D", LIMITS, 1000.0, port=sim.port)
+        finally:
+            m.close()
+
+
+def test_version_mismatch_is_refused() -> None:
+    with ScientificaSimulator(version=3, baud=9600) as sim:
+        with pytest.raises(DeviceError, match="reports version 3 .* expects version 2") as info:
+            ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, expected_version=2)
+        assert "'C'" in str(info.value)
+
+
+def test_not_a_scientifica_device_is_refused() -> None:
+    with ScientificaSimulator() as sim:
+        sim.faults.error_commands = {"SCIENTIFICA"}
+        with pytest.raises(DeviceError, match="not a Scientifica"):
+            ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.2)
+
+
+# -- speed policy ---------------------------------------------------------------------------------------
+def test_speed_above_the_controller_maximum_is_rejected_before_anything_is_sent() -> None:
+    with rig() as (sim, m):  # v2, |UU| 6.4: at most 3906 µm/s; the channel allows 2000
+        m.max_speed_um_s = 5000.0
+        before = len(sim.commands_received)
+        previous = m.current_move
+        with pytest.raises(InvalidParams, match="above what this controller can do"):
+            m.move_to([10.0, 0.0, 0.0], 4000.0)
+        assert m.current_move is previous
+        time.sleep(0.1)
+        assert not any(c.startswith(("TOP ", "ABS")) for c in list(sim.commands_received)[before:])
+
+
+def test_slow_move_below_the_controller_minimum_is_stepwise_at_the_requested_mean_speed() -> None:
+    with rig() as (sim, m):  # v2 minimum: 78 µm/s
+        t0 = time.monotonic()
+        handle = m.move_to([10.0, 0.0, 0.0], 20.0).wait(BOUND_S)
+        elapsed_s = time.monotonic() - t0
+        assert handle.state is MoveState.DONE
+        assert elapsed_s >= 10.0 / 20.0 - 0.05  # never faster than asked, on average
+        steps = [c for c in sim.commands_received if c.startswith("ABS")]
+        assert len(steps) >= 3
+        assert all(c.startswith("TOP 1000") for c in sim.commands_received if c.startswith("TOP ") and c != "TOP 30000")
+
+
+def test_acceleration_is_sent_in_device_units() -> None:
+    with rig(acceleration_um_s2=10000.0) as (sim, m):
+        assert "ACC 256" in sim.commands_received
+        assert m.describe()["acceleration_um_s2"] == pytest.approx(10000.0)
+        m.set_acceleration_um_s2(5000.0)
+        assert "ACC 128" in sim.commands_received
+        with pytest.raises(InvalidParams):
+            m.set_acceleration_um_s2(-1.0)
+
+
+def test_reversed_axis_reads_back_in_user_units() -> None:
+    with ScientificaSimulator(version=2) as sim:
+        sim.set_uu((-6.4, 6.4, 6.4))
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port)
+        try:
+            assert m.describe()["reversed_axes"] == [0]
+            m.move_to([100.0, 0.0, 0.0], 800.0).wait(BOUND_S)
+            assert np.allclose(m.position_um, [100.0, 0.0, 0.0], atol=0.5)
+            assert sim.physical_position_um()[0] == pytest.approx(-100.0)
+        finally:
+            m.close()
+
+
+def test_stop_when_silent_interrupts_the_handle_and_reports() -> None:
+    with rig() as (sim, m):
+        handle = m.move_to([100.0, 0.0, 0.0], 100.0)
+        time.sleep(0.1)
+        sim.faults.silent = True
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError, match="'STOP'"):
+            m.stop()
+        assert time.monotonic() - t0 < BOUND_S
+        assert handle.state is MoveState.INTERRUPTED
+        with pytest.raises(Stopped):
+            handle.wait(0.1)
+        sim.faults.silent = False
+
+
+def wait_for(predicate: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return bool(predicate())  # type: ignore[operator]
+
+
+def _position_or_none(m: ScientificaManipulator) -> np.ndarray | None:
+    try:
+        return m.position_um
+    except DeviceError:
+        return None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.vgg import VGG, cfgs, make_layers
+from torchvision.models.vgg import cfgs, make_layers
 from torchvision.models.vision_transformer import VisionTransformer
 
 from localisation.models.resnet_coords import one_channel_stem, sigmoid_to_pixels
@@ -73,27 +73,36 @@ class CoordinateRegressor(nn.Module):
         )
 
 
-def _vgg16(width: float) -> tuple[nn.Module, int]:
-    cfg = [v if v == "M" else max(8, round(int(v) * width)) for v in cfgs["D"]]
-    features = make_layers(cfg, batch_norm=False)
-    features[0] = nn.Conv2d(1, int(cfg[0]), kernel_size=3, padding=1)
-    net = VGG(features, num_classes=1, init_weights=True)
-    last = int(cfg[-2])
-    hidden = max(64, round(4096 * width))
-    # torchvision's classifier without its last Linear (keys classifier.0/.3 stay loadable)
-    net.classifier = nn.Sequential(
-        nn.Linear(last * 7 * 7, hidden),
-        nn.ReLU(True),
-        nn.Dropout(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(True),
-        nn.Dropout(),
-    )
-    for m in net.classifier:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-    return net, hidden
+class VGGBackbone(nn.Module):
+    """torchvision's VGG without its last Linear (same state-dict keys: ``features.*``,
+    ``classifier.0``, ``classifier.3``), built directly so that a narrow VGG never allocates
+    the full-size classifier. (B, 1, S, S) -> (B, hidden)."""
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        cfg = [v if v == "M" else max(8, round(int(v) * width)) for v in cfgs["D"]]
+        self.features = make_layers(cfg, batch_norm=False)
+        self.features[0] = nn.Conv2d(1, int(cfg[0]), kernel_size=3, padding=1)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.hidden = max(64, round(4096 * width))
+        self.classifier = nn.Sequential(
+            nn.Linear(int(cfg[-2]) * 7 * 7, self.hidden),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(True),
+            nn.Dropout(),
+        )
+        for m in self.modules():  # torchvision's VGG initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def build_baseline(
@@ -115,9 +124,9 @@ def build_baseline(
     ViT-B/16).
     """
     if name == "vgg16":
-        backbone, features = _vgg16(width)
+        vgg = VGGBackbone(width)
         model = CoordinateRegressor(
-            backbone, features, n_max=n_max, image_size=image_size,
+            vgg, vgg.hidden, n_max=n_max, image_size=image_size,
             first_conv="features.0.weight", drop_prefixes=("classifier.6",),
         )
     elif name in ("resnet18", "resnet50"):

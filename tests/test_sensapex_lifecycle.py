@@ -1,0 +1,94 @@
+"""The shared SDK handle: opened by the first channel, closed (poller joined, UMP._single reset)
+by the last, and reopenable in the same process. No module-scoped SDK here on purpose: the
+autouse leak fixture checks that closing the last channel leaves no thread or socket behind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from sensapex import UMP
+
+from manipulators.base import Limits
+from manipulators.sensapex import SensapexManipulator, SensapexSdk
+from rig.errors import Busy, DeviceError
+from simulators.sensapex_device import SensapexSimulator
+
+GROUP = 5
+LIMITS = Limits((0.0,) * 3, (20000.0,) * 3)
+
+
+@pytest.fixture
+def sim() -> Iterator[SensapexSimulator]:
+    with SensapexSimulator(devices={1: "a", 2: "b"}, n_axes={1: 3, 2: 3}, group=GROUP) as s:
+        yield s
+
+
+def sdk_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("sensapex-sdk") or "move-watch" in t.name]
+
+
+def open_channel(name: str, dev: int) -> SensapexManipulator:
+    return SensapexManipulator(name, LIMITS, 1000.0, device_id=dev, address="127.0.0.1", group=GROUP)
+
+
+def test_last_close_stops_and_joins_the_sdk_threads(sim: SensapexSimulator) -> None:
+    a = open_channel("a", 1)
+    b = open_channel("b", 2)
+    assert SensapexSdk.is_open() and UMP._single is not None
+    assert len(sdk_threads()) == 2  # the SDK's poller and our move watcher
+    a.move_to(a.position_um + np.array([10.0, 0, 0]), 500.0).wait(5)
+    a.close()
+    assert SensapexSdk.is_open(), "b still uses the SDK"
+    assert b.position_um.shape == (3,)
+    b.close()
+    b.close()  # idempotent
+    assert not SensapexSdk.is_open()
+    assert UMP._single is None
+    assert sdk_threads() == []
+
+
+def test_sdk_reopens_in_the_same_process(sim: SensapexSimulator) -> None:
+    for cycle in range(3):
+        m = open_channel("a", 1)
+        target = m.position_um + np.array([5.0 * (cycle + 1), 0, 0])
+        m.move_to(target, 500.0).wait(5)
+        assert np.allclose(sim.position_um(1), target, atol=0.01)
+        m.close()
+        assert UMP._single is None
+
+
+def test_failed_open_releases_the_sdk(sim: SensapexSimulator) -> None:
+    with pytest.raises(Exception, match="'ghost'"):
+        open_channel("ghost", 9)
+    assert not SensapexSdk.is_open() and UMP._single is None
+
+
+def test_sdk_opened_by_other_code_is_refused(sim: SensapexSimulator) -> None:
+    other = UMP.get_ump(address=b"127.0.0.1", group=GROUP, start_poller=False, handle_atexit=False)
+    try:
+        with pytest.raises(DeviceError, match="already open in this process by other code"):
+            open_channel("a", 1)
+    finally:
+        other.close()
+        UMP._single = None
+
+
+def test_invalid_group_is_a_clear_error() -> None:
+    with pytest.raises(DeviceError, match="cannot open the Sensapex SDK on 127.0.0.1 group 77"):
+        SensapexManipulator("a", LIMITS, 1000.0, device_id=1, address="127.0.0.1", group=77)
+    assert UMP._single is None
+
+
+def test_channels_share_one_sdk_and_refuse_a_second_group(sim: SensapexSimulator) -> None:
+    a = open_channel("a", 1)
+    try:
+        with pytest.raises(Busy, match="one address/group per process"):
+            SensapexManipulator("x", LIMITS, 1000.0, device_id=1, address="127.0.0.1", group=GROUP + 3)
+        b = open_channel("b", 2)
+        assert a._sdk is b._sdk
+        b.close()
+    finally:
+        a.close()

@@ -46,8 +46,10 @@ class Daemon:
 
     ``manipulators``: channel name -> Manipulator (the daemon closes them when ``owns_devices``).
     ``frames``: a FrameSource (or None: ``locate``/closed-loop methods answer ``no_frame``).
-    ``localiser``: anything with ``locate(pixels, um_per_px)``. ``calibration``: the
-    ``calibration.service.CalibrationService`` (or None: closed-loop methods answer
+    ``localiser``: anything with ``locate(pixels, um_per_px)``. ``calibration``: ``"auto"``
+    (default) builds a ``calibration.service.CalibrationService`` on the frames and the
+    localiser worker's shared model (store in ``calibration_dir``, default the config's), when
+    both exist; or pass a service object; or None (closed-loop methods answer
     ``not_calibrated``). Endpoints default to the config's; ``tcp://127.0.0.1:0`` picks a port.
     """
 
@@ -58,7 +60,8 @@ class Daemon:
         *,
         frames: Any = None,
         localiser: Any = None,
-        calibration: Any = None,
+        calibration: Any = "auto",
+        calibration_dir: Path | None = None,
         command_endpoint: str | None = None,
         telemetry_endpoint: str | None = None,
         curve_dir: Path | None = None,
@@ -71,7 +74,6 @@ class Daemon:
         self.manipulators = dict(manipulators)
         self.frames = frames
         self.localiser = localiser
-        self.calibration = calibration
         self.owns_devices = owns_devices
         self.log = get_logger("patchrig.daemon")
         self.started_s = time.monotonic()
@@ -114,7 +116,7 @@ class Daemon:
             self.controllers = {
                 name: ChannelController(name, m, publish=publish) for name, m in self.manipulators.items()
             }
-            self.closed_loop = ClosedLoop(self, calibration)
+            self.closed_loop = ClosedLoop(self, None)
             self.poller = PositionPoller(self.controllers, publish=publish, rate_hz=position_rate_hz)
             self.localiser_worker: LocaliserWorker | None = None
             if frames is not None and localiser is not None:
@@ -122,10 +124,27 @@ class Daemon:
                     frames,
                     localiser,
                     min_score=cfg.localiser.min_score,
-                    on_detections=self.closed_loop.on_detections if calibration is not None else None,
+                    on_detections=self.closed_loop.on_detections,
                     publish=publish,
                     device=localiser_device,
                 )
+            if isinstance(calibration, str) and calibration == "auto":
+                calibration = None
+                if self.localiser_worker is not None:
+                    from calibration.service import CalibrationService
+
+                    calibration = CalibrationService(
+                        cfg.rig,
+                        cfg.calibration,
+                        self.manipulators,
+                        frames,
+                        self.localiser_worker.shared_localiser(),
+                        store_dir=calibration_dir,
+                        focal_z_um=cfg.frames.focal_z_um,
+                        stale_after_s=cfg.frames.stale_after_s,
+                    )
+            self.calibration = calibration
+            self.closed_loop.service = calibration
             self.lease = Lease(cfg.server.lease_s)
             self.watchdog = Watchdog(
                 self.controllers,
@@ -226,6 +245,10 @@ class Daemon:
                 self.localiser_worker.close()
             self.poller.close()
             self.queries.shutdown(wait=True, cancel_futures=True)
+            try:
+                self.closed_loop.close()
+            except Exception as exc:
+                self.log.warning("calibration not persisted", error=str(exc))
             self.state = "stopped"
             final = self.status()
             final["stop_errors"] = errors
@@ -442,8 +465,11 @@ class Daemon:
         manipulator = ctl.manipulator
 
         def body(op: Operation) -> dict[str, Any]:
-            distance = float(((target - ctl.last_position_um) ** 2).sum() ** 0.5) if ctl.last_position_um is not None else 0.0
-            timeout = max(distance / speed * 2.0, 1.0) + MOVE_TIMEOUT_MARGIN_S
+            start = ctl.last_position_um
+            if start is None or start.shape != target.shape:
+                start = manipulator.position_um
+            distance = float(((target - start) ** 2).sum() ** 0.5)
+            timeout = 2.0 * distance / speed + MOVE_TIMEOUT_MARGIN_S  # only catches a hang
             handle = manipulator.move_to(target, speed)
             op.progress(setpoint_um=target.tolist(), speed_um_s=speed)
             op.wait_move(handle, timeout)

@@ -396,6 +396,8 @@ class ReplayFrameSource(FrameSource):
             try:
                 self._tiff = tifffile.TiffFile(self.path)
                 self.n_frames = len(self._tiff.pages)
+                if self.n_frames == 0:
+                    raise DataError("no readable pages")
             except Exception as exc:
                 if self._tiff is not None:
                     self._tiff.close()

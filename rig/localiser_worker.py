@@ -58,7 +58,12 @@ class LocalisedFrame:
 
 
 class LocaliserWorker:
-    """Runs ``localiser.locate`` on the newest frame of ``frames`` (a FrameSource)."""
+    """Runs ``localiser.locate`` on the newest frame of ``frames`` (a FrameSource).
+
+    ``lock``: held around every model call; other users of the same model (the calibration
+    service) take it too, or better use ``shared_localiser()``, which reuses this worker's
+    result when they ask about a frame it has already localised (no second model run).
+    """
 
     def __init__(
         self,
@@ -69,9 +74,13 @@ class LocaliserWorker:
         on_detections: OnDetections | None = None,
         publish: Callable[[str, dict[str, Any]], Any] | None = None,
         device: str = "cpu",
+        lock: threading.Lock | None = None,
     ) -> None:
         self._frames = frames
         self._localiser = localiser
+        self.lock = lock or threading.Lock()
+        self._recent: list[tuple[Any, list[TipDetection]]] = []  # (pixels array, raw detections)
+        self._in_progress: Any = None
         self.min_score = float(min_score)
         self._on_detections = on_detections
         self._publish = publish
@@ -125,11 +134,46 @@ class LocaliserWorker:
                     return None
                 self._cond.wait(remaining)
 
+    def shared_localiser(self) -> SharedLocaliser:
+        """A localiser for other threads that shares this worker's model and results."""
+        return SharedLocaliser(self)
+
+    def _cached(self, pixels: Any) -> list[TipDetection] | None:
+        with self._cond:
+            for array, detections in self._recent:
+                if array is pixels:
+                    return list(detections)
+        return None
+
+    def locate_shared(self, pixels: Any, um_per_px: float) -> list[TipDetection]:
+        """Raw detections of ``pixels``: this worker's result if it localised (or is localising)
+        the very same array, else a model run under the lock."""
+        deadline = time.monotonic() + 5.0
+        with self._cond:
+            while self._in_progress is pixels and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+        cached = self._cached(pixels)
+        if cached is not None:
+            return cached
+        with self.lock:
+            return list(self._localiser.locate(pixels, um_per_px))
+
     def process(self, frame: Frame) -> LocalisedFrame:
         """Localise one frame, assign, publish and store it (the loop calls this)."""
-        t0 = time.perf_counter()
-        raw = self._localiser.locate(frame.pixels, frame.um_per_px)
-        localise_ms = (time.perf_counter() - t0) * 1e3
+        with self._cond:
+            self._in_progress = frame.pixels
+        raw: list[TipDetection] | None = None
+        try:
+            t0 = time.perf_counter()
+            with self.lock:
+                raw = list(self._localiser.locate(frame.pixels, frame.um_per_px))
+            localise_ms = (time.perf_counter() - t0) * 1e3
+        finally:
+            with self._cond:
+                self._in_progress = None
+                if raw is not None:
+                    self._recent = [*self._recent[-3:], (frame.pixels, raw)]
+                self._cond.notify_all()
         detections = [d for d in raw if d.score >= self.min_score]
         extra: dict[str, Any] = {}
         assigned: dict[str, int] = {}
@@ -179,3 +223,13 @@ class LocaliserWorker:
             except Exception as exc:
                 self.stats["errors"] += 1
                 self.log.warning("localisation failed", frame_id=frame.frame_id, error=str(exc))
+
+
+class SharedLocaliser:
+    """``Localiser`` facade over a ``LocaliserWorker`` (see ``LocaliserWorker.shared_localiser``)."""
+
+    def __init__(self, worker: LocaliserWorker) -> None:
+        self._worker = worker
+
+    def locate(self, pixels: Any, um_per_px: float) -> list[TipDetection]:
+        return self._worker.locate_shared(pixels, um_per_px)

@@ -76,6 +76,7 @@ class RigUnderTest:
     manipulators: dict[str, Manipulator]
     daemon: Daemon
     clients: list[Any] = field(default_factory=list)
+    microscope: Any = None
 
     def client(self, **kwargs: Any) -> PatchrigClient:
         kwargs.setdefault("timeout_s", 5.0)
@@ -101,20 +102,35 @@ def running_daemon(
     server: dict[str, Any] | None = None,
     daemon_kwargs: dict[str, Any] | None = None,
     manipulators: Callable[[RigConfig, SimWorld], dict[str, Manipulator]] | None = None,
+    calibration_dir: Any = None,
+    frame_rate_hz: float = 20.0,
     **cfg_sections: Any,
 ) -> Iterator[RigUnderTest]:
+    """A running daemon. With ``calibration_dir``: also a simulated microscope at
+    ``frame_rate_hz``, its frame source, the oracle localiser (true tips + 0.3 px noise) and the
+    calibration service storing into ``calibration_dir``."""
     names = names or ["A", "B"]
     cfg = make_config(names, server=server, **cfg_sections)
     world = make_world(names)
     devices = (manipulators or make_manipulators)(cfg, world)
+    kwargs = dict(daemon_kwargs or {})
+    microscope = oracle = None
+    if calibration_dir is not None:
+        from rig.frame_sources import SimulatedFrameSource
+        from rig.sim_oracle import OracleLocaliser
+        from simulators.microscope import SimMicroscope
+
+        microscope = SimMicroscope(world, rate_hz=frame_rate_hz, seed=1)
+        oracle = OracleLocaliser(microscope, noise_px=0.3, seed=2)
+        kwargs.update(frames=SimulatedFrameSource(microscope), localiser=oracle, calibration_dir=calibration_dir)
     daemon = Daemon(
         cfg,
         devices,
         command_endpoint="tcp://127.0.0.1:0",
         telemetry_endpoint="tcp://127.0.0.1:0",
-        **(daemon_kwargs or {}),
+        **kwargs,
     )
-    rig = RigUnderTest(cfg, world, devices, daemon)
+    rig = RigUnderTest(cfg, world, devices, daemon, microscope=microscope)
     try:
         daemon.start()
         yield rig
@@ -122,6 +138,8 @@ def running_daemon(
         for c in rig.clients:
             c.close()
         daemon.close()
+        if microscope is not None:
+            microscope.close()
 
 
 def raw_request(endpoint: str, frames: list[bytes] | bytes, *, timeout_s: float = 3.0,

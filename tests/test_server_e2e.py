@@ -245,3 +245,76 @@ def test_positions_never_change_without_a_command(rig) -> None:
     after = rig.positions()
     for k in before:
         assert np.allclose(before[k], after[k])
+
+
+# -- closed loop: simulated microscope, oracle localiser, calibration service -------------------
+
+
+@pytest.fixture
+def loop_rig(tmp_path):
+    with running_daemon(["A", "B"], calibration_dir=tmp_path / "cal", server={"heartbeat_hz": 10.0}) as r:
+        assert wait_until(lambda: r.daemon.localiser_worker.latest is not None, 5.0)
+        yield r
+
+
+def true_error_um(rig, channel: str, target_px) -> float:
+    return float(np.linalg.norm(rig.world.true_tip_px(channel) - np.asarray(target_px)) * rig.world.um_per_px)
+
+
+def test_calibrate_move_tip_locate_set_tip(loop_rig) -> None:
+    rig = loop_rig
+    c = rig.client(op_timeout_s=60)
+    assert rpc_code(c.move_tip, "A", target_px=[200.0, 200.0]) == "not_calibrated"
+    cal = c.calibrate("A")
+    assert cal["moves"] <= 20 and cal["residual_um"] < 1.0
+    assert c.status()["channels"]["A"]["calibrated"] is True
+    assert c.get_calibration("A")["calibrated"] is True
+    assert rpc_code(c.get_calibration, "B") == "not_calibrated"
+    target = (rig.world.true_tip_px("A") + np.array([25.0, -15.0])).tolist()
+    result = c.move_tip("A", target_px=target, tolerance_um=1.5)
+    assert result["error_um"] <= 1.5 and result["iterations"] >= 1
+    assert true_error_um(rig, "A", target) < 2.0
+    assert wait_until(lambda: any(t["channel"] == "A" for t in c.locate()["tips"]), 3.0)
+    tips = c.locate()["tips"]
+    own = [t for t in tips if t["channel"] == "A"][0]
+    assert np.hypot(own["x_px"] - target[0], own["y_px"] - target[1]) * rig.world.um_per_px < 2.5
+    st = c.set_tip("A")
+    assert st["channel"] == "A" and st["source"] == "detection"
+    assert rig.positions()["B"] == pytest.approx([START_UM] * 3)  # B never moved
+
+
+def test_move_tip_outside_the_limits_moves_nothing(loop_rig) -> None:
+    rig = loop_rig
+    c = rig.client(op_timeout_s=60)
+    c.calibrate("B")
+    before = rig.positions()
+    assert rpc_code(c.move_tip, "B", target_um=[1e6, 0.0]) == "out_of_bounds"
+    time.sleep(0.1)
+    assert rig.positions()["B"] == pytest.approx(before["B"])
+
+
+def test_calibrate_without_wait_reports_progress_and_stop_ends_it(loop_rig) -> None:
+    rig = loop_rig
+    sub = rig.subscriber(("op",))
+    c = rig.client()
+    op = c.calibrate("A", wait=False)["op"]
+    progress = sub.wait_for(lambda t, m: m.get("op") == op and m.get("state") == "progress", 5.0)
+    assert progress is not None
+    c.stop("A")
+    final = sub.wait_op(op, 3.0)
+    assert final is not None and final["state"] == "stopped" and final["error"]["code"] == "stopped"
+    assert c.status()["channels"]["A"]["calibrated"] is False
+
+
+def test_tips_topic_carries_every_localised_frame(loop_rig) -> None:
+    sub = loop_rig.subscriber(("tips",))
+    msgs = []
+    deadline = time.monotonic() + 2.0
+    while len(msgs) < 10 and time.monotonic() < deadline:
+        item = sub.recv(0.5)
+        if item:
+            msgs.append(item[1])
+    assert len(msgs) >= 10
+    ids = [m["frame_id"] for m in msgs]
+    assert ids == sorted(ids)
+    assert all(len(m["tips"]) == 2 and m["latency_ms"] >= 0 for m in msgs)

@@ -1,0 +1,49 @@
+"""An oracle localiser for the simulated rig: the true tips of each rendered frame, plus noise.
+
+It answers ``locate(pixels, um_per_px)`` for frames of one ``SimMicroscope`` by looking up the
+truth recorded when that very pixel array was rendered (visible tips only, as the renderer
+labels them), adds Gaussian noise of ``noise_px`` and gives every tip ``score``. Frames it did
+not see rendered get no detections. It is for tests, development (``patchrig sim --localiser
+oracle``) and for separating control error from localisation error; it is never used on a
+real rig (it needs the simulator's truth).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from localisation.types import TipDetection
+
+
+class OracleLocaliser:
+    """Truth-reading localiser of ``microscope`` frames (see the module docstring)."""
+
+    def __init__(self, microscope: Any, *, noise_px: float = 0.3, score: float = 0.95, seed: int = 0, keep: int = 16) -> None:
+        self._microscope = microscope
+        self.noise_px = float(noise_px)
+        self.score = float(score)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._recent: list[tuple[Any, list[tuple[float, float]]]] = []
+        self._unsubscribe = microscope.subscribe(self._on_frame)
+
+    def _on_frame(self, frame: Any) -> None:
+        truth = dict(self._microscope.last_truth)  # the render thread calls us right after rendering
+        tips = [(float(t.x_px), float(t.y_px)) for t in truth.values() if t.visible]
+        with self._lock:
+            self._recent = [*self._recent[-(self._keep - 1):], (frame.pixels, tips)]
+
+    def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
+        with self._lock:
+            tips = next((t for p, t in reversed(self._recent) if p is pixels), None)
+            if tips is None:
+                return []
+            noise = self._rng.normal(0.0, self.noise_px, size=(len(tips), 2))
+        return [TipDetection(x + dx, y + dy, self.score) for (x, y), (dx, dy) in zip(tips, noise, strict=True)]
+
+    def close(self) -> None:
+        self._unsubscribe()

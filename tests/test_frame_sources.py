@@ -1,0 +1,246 @@
+"""The daemon's frame sources on real ZeroMQ sockets and real files: newest frame only, drop
+counting, corrupt frames rejected and counted while the source keeps going, TIFF stack and
+folder replay, the simulated source, and the factory."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from config.models import FramesConfig
+from rig.errors import ConfigError
+from rig.frame_sender import FrameSender, encode_frame
+from rig.frame_sources import (
+    FrameRejected,
+    ReplayFrameSource,
+    SimulatedFrameSource,
+    ZmqFrameSource,
+    build_frame_source,
+    decode_frame,
+)
+from simulators.microscope import SimMicroscope
+from simulators.world import SimWorld
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def image(value: int, shape: tuple[int, int] = (32, 48), dtype: type = np.uint16) -> np.ndarray:
+    return np.full(shape, value, dtype)
+
+
+def connected(sender: FrameSender, source: ZmqFrameSource) -> int:
+    """Send probe frames until the SUB is connected (ZeroMQ's slow joiner); returns the next
+    free frame_id. Probes use ids 0.. and are consumed."""
+    fid = 0
+    while True:
+        sender.send(image(fid), um_per_px=0.5, frame_id=fid)
+        got = source.wait_for_frame(None if fid == 0 else -1, 0.1)
+        fid += 1
+        if got is not None:
+            return fid
+        assert fid < 100, "subscriber never connected"
+
+
+def test_decode_roundtrip_and_header_checks() -> None:
+    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    parts = encode_frame(pixels, frame_id=7, um_per_px=0.62, z_um=-3.0, t=12.5)
+    frame = decode_frame(parts)
+    assert frame.frame_id == 7 and frame.t_s == 12.5 and frame.z_um == -3.0
+    assert np.array_equal(frame.pixels, pixels) and not frame.pixels.flags.writeable
+    header = json.loads(parts[1])
+    bad_headers = {
+        "schema": ("schema", "other/1"),
+        "frame_id": ("frame_id", -1),
+        "shape": ("shape", [3]),
+        "dtype": ("dtype", "float32"),
+        "um_per_px": ("um_per_px", 0),
+        "order": ("order", "F"),
+        "z_um": ("z_um", "high"),
+    }
+    for message, (key, value) in bad_headers.items():
+        with pytest.raises(FrameRejected, match=message):
+            decode_frame([b"frame", json.dumps({**header, key: value}).encode(), parts[2]])
+    with pytest.raises(FrameRejected, match="lacks t"):
+        decode_frame([b"frame", json.dumps({k: v for k, v in header.items() if k != "t"}).encode(), parts[2]])
+    with pytest.raises(FrameRejected, match="bytes"):
+        decode_frame([b"frame", parts[1], parts[2][:-2]])
+
+
+def test_zmq_keeps_only_the_newest_frame_and_counts_drops() -> None:
+    with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
+        first = connected(sender, source)
+        base = source.stats
+        n = 12
+        for i in range(n):
+            sender.send(image(i), um_per_px=0.5, frame_id=first + i)
+        last_id = first + n - 1
+        # watch the counters only: latest() would take frames and so change what counts as dropped
+        assert wait_until(lambda: source.stats["dropped"] - base["dropped"] >= n - 1)
+        time.sleep(0.1)
+        frame = source.latest()
+        assert frame is not None and frame.frame_id == last_id
+        assert frame is not None and frame.pixels[0, 0] == n - 1
+        stats = source.stats
+        # every frame but the newest was either skipped while draining or superseded before
+        # anyone took it: all of them are counted as dropped, none is lost silently
+        assert stats["dropped"] - base["dropped"] == n - 1
+        assert 1 <= stats["received"] - base["received"] <= n
+        assert stats["rejected"] == 0
+
+
+def test_zmq_counts_gaps_in_the_senders_frame_ids() -> None:
+    with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
+        fid = connected(sender, source)
+        base = source.stats["dropped"]
+        seen = fid - 1
+        for new_id in (fid, fid + 1, fid + 5):  # ids fid+2..fid+4 never arrive
+            sender.send(image(1), um_per_px=0.5, frame_id=new_id)
+            got = source.wait_for_frame(seen, 5.0)
+            assert got is not None and got.frame_id == new_id
+            seen = new_id
+        assert source.stats["dropped"] - base == 3
+
+
+def test_zmq_rejects_corrupt_frames_counts_them_and_keeps_going() -> None:
+    with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
+        fid = connected(sender, source)  # fixes the stream's geometry: 32x48 uint16
+        good = encode_frame(image(5), frame_id=fid, um_per_px=0.5)
+        header = json.loads(good[1])
+        corrupt = [
+            [b"frame", good[1]],  # two parts
+            [b"frame", b"{not json", good[2]],  # bad header JSON
+            [b"frame", json.dumps({k: v for k, v in header.items() if k != "shape"}).encode(), good[2]],
+            [b"frame", good[1], good[2][:100]],  # truncated bytes
+            [b"frame", json.dumps({**header, "dtype": "uint32"}).encode(), good[2]],  # bad dtype
+            encode_frame(image(5, (32, 40)), frame_id=fid, um_per_px=0.5),  # wrong size
+            encode_frame(image(5, dtype=np.uint8), frame_id=fid, um_per_px=0.5),  # wrong dtype
+            [b"frame", b"\xff\xfe", good[2]],  # not UTF-8
+        ]
+        for parts in corrupt:
+            sender.send_parts(parts)
+            time.sleep(0.005)
+        assert wait_until(lambda: source.stats["rejected"] == len(corrupt))
+        sender.send(image(77), um_per_px=0.5, frame_id=fid + 1)
+        frame = source.wait_for_frame(fid, 5.0)
+        assert frame is not None and frame.pixels[0, 0] == 77 and frame.shape == (32, 48)
+        assert source.stats["rejected"] == len(corrupt)
+
+
+def test_zmq_source_close_wakes_waiters_and_bad_endpoint_is_a_clear_error() -> None:
+    source = ZmqFrameSource("tcp://127.0.0.1:1")
+    source.start()
+    t0 = time.monotonic()
+    assert source.wait_for_frame(None, 0.2) is None
+    assert time.monotonic() - t0 < 5.0
+    source.close()
+    assert source.wait_for_frame(None, 5.0) is None  # closed: returns at once
+    with pytest.raises(ConfigError, match="cannot subscribe"):
+        ZmqFrameSource("nonsense://x").start()
+
+
+def collect(source: ReplayFrameSource, timeout_s: float = 10.0) -> list:
+    frames = []
+    last = None
+    deadline = time.monotonic() + timeout_s
+    while not source.finished.is_set() and time.monotonic() < deadline:
+        f = source.wait_for_frame(last, 0.05)
+        if f is not None:
+            frames.append(f)
+            last = f.frame_id
+    f = source.wait_for_frame(last, 0.05)
+    if f is not None:
+        frames.append(f)
+    return frames
+
+
+def test_replay_of_a_tiff_stack(tmp_path: Path) -> None:
+    stack = np.stack([image(100 * i, (24, 30)) for i in range(6)])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    with ReplayFrameSource(path, rate_hz=100.0, um_per_px=0.8, z_um=-50.0, loop=False) as source:
+        frames = collect(source)
+    assert source.n_frames == 6
+    assert frames and frames[-1].frame_id == 5 and frames[-1].pixels[0, 0] == 500
+    for f in frames:
+        assert f.pixels[0, 0] == 100 * f.frame_id and f.um_per_px == 0.8 and f.z_um == -50.0
+    assert source.stats["received"] == 6 and source.stats["rejected"] == 0
+
+
+def test_replay_of_a_folder_rejects_bad_images_and_goes_on(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "00.png"), image(10, dtype=np.uint8))
+    (tmp_path / "01.png").write_bytes(b"not a png")
+    colour = np.zeros((32, 48, 3), np.uint8)
+    colour[..., 1] = 100  # green
+    cv2.imwrite(str(tmp_path / "02.png"), colour)
+    cv2.imwrite(str(tmp_path / "03.png"), image(1000))  # 16-bit: does not match the stream
+    cv2.imwrite(str(tmp_path / "04.png"), image(40, (20, 20), np.uint8))  # wrong size
+    cv2.imwrite(str(tmp_path / "05.png"), image(50, dtype=np.uint8))
+    (tmp_path / "notes.txt").write_text("ignored")
+    with ReplayFrameSource(tmp_path, rate_hz=100.0, um_per_px=0.5, loop=False) as source:
+        frames = collect(source)
+    assert source.n_frames == 6
+    assert source.stats == {"received": 3, "dropped": source.stats["dropped"], "rejected": 3}
+    values = {f.frame_id: int(f.pixels[0, 0]) for f in frames}
+    assert values.get(5) == 50
+    assert values.get(2, 59) in range(55, 62)  # green 100 -> grey 0.587 * 100
+
+
+def test_replay_loops_and_rejects_bad_paths(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "s.tif", np.stack([image(i) for i in range(2)]))
+    with ReplayFrameSource(tmp_path / "s.tif", rate_hz=200.0, um_per_px=0.5) as source:
+        assert wait_until(lambda: (f := source.latest()) is not None and f.frame_id >= 4)
+        f = source.latest()
+        assert f is not None and f.pixels[0, 0] == f.frame_id % 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        ReplayFrameSource(tmp_path / "missing", rate_hz=10, um_per_px=0.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no PNG or TIFF"):
+        ReplayFrameSource(tmp_path / "empty", rate_hz=10, um_per_px=0.5)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ConfigError, match="cannot open"):
+        ReplayFrameSource(tmp_path / "bad.tif", rate_hz=10, um_per_px=0.5)
+
+
+def test_simulated_source_starts_and_stops_the_microscope() -> None:
+    world = SimWorld(seed=0, image_size_px=(64, 80))
+    world.add_channel("A")
+    microscope = SimMicroscope(world, rate_hz=50.0)
+    with SimulatedFrameSource(microscope) as source:
+        first = source.wait_for_frame(None, 10.0)
+        assert first is not None
+        second = source.wait_for_frame(first.frame_id, 10.0)
+        assert second is not None and second.frame_id > first.frame_id
+        assert microscope.running
+    assert not microscope.running
+    assert source.stats["received"] >= 2 and source.stats["rejected"] == 0
+
+
+def test_build_frame_source_follows_the_config(tmp_path: Path) -> None:
+    world = SimWorld(seed=0, image_size_px=(64, 64))
+    sim = build_frame_source(FramesConfig(), microscope=SimMicroscope(world))
+    assert isinstance(sim, SimulatedFrameSource)
+    with pytest.raises(ConfigError, match="simulated microscope"):
+        build_frame_source(FramesConfig())
+    zmq_source = build_frame_source(FramesConfig(source="zmq", zmq_endpoint="tcp://127.0.0.1:5999"))
+    assert isinstance(zmq_source, ZmqFrameSource) and zmq_source.endpoint == "tcp://127.0.0.1:5999"
+    tifffile.imwrite(tmp_path / "s.tif", np.stack([image(1)]))
+    replay_cfg = FramesConfig(source="replay", replay_path=tmp_path / "s.tif", replay_rate_hz=5.0)
+    with pytest.raises(ConfigError, match="pixel size"):
+        build_frame_source(replay_cfg)
+    replay = build_frame_source(replay_cfg, um_per_px=0.7)
+    assert isinstance(replay, ReplayFrameSource) and replay.um_per_px == 0.7 and replay.rate_hz == 5.0
+    replay.close()

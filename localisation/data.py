@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from localisation.augment import AugmentConfig, random_geometric, random_photometric
 from localisation.configs import LocaliserConfig
 from localisation.preprocess import Resampling, prepare
+from localisation.progress import bar
 from rig.errors import DataError
 
 MAX_TIPS = 16  # padding rows per training sample (more tips than this in one crop: DataError)
@@ -77,7 +77,7 @@ def render_synthetic(
     from simulators.synth import sample_example
 
     frames = []
-    for seed in tqdm(range(seed_start, seed_start + n), desc=desc, disable=not progress, unit="frame"):
+    for seed in bar(range(seed_start, seed_start + n), enabled=progress, desc=desc, unit="frame"):
         ex = sample_example(seed, domain=cfg.domain)
         frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}"))
     return frames
@@ -89,7 +89,7 @@ def load_directory(cfg: LocaliserConfig, directory: str | Path, *, progress: boo
 
     ds = read_dataset(directory)
     frames = []
-    for rec in tqdm(ds.records, desc=f"read {directory}", disable=not progress, unit="image"):
+    for rec in bar(ds.records, enabled=progress, desc=f"read {directory}", unit="image"):
         pixels = load_image(rec)
         frames.append(prepare_example(pixels, rec.tips_px, rec.um_per_px, cfg, rec.file))
     return frames

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from localisation.checkpoint import load_weights, read_checkpoint, save_checkpoint, unwrap
 from localisation.configs import LocaliserConfig, build_model
@@ -42,6 +41,7 @@ from localisation.inference import predict_prepared
 from localisation.matching import paper_total_loss
 from localisation.metrics import MetricsAccumulator
 from localisation.models.fast import centernet_loss
+from localisation.progress import bar
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -97,28 +97,31 @@ def evaluate_prepared(
     acc = MetricsAccumulator()
     was_training = model.training
     model.eval()
-    for f in tqdm(frames, desc="validate", disable=not progress, leave=False, unit="frame"):
+    for f in bar(frames, enabled=progress, desc="validate", leave=False, unit="frame"):
         pred = predict_prepared(model, cfg, f.image_float(), device=device)
         acc.add(f.resampling.to_input(pred.xy_model_px), f.resampling.to_input(f.tips_model_px), f.um_per_px)
     model.train(was_training)
     return acc.summary()
 
 
-def _setup_distributed(device_opt: str) -> tuple[int, int, torch.device]:
+def _setup_distributed(device_opt: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call created the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
     if world > 1 or "LOCAL_RANK" in os.environ:
         use_cuda = torch.cuda.is_available() and device_opt != "cpu"
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            created = True
         rank = dist.get_rank()
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            return rank, dist.get_world_size(), torch.device("cuda", local)
-        return rank, dist.get_world_size(), torch.device("cpu")
+            return rank, dist.get_world_size(), torch.device("cuda", local), created
+        return rank, dist.get_world_size(), torch.device("cpu"), created
     if device_opt == "auto":
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 1, torch.device(device_opt)
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), False
+    return 0, 1, torch.device(device_opt), False
 
 
 def _set_trainable(model: nn.Module, trainable: tuple[str, ...] | None) -> list[nn.Parameter]:
@@ -175,7 +178,15 @@ def load_frames(cfg: LocaliserConfig, opts: TrainOptions) -> tuple[list[Prepared
 
 def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
     """Train ``cfg``; returns the final state summary (best score, epochs done, stopped_early)."""
-    rank, world, device = _setup_distributed(opts.device)
+    rank, world, device, created_group = _setup_distributed(opts.device)
+    try:
+        return _train(cfg, opts, rank, world, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     is_main = rank == 0
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -210,7 +221,7 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
     train_set = TipTrainingSet(train_frames, cfg, seed=opts.seed)
     val_set = TipTrainingSet(val_frames, cfg, seed=opts.seed + 1, augment=False)
     ddp_model: nn.Module = model
-    if world > 1:
+    if dist.is_initialized():
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
@@ -233,7 +244,11 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
             opt.load_state_dict(opt_state)
             sched.load_state_dict(sched_state)
             opt_state = sched_state = None
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=opts.seed) if world > 1 else None
+        sampler = (
+            DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=opts.seed)
+            if dist.is_initialized()
+            else None
+        )
         while state["epoch_in_stage"] < stage.epochs:
             epoch = state["epochs_done"]
             train_set.set_epoch(epoch)
@@ -247,9 +262,12 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
             _frozen_to_eval(ddp_model, stage.trainable)
             sums: dict[str, float] = {}
             n_batches = 0
-            bar = tqdm(loader, desc=f"{cfg.name} {stage.name} epoch {state['epoch_in_stage'] + 1}/{stage.epochs}",
-                       disable=not (opts.progress and is_main), unit="batch")
-            for batch in bar:
+            show = opts.progress and is_main
+            from tqdm import tqdm
+
+            pbar = tqdm(loader, desc=f"{cfg.name} {stage.name} epoch {state['epoch_in_stage'] + 1}/{stage.epochs}",
+                        unit="batch") if show else None
+            for batch in pbar if pbar is not None else loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 outputs = ddp_model(batch["image"])
                 terms = compute_loss(cfg, model, outputs, batch)
@@ -261,7 +279,8 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
                 n_batches += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
                 if deadline is not None and time.monotonic() > deadline:
                     stopped_early = True
                     break
@@ -283,7 +302,7 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
                     "val_loss": float(val_loss[0]), "val": summary["overall"],
                     "minutes": (time.monotonic() - t_start) / 60.0,
                 }
-            if world > 1:
+            if dist.is_initialized():
                 dist.broadcast(val_loss, src=0)
             sched.step(float(val_loss[0]))
             state["epoch_in_stage"] += 1
@@ -305,7 +324,7 @@ def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
             state["stage"] += 1
             state["epoch_in_stage"] = 0
             save_last(opt, sched)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
     return {"epochs_done": state["epochs_done"], "best_score": state["best_score"], "stopped_early": stopped_early,
             "out_dir": str(out)}

@@ -1,0 +1,83 @@
+"""``patchrig locate INPUT --out FILE``: tips in an image, a folder of images or a dataset.
+
+INPUT may be one PNG/TIFF image, a folder of them (sorted by name), or a ``patchrig-tips/1``
+dataset directory (its labels give each image's pixel size; labels' tips are not used).
+For plain images the pixel size comes from ``--um-per-px``. Writes ``patchrig-predictions/1``
+(DESIGN.md) atomically: coordinates in each input image's own pixels, best tip first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rig.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="an image, a folder of images, or a patchrig-tips/1 dataset")
+    parser.add_argument("--out", type=Path, required=True, help="predictions JSON (patchrig-predictions/1)")
+    parser.add_argument("--checkpoint", help="localiser checkpoint (default: the shipped fast.pt)")
+    parser.add_argument("--um-per-px", type=float, help="pixel size of plain images (µm/px)")
+    parser.add_argument("--threshold", type=float, help="score threshold (default: the configuration's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def collect_inputs(path: Path, um_per_px: float | None) -> list[tuple[str, Path, float]]:
+    """(file string for the output, image path, µm/px) for every image of INPUT."""
+    from localisation.dataset_format import LABELS_NAME, read_dataset
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / LABELS_NAME).is_file():
+        ds = read_dataset(path)
+        return [(r.file, r.path, r.um_per_px) for r in ds.records]
+    if um_per_px is None or not um_per_px > 0:
+        raise DataError("plain images need --um-per-px (the pixel size in µm, > 0)")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no PNG or TIFF images in this folder")
+        return [(p.name, p, um_per_px) for p in files]
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(f"{path}: not a PNG or TIFF image")
+    return [(str(path), path, um_per_px)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from localisation.cli_evaluate import write_json_atomic
+    from localisation.dataset_format import load_image
+    from localisation.inference import TipLocaliser
+    from localisation.progress import bar
+
+    items = collect_inputs(args.input, args.um_per_px)
+    loc = TipLocaliser.load(args.checkpoint, device=args.device, threads=args.threads, score_threshold=args.threshold)
+    images = []
+    for file, path, upp in bar(items, enabled=not args.no_progress, desc="locate", unit="image"):
+        pixels = load_image(path)
+        t0 = time.perf_counter()
+        dets = loc.locate(pixels, upp)
+        latency = (time.perf_counter() - t0) * 1e3
+        images.append(
+            {
+                "file": file,
+                "tips": [{"x": round(d.x_px, 3), "y": round(d.y_px, 3), "score": round(d.score, 4)} for d in dets],
+                "latency_ms": round(latency, 3),
+            }
+        )
+    doc = {
+        "format": "patchrig-predictions/1",
+        "checkpoint": loc.checkpoint,
+        "config": loc.cfg.name,
+        "device": str(loc.device),
+        "images": images,
+    }
+    write_json_atomic(args.out, doc)
+    n_tips = sum(len(i["tips"]) for i in images)
+    print(f"{len(images)} image(s), {n_tips} tip(s) -> {args.out}")
+    return 0

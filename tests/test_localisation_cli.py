@@ -1,0 +1,159 @@
+"""The localiser commands end to end on tiny data: train (+ resume, + single-process DDP),
+evaluate, locate, bench. Real files, real checkpoints, the real CLI dispatcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localisation.checkpoint import read_checkpoint
+from localisation.configs import get_config
+from localisation.dataset_format import read_dataset, write_dataset
+from localisation.train import TrainOptions, train
+from rig.cli import main
+from simulators.synth import sample_example
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic frames (1-3 tips, 256 px) written as patchrig-tips/1."""
+    root = tmp_path_factory.mktemp("tiny") / "ds"
+    recs = []
+    for i in range(6):
+        ex = sample_example(40_000_000 + i, n_tips=(1, 3), size_px=256)
+        recs.append((f"images/{i:06d}.png", ex.pixels, ex.um_per_px, ex.tips_px))
+    write_dataset(root, recs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    cfg = get_config("fast-tiny")
+    train(cfg, TrainOptions(out_dir=out, data=tiny_dataset, progress=False, threads=1))
+    return out / "last.pt"
+
+
+def test_train_stops_on_budget_and_resumes(tmp_path: Path, tiny_dataset: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--config", "fast-tiny", "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+            "--no-progress", "--epochs", "2"]
+    assert main([*args, "--max-minutes", "0"]) == 0
+    state = read_checkpoint(out / "last.pt", expect_config="fast-tiny")["trainer_state"]
+    assert state["epochs_done"] == 0 and state["global_step"] == 1  # stopped after one step
+    assert not (out / "metrics.jsonl").exists()
+    assert main([*args, "--resume"]) == 0
+    state = read_checkpoint(out / "last.pt")["trainer_state"]
+    assert state["epochs_done"] == 2 and state["stage"] == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    assert {"train", "val_loss", "val", "lr"} <= set(lines[0])
+    assert (out / "best.pt").is_file()
+
+
+def test_resume_refuses_another_config(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(tiny_checkpoint.read_bytes())
+    rc = main(["train", "--config", "fast", "--out", str(out), "--data", str(tiny_dataset), "--resume", "--no-progress"])
+    assert rc == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_distributed_training_single_process_gloo(tmp_path: Path, tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torchrun code path (process group, DistributedSampler, DDP) with one CPU process."""
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    result = train(get_config("fast-tiny"), TrainOptions(out_dir=tmp_path, data=tiny_dataset, progress=False,
+                                                          threads=1, device="cpu"))
+    assert result["epochs_done"] == 1
+    assert not torch.distributed.is_initialized()
+    assert (tmp_path / "last.pt").is_file()
+
+
+def test_evaluate_writes_metrics_and_figures(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "eval" / "results.json"
+    rc = main(["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(tiny_checkpoint), "--checkpoint",
+               "classical", "--out", str(out), "--threads", "1", "--no-progress"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "patchrig-evaluation/1" and doc["images"] == 6
+    assert [m["spec"] for m in doc["models"]] == [str(tiny_checkpoint), "classical"]
+    overall = doc["models"][0]["metrics"]["overall"]
+    assert overall["true_tips"] == sum(len(r.tips_px) for r in read_dataset(tiny_dataset).records)
+    for key in ("acc_3um", "acc_5um", "acc_10um", "mean_error_um", "precision", "recall", "f1", "heatmap_iou"):
+        assert key in overall
+    counts = {str(len(r.tips_px)) for r in read_dataset(tiny_dataset).records}
+    assert set(doc["models"][0]["metrics"]["by_n_tips"]) == counts
+    for fig in ("results.accuracy.png", "results.overlays.png"):
+        assert (out.parent / fig).stat().st_size > 1000
+
+
+def test_evaluate_refuses_checkpoint_of_other_config(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    rc = main(["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(tiny_checkpoint), "--config", "paper",
+               "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def _check_predictions(doc: dict, files: list[str]) -> None:
+    assert doc["format"] == "patchrig-predictions/1"
+    assert isinstance(doc["checkpoint"], str) and doc["device"] in ("cpu", "cuda", "cuda:0")
+    assert [i["file"] for i in doc["images"]] == files
+    for img in doc["images"]:
+        assert isinstance(img["latency_ms"], float)
+        for tip in img["tips"]:
+            assert set(tip) == {"x", "y", "score"}
+            assert 0.0 <= tip["score"] <= 1.0
+        scores = [t["score"] for t in img["tips"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_locate_dataset_folder_and_single_image(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    base = ["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--no-progress", "--threshold", "0.05"]
+    out = tmp_path / "p1.json"
+    assert main(["locate", str(tiny_dataset), "--out", str(out), *base]) == 0
+    files = [r.file for r in read_dataset(tiny_dataset).records]
+    _check_predictions(json.loads(out.read_text()), files)
+    out2 = tmp_path / "p2.json"
+    assert main(["locate", str(tiny_dataset / "images"), "--um-per-px", "0.5", "--out", str(out2), *base]) == 0
+    _check_predictions(json.loads(out2.read_text()), [Path(f).name for f in files])
+    one = tiny_dataset / files[0]
+    out3 = tmp_path / "p3.json"
+    assert main(["locate", str(one), "--um-per-px", "0.5", "--out", str(out3), *base]) == 0
+    _check_predictions(json.loads(out3.read_text()), [str(one)])
+    # plain images without a pixel size, a missing input, an unreadable image: one clear error
+    assert main(["locate", str(one), "--out", str(tmp_path / "x.json"), *base]) == 1
+    assert main(["locate", str(tmp_path / "missing.png"), "--um-per-px", "1", "--out", str(tmp_path / "x.json"), *base]) == 1
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["locate", str(bad), "--um-per-px", "1", "--out", str(tmp_path / "x.json"), *base]) == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_reports_every_stage(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "localiser", "--checkpoint", str(tiny_checkpoint), "--iters", "3", "--batch-iters", "1",
+               "--warmup", "1", "--threads", "1", "--devices", "cpu", "--size", "128", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["results"]
+    for stage in ("preprocess", "denoiser", "model", "postprocess", "total"):
+        assert row[f"b1_{stage}_ms"]["median"] >= 0.0
+    assert row["b32_per_image_ms"] > 0.0
+    assert np.isfinite(row["b1_total_ms"]["p95"])
+    assert os.path.getsize(out) > 100

@@ -1,0 +1,461 @@
+"""Automatic calibration of one channel, driven by the tip localiser.
+
+From the current position ``p0`` the routine steps the pipette along each axis, looks at a
+fresh frame after every move (see ``calibration.observe``), finds its own tip among all the
+tips in view, and fits the calibration robustly (``calibration.fit``).
+
+1. **Identify the tip.** Look at ``p0``, step the x axis by ``first_step_um`` and look again.
+   Other pipettes do not move: detections within ``static_gate_um`` of a detection at ``p0``
+   are static. This channel's tip is the detection that left its place and reappeared
+   0.3x-3x the step away (any direction: the axis sign and scale are unknown).
+2. **Expand.** For each axis, after a small first step the axis' image gain is estimated; the
+   next stops go ``expanded_step_um`` to the other side and back, shrunk until the predicted
+   tip stays inside the frame (``fov_margin_px``) and the target inside the soft limits.
+   Targets are checked against the limits before moving, never clipped; a stop that cannot be
+   reached within the limits is skipped (or the other direction is used).
+3. **Focus.** z steps are small (``z_step_um``) because a tip more than a few µm from the focal
+   plane is not detected. The approach axis of a 4-axis device dives into the tissue, so its
+   steps are compensated with z to keep the tip in focus; if a compensated step loses the tip,
+   the opposite z sign is tried, which also tells whether +z moves the tip up or down.
+   A stop where the tip is not detected is retried once at half the step; if it is still not
+   seen, the routine goes on without that stop.
+4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
+   last time. The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
+   be identified, the move budget (``max_moves``, default 20) runs out, or the fit is poor
+   (residual above ``max_residual_um``, too many outliers, or x and y do not span the image).
+
+Frames: positions in device µm, tips in microscope µm (X, Y) computed from the frame's own
+pixel size and shape. Stop/stop-all raise ``Stopped`` (propagated); ``cancel`` is honoured
+between and during moves.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calibration.fit import XYFit, build_calibration
+from calibration.observe import Eye, Look, move_and_settle
+from calibration.transform import ChannelCalibration, px_to_um
+from manipulators.base import Manipulator
+from rig.errors import NotCalibrated, OutOfBounds
+from rig.logs import get_logger
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class AutoCalibrationSettings:
+    """Knobs of the routine (µm unless named otherwise)."""
+
+    first_step_um: float = 15.0
+    expanded_step_um: float = 60.0
+    z_step_um: float = 4.0
+    approach_first_step_um: float = 5.0
+    max_moves: int = 20
+    fov_margin_px: float = 24.0
+    static_gate_um: float = 2.0
+    track_gate_um: float = 5.0
+    extrapolation_gate: float = 0.08
+    max_residual_um: float = 1.5
+    min_inlier_fraction: float = 0.6
+    z_up_sign: float = 1.0
+    speed_um_s: float | None = None
+
+
+@dataclass
+class Sample:
+    """One stop: manipulator position (device µm), tip (microscope X, Y µm), focal plane Z (µm)."""
+
+    position_um: np.ndarray
+    tip_xy_um: np.ndarray
+    focal_z_um: float
+    score: float
+
+
+@dataclass
+class AutoCalibrationResult:
+    """What the routine found (``as_dict`` is JSON-able)."""
+
+    calibration: ChannelCalibration
+    fit: XYFit
+    moves: int
+    samples: list[Sample] = field(default_factory=list)
+    lost_stops: int = 0
+    z_sign_measured: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "channel": self.calibration.channel,
+            "moves": self.moves,
+            "n_points": len(self.samples),
+            "n_inliers": int(self.fit.inliers.sum()),
+            "residual_um": float(self.fit.residual_um),
+            "noise_um": float(self.fit.noise_um),
+            "lost_stops": self.lost_stops,
+            "z_sign_measured": self.z_sign_measured,
+            "z_model": self.calibration.z_model,
+            "uncertainty_um": self.calibration.uncertainty_um(self.samples[0].position_um),
+            "points": [
+                {
+                    "position_um": s.position_um.tolist(),
+                    "tip_xy_um": s.tip_xy_um.tolist(),
+                    "residual_um": float(r),
+                    "inlier": bool(ok),
+                }
+                for s, r, ok in zip(self.samples, self.fit.residuals_um, self.fit.inliers, strict=True)
+            ],
+        }
+
+
+class AutoCalibrator:
+    """One run of the automatic calibration of ``manipulator`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        manipulator: Manipulator,
+        eye: Eye,
+        settings: AutoCalibrationSettings | None = None,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.m = manipulator
+        self.eye = eye
+        self.s = settings or AutoCalibrationSettings()
+        self.progress = progress
+        self.cancel = cancel
+        self.channel = manipulator.name
+        self.log = get_logger("patchrig.calibration.auto", channel=self.channel)
+        self.moves = 0
+        self.lost = 0
+        self.samples: list[Sample] = []
+        self.p0 = np.zeros(manipulator.n_axes)
+        self.t0 = np.zeros(2)
+        self.gains: dict[int, np.ndarray] = {}
+        self.others_um: np.ndarray = np.zeros((0, 2))
+        self.z_sign = float(np.sign(self.s.z_up_sign) or 1.0)
+        self.z_sign_measured = False
+        self._shape: tuple[int, int] = (512, 512)
+        self._um_per_px = 1.0
+
+    # -- small helpers ------------------------------------------------------------------
+    def _report(self, stage: str, **fields: Any) -> None:
+        if self.progress is not None:
+            self.progress(stage=stage, moves=self.moves, max_moves=self.s.max_moves, **fields)
+
+    def _tips_um(self, look: Look) -> np.ndarray:
+        self._shape = look.frame.shape
+        self._um_per_px = float(look.frame.um_per_px)
+        if not look.detections:
+            return np.zeros((0, 2))
+        px = np.array([[d.x_px, d.y_px] for d in look.detections])
+        return px_to_um(px, look.frame.um_per_px, look.frame.shape)
+
+    def _predict(self, position_um: np.ndarray) -> np.ndarray:
+        """In-plane tip (µm) predicted from the gains known so far (unknown axes count 0)."""
+        tip = self.t0.copy()
+        for axis, gain in self.gains.items():
+            tip += gain * (position_um[axis] - self.p0[axis])
+        return tip
+
+    def _in_view(self, tip_um: np.ndarray) -> bool:
+        h, w = self._shape
+        half = np.array([(w - 1) / 2.0, (h - 1) / 2.0]) - self.s.fov_margin_px
+        return bool(np.all(np.abs(tip_um / self._um_per_px) <= half))
+
+    def _within_limits(self, position_um: np.ndarray) -> bool:
+        return self.m.limits.contains(position_um.tolist())
+
+    def _move_look(self, target_um: np.ndarray) -> Look:
+        if self.moves >= self.s.max_moves:
+            raise NotCalibrated(
+                f"calibration needs more than {self.s.max_moves} moves (tip lost {self.lost} times); "
+                "check that the tip is visible and in focus",
+                channel=self.channel,
+            )
+        self.moves += 1
+        end_s = move_and_settle(self.m, target_um, speed_um_s=self.s.speed_um_s, cancel=self.cancel)
+        return self.eye.look_after(end_s, cancel=self.cancel)
+
+    def _moving_candidates(self, tips: np.ndarray) -> np.ndarray:
+        """Indices of detections that are not one of the static other tips."""
+        if len(self.others_um) == 0 or len(tips) == 0:
+            return np.arange(len(tips))
+        d = np.linalg.norm(tips[:, None, :] - self.others_um[None, :, :], axis=2)
+        return np.flatnonzero(d.min(axis=1) > self.s.static_gate_um)
+
+    def _find(
+        self, look: Look, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
+    ) -> np.ndarray | None:
+        """Our tip on ``look``: nearest non-static detection to ``predicted`` (µm).
+
+        The gate is ``track_gate_um`` plus ``extrapolation_gate`` times how far (manipulator µm)
+        the position lies beyond the stops measured so far on that axis.
+        With ``unknown_step_um`` > 0 (first step of an axis whose gain is unknown) the tip must
+        lie 0.3x-3x that distance from the prediction, in any direction.
+        """
+        tips = self._tips_um(look)
+        idx = self._moving_candidates(tips)
+        if len(idx) == 0:
+            return None
+        dist = np.linalg.norm(tips[idx] - predicted, axis=1)
+        if unknown_step_um > 0:
+            ok = (dist >= 0.3 * unknown_step_um) & (dist <= 3.0 * unknown_step_um)
+            if not ok.any():
+                return None
+            cand = idx[ok]
+            best = cand[np.argmin(np.abs(np.linalg.norm(tips[cand] - predicted, axis=1) - unknown_step_um))]
+            return tips[best]
+        gate = self.s.track_gate_um + extrapolation_um * self.s.extrapolation_gate
+        best_i = int(np.argmin(dist))
+        return tips[idx[best_i]] if dist[best_i] <= gate else None
+
+    def _record(self, look: Look, position_um: np.ndarray, tip_um: np.ndarray) -> None:
+        score = 0.0
+        for d in look.detections:  # the score of the detection we used
+            xy = px_to_um(np.array([d.x_px, d.y_px]), look.frame.um_per_px, look.frame.shape)
+            if np.allclose(xy, tip_um):
+                score = float(d.score)
+                break
+        self.samples.append(Sample(np.asarray(position_um, float).copy(), np.asarray(tip_um, float).copy(), look.focal_z_um, score))
+
+    def _fit_axis(self, axis: int) -> None:
+        """Gain of ``axis`` (µm/µm): regress the tip, less the known contributions of the other
+        axes, on this axis' displacement, over the stops where no other axis of unknown gain moved."""
+        ds, ts = [], []
+        for smp in self.samples:
+            delta = smp.position_um - self.p0
+            unknown = [a for a in range(len(delta)) if a != axis and a not in self.gains and abs(delta[a]) > 1e-6]
+            if unknown:
+                continue
+            tip = smp.tip_xy_um - sum(
+                (self.gains[a] * delta[a] for a in self.gains if a != axis), start=np.zeros(2)
+            )
+            ds.append(delta[axis])
+            ts.append(tip)
+        d = np.asarray(ds)
+        if len(d) < 2 or np.ptp(d) <= 0:
+            return
+        design = np.column_stack([d, np.ones(len(d))])
+        coef, *_ = np.linalg.lstsq(design, np.asarray(ts), rcond=None)
+        self.gains[axis] = coef[0]
+
+    def _extrapolation(self, axis: int, target_um: np.ndarray) -> float:
+        """How far (µm) ``target_um`` lies outside the measured range of ``axis`` (from p0)."""
+        measured = [smp.position_um[axis] - self.p0[axis] for smp in self.samples]
+        d = target_um[axis] - self.p0[axis]
+        return float(max(d - max(measured), min(measured) - d, 0.0))
+
+    def _step_target(self, axis: int, step_um: float, z_comp: float = 0.0) -> np.ndarray:
+        target = self.p0.copy()
+        target[axis] += step_um
+        if z_comp:
+            target[2] += z_comp * step_um
+        return target
+
+    # -- the routine ----------------------------------------------------------------------
+    def run(self) -> AutoCalibrationResult:
+        check_start(self.m)
+        self.p0 = self.m.position_um.copy()
+        self._report("looking")
+        look0 = self.eye.look_after(self.eye.clock() - self.eye.settle_s, cancel=self.cancel)
+        tips0 = self._tips_um(look0)
+        if len(tips0) == 0:
+            raise NotCalibrated("no tip visible: the localiser found no confident tip in the frame", channel=self.channel)
+        self._identify(look0, tips0)
+        self._report("identified", tip_xy_um=self.t0.tolist())
+        axes = [0, 1, 2] + ([3] if self.m.n_axes == 4 else [])
+        for axis in axes:
+            if axis == 0:
+                self._horizontal_axis(0, first_done=True)
+            elif axis == 1:
+                self._horizontal_axis(1, first_done=False)
+            elif axis == 2:
+                self._z_axis()
+            else:
+                self._approach_axis()
+        # back to where we started, look once more
+        self._report("returning")
+        look = self._move_look(self.p0)
+        tip = self._find(look, self._predict(self.p0))
+        if tip is not None:
+            self._record(look, self.p0, tip)
+        return self._fit()
+
+    def _identify(self, look0: Look, tips0: np.ndarray) -> None:
+        """Find our tip by stepping x (see the module docstring)."""
+        step = self.s.first_step_um
+        for sign in (1.0, -1.0):
+            target = self._step_target(0, sign * step)
+            if not self._within_limits(target):
+                continue
+            look = self._move_look(target)
+            tips1 = self._tips_um(look)
+            if len(tips1) == 0:
+                continue
+            d01 = np.linalg.norm(tips0[:, None, :] - tips1[None, :, :], axis=2)
+            stayed0 = d01.min(axis=1) <= self.s.static_gate_um
+            stayed1 = d01.min(axis=0) <= self.s.static_gate_um
+            pairs = [
+                (abs(d01[i, j] - step), i, j)
+                for i in np.flatnonzero(~stayed0)
+                for j in np.flatnonzero(~stayed1)
+                if 0.3 * step <= d01[i, j] <= 3.0 * step
+            ]
+            if not pairs:
+                continue
+            pairs.sort()
+            _, i, j = pairs[0]
+            self.t0 = tips0[i]
+            self.others_um = np.delete(tips0, i, axis=0)
+            self._record(look0, self.p0, tips0[i])
+            self._record(look, target, tips1[j])
+            self._fit_axis(0)
+            self.log.info("tip identified", tip_xy_um=[round(float(v), 2) for v in self.t0], others=len(self.others_um))
+            return
+        raise NotCalibrated(
+            f"could not identify this channel's tip: no detection moved when the x axis stepped "
+            f"{step:.0f} µm ({len(tips0)} tips in view)",
+            channel=self.channel,
+        )
+
+    def _stop(
+        self, axis: int, step_um: float, *, z_comp: float = 0.0, unknown: bool = False, retry: bool = True
+    ) -> bool:
+        """Go to ``p0 + step`` on ``axis``, find the tip, record it. Retries once at half the
+        step when the tip is not seen (if ``retry``). Returns whether a sample was recorded."""
+        for attempt in range(2 if retry else 1):
+            s = step_um if attempt == 0 else step_um / 2
+            target = self._step_target(axis, s, z_comp)
+            if not self._within_limits(target):
+                return False
+            look = self._move_look(target)
+            predicted = self._predict(target)
+            tip = self._find(
+                look, predicted, unknown_step_um=abs(s) if unknown else 0.0, extrapolation_um=self._extrapolation(axis, target)
+            )
+            if tip is not None:
+                self._record(look, target, tip)
+                if axis != 2:  # z's in-plane gain is tiny and noisy over small steps: tracked as 0
+                    self._fit_axis(axis)
+                return True
+            self.lost += 1
+            self.log.info("tip not found at stop", axis=axis, step_um=round(s, 2), attempt=attempt + 1)
+        return False
+
+    def _expanded_step(self, axis: int, direction: float, z_comp: float = 0.0) -> float | None:
+        """The largest step <= expanded_step_um in ``direction`` keeping tip in view, target in limits."""
+        gain = self.gains.get(axis)
+        size = self.s.expanded_step_um
+        while size >= self.s.first_step_um * 0.99:
+            target = self._step_target(axis, direction * size, z_comp)
+            in_view = gain is None or self._in_view(self._predict(target))
+            if in_view and self._within_limits(target):
+                return direction * size
+            size *= 0.7
+        return None
+
+    def _horizontal_axis(self, axis: int, *, first_done: bool) -> None:
+        self._report("axis", axis=axis)
+        first_sign = 1.0
+        if not first_done:
+            first_sign = 1.0 if self._within_limits(self._step_target(axis, self.s.first_step_um)) else -1.0
+            step = first_sign * self.s.first_step_um
+            if not (self._stop(axis, step, unknown=True) or self._stop(axis, -step, unknown=True)):
+                raise NotCalibrated(f"tip lost when stepping axis {axis}", channel=self.channel)
+        else:
+            first_sign = float(np.sign(self.samples[-1].position_um[axis] - self.p0[axis]) or 1.0)
+        for direction in (-first_sign, first_sign):
+            step = self._expanded_step(axis, direction)
+            if step is not None:
+                self._stop(axis, step)
+
+    def _z_axis(self) -> None:
+        self._report("axis", axis=2)
+        self.gains[2] = np.zeros(2)  # nearly vertical: for tracking, no in-plane motion (the final fit measures it)
+        for direction in (1.0, -1.0):
+            target = self._step_target(2, direction * self.s.z_step_um)
+            if self._within_limits(target):
+                self._stop(2, direction * self.s.z_step_um)
+
+    def _approach_axis(self) -> None:
+        """Approach axis: small uncompensated steps both ways, then z-compensated steps."""
+        self._report("axis", axis=3)
+        first = self.s.approach_first_step_um
+        found = [self._stop(3, sign * first, unknown=3 not in self.gains, retry=False) for sign in (1.0, -1.0)]
+        if not any(found):
+            raise NotCalibrated("tip lost when stepping the approach axis", channel=self.channel)
+        for size in (self.s.first_step_um, self.s.expanded_step_um):
+            for direction in (-1.0, 1.0):
+                gain_xy = float(np.linalg.norm(self.gains.get(3, np.zeros(2))))
+                dz_per_d = -math.sqrt(max(1.0 - min(gain_xy, 1.0) ** 2, 0.0))  # approach Z gain (down)
+                comp = -dz_per_d / (self.z_sign * self._z_gain())
+                step = self._expanded_step(3, direction, comp) if size > self.s.first_step_um else direction * size
+                if step is None or not self._within_limits(self._step_target(3, step, comp)):
+                    continue
+                if self._stop(3, step, z_comp=comp, retry=False):
+                    if size == self.s.expanded_step_um:
+                        self.z_sign_measured = True
+                    continue
+                # lost: maybe +z moves the tip the other way; try the opposite z sign once
+                flipped = -comp
+                if self._within_limits(self._step_target(3, step, flipped)) and self._stop(3, step, z_comp=flipped, retry=False):
+                    self.z_sign = -self.z_sign
+                    self.z_sign_measured = True
+                    self.log.info("z sign inferred from focus", z_up_sign=self.z_sign)
+                else:  # neither: the compensation is not good enough yet; a smaller step
+                    self._stop(3, step / 3.0, z_comp=comp, retry=False)
+
+    def _z_gain(self) -> float:
+        gains = [np.linalg.norm(self.gains[a]) for a in (0, 1) if a in self.gains]
+        return float(np.mean(gains)) if gains else 1.0
+
+    def _fit(self) -> AutoCalibrationResult:
+        positions = np.array([s.position_um for s in self.samples])
+        tips = np.array([s.tip_xy_um for s in self.samples])
+        focal = np.array([s.focal_z_um for s in self.samples])
+        # the stops with z compensation are not "along one axis", but the fit is global
+        calibration, fit = build_calibration(
+            self.channel, positions, tips, focal, z_up_sign=self.z_sign, min_threshold_um=self.s.max_residual_um * 1.5
+        )
+        n_in = int(fit.inliers.sum())
+        if fit.residual_um > self.s.max_residual_um:
+            raise NotCalibrated(
+                f"calibration fit is poor: residual {fit.residual_um:.2f} µm > {self.s.max_residual_um:.2f} µm",
+                channel=self.channel,
+            )
+        if n_in < self.s.min_inlier_fraction * len(self.samples):
+            raise NotCalibrated(
+                f"calibration fit is poor: only {n_in} of {len(self.samples)} tip positions agree", channel=self.channel
+            )
+        a = calibration.matrix[:2, :2]
+        scale = float(np.mean(np.linalg.norm(a, axis=0)))
+        if abs(np.linalg.det(a)) < 0.2 * scale**2 or scale < 0.05:
+            raise NotCalibrated(
+                "calibration fit is poor: the x and y axes do not span the image plane", channel=self.channel
+            )
+        self.log.info(
+            "calibrated", moves=self.moves, residual_um=round(fit.residual_um, 3), inliers=n_in, points=len(self.samples)
+        )
+        self._report("done", residual_um=float(fit.residual_um))
+        return AutoCalibrationResult(
+            calibration=calibration,
+            fit=fit,
+            moves=self.moves,
+            samples=self.samples,
+            lost_stops=self.lost,
+            z_sign_measured=self.z_sign_measured,
+        )
+
+
+def check_start(manipulator: Manipulator) -> None:
+    """Raise OutOfBounds if the channel is outside its own limits (nothing can be planned)."""
+    position = manipulator.position_um
+    if not manipulator.limits.contains(position.tolist()):
+        raise OutOfBounds("the manipulator is outside its limits; move it inside first", channel=manipulator.name)

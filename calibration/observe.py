@@ -1,0 +1,126 @@
+"""Moving and looking, the two primitives every calibration routine is made of.
+
+``move_and_settle`` checks the target against the limits *before* anything moves (never
+clips), moves at a speed within the channel's limit, honours a ``cancel`` event (stops the
+manipulator and raises ``Stopped``) and lets ``Stopped`` from a stop/stop-all propagate.
+
+``Eye.look_after`` returns a frame that is FRESH for a move: its ``frame_id`` is newer than the
+newest frame at the moment the move ended, and it was received at least ``settle_s`` after
+that moment (so it was not scanned while the pipette was still moving). It then runs the
+localiser on it, under the shared localiser lock if one was given (the daemon's localiser
+worker may use the same model from another thread).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from localisation.types import Localiser, TipDetection
+from manipulators.base import Manipulator
+from rig.errors import DeviceTimeout, NoFrame, Stopped
+from rig.frame import Frame
+
+
+def move_and_settle(
+    manipulator: Manipulator,
+    target_um: np.ndarray,
+    *,
+    speed_um_s: float | None = None,
+    cancel: threading.Event | None = None,
+    timeout_s: float = 60.0,
+) -> float:
+    """Move to ``target_um`` (device µm) and wait until the move ended; return time.monotonic()
+    at the end. Raises OutOfBounds/InvalidParams before moving, Stopped when interrupted or
+    cancelled, DeviceError on device failures."""
+    if cancel is not None and cancel.is_set():
+        raise Stopped("cancelled before the move", channel=manipulator.name)
+    target = manipulator.validate_target(target_um)
+    handle = manipulator.move_to(target, speed_um_s)
+    finished = threading.Event()
+    handle.add_done_callback(lambda _h: finished.set())
+    deadline = time.monotonic() + timeout_s
+    while not finished.wait(0.02):  # short polls so that cancel is honoured quickly
+        if cancel is not None and cancel.is_set():
+            manipulator.stop("cancelled")
+            raise Stopped("cancelled", channel=manipulator.name)
+        if time.monotonic() > deadline:
+            manipulator.stop("move timeout")
+            raise DeviceTimeout(f"move not finished within {timeout_s:.0f} s; stopped", channel=manipulator.name)
+    handle.wait(0.0, check=True)
+    return time.monotonic()
+
+
+@dataclass(frozen=True)
+class Look:
+    """One fresh frame and the confident detections on it (best first)."""
+
+    frame: Frame
+    detections: list[TipDetection]
+    focal_z_um: float
+
+
+class Eye:
+    """Fresh frames plus the localiser. ``min_score``: detections below are dropped."""
+
+    def __init__(
+        self,
+        frames,
+        localiser: Localiser,
+        *,
+        min_score: float,
+        localiser_lock: threading.Lock | None = None,
+        settle_s: float = 0.05,
+        frame_timeout_s: float = 3.0,
+        focal_z_um: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.frames = frames
+        self.localiser = localiser
+        self.min_score = float(min_score)
+        self.localiser_lock = localiser_lock
+        self.settle_s = float(settle_s)
+        self.frame_timeout_s = float(frame_timeout_s)
+        self.focal_z_um = focal_z_um
+        self.clock = clock
+
+    def focal_z_of(self, frame: Frame) -> float:
+        """The focal plane of ``frame`` (µm): its header, else the configured value, else 0."""
+        if frame.z_um is not None:
+            return float(frame.z_um)
+        return float(self.focal_z_um) if self.focal_z_um is not None else 0.0
+
+    def fresh_frame(self, after_s: float, *, cancel: threading.Event | None = None) -> Frame:
+        """A frame newer than any frame at ``after_s`` and received >= ``after_s + settle_s``."""
+        latest = self.frames.latest()
+        last_id = None if latest is None else latest.frame_id
+        deadline = self.clock() + self.frame_timeout_s
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Stopped("cancelled while waiting for a frame")
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise NoFrame(f"no fresh frame within {self.frame_timeout_s:.1f} s after the move")
+            frame = self.frames.wait_for_frame(last_id, min(remaining, 0.25))
+            if frame is None:
+                continue
+            last_id = frame.frame_id
+            if frame.received_s >= after_s + self.settle_s:
+                return frame
+
+    def locate(self, frame: Frame) -> list[TipDetection]:
+        """Confident detections on ``frame`` (score >= min_score), best first."""
+        if self.localiser_lock is not None:
+            with self.localiser_lock:
+                found = self.localiser.locate(frame.pixels, frame.um_per_px)
+        else:
+            found = self.localiser.locate(frame.pixels, frame.um_per_px)
+        return sorted((d for d in found if d.score >= self.min_score), key=lambda d: -d.score)
+
+    def look_after(self, after_s: float, *, cancel: threading.Event | None = None) -> Look:
+        frame = self.fresh_frame(after_s, cancel=cancel)
+        return Look(frame, self.locate(frame), self.focal_z_of(frame))

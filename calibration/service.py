@@ -1,0 +1,468 @@
+"""The calibration service: what the daemon calls for everything that needs a calibration.
+
+    service = CalibrationService(rig, cfg, manipulators, frames, localiser,
+                                 store_dir=None, localiser_lock=None, focal_z_um=None,
+                                 stale_after_s=1.0, z_up_signs=None, settings=None)
+
+``rig``: ``config.models.RigIdentity`` (a stored calibration made for another rig name,
+objective or pixel size is refused); ``cfg``: ``config.models.CalibrationConfig`` (gate,
+confidence, jump limit, tolerance, iterations, directory); ``manipulators``: channel name ->
+``Manipulator``; ``frames``: a ``rig.frame_sources.FrameSource`` (started by the caller);
+``localiser``: anything with ``locate(pixels, um_per_px)``. ``localiser_lock``: pass the lock
+the daemon's localiser worker holds while it uses the same model (the service takes it around
+every ``locate`` call); without one, the localiser must be safe to call from two threads.
+``focal_z_um``: the focal plane when frames carry no ``z_um``. ``z_up_signs``: per channel,
++1 if manipulator +z moves the tip up (default), -1 if down (4-axis devices measure it).
+
+Methods (every returned dict is JSON-able; units are in the key names):
+
+- ``calibrate(channel, *, progress=None, cancel=None) -> dict``: the automatic calibration
+  (``calibration.auto``): moves, residual_um, points, the calibration. Persisted at once.
+  Raises NotCalibrated (tip not visible, not identified, poor fit, move budget), Stopped,
+  OutOfBounds, NoFrame, DeviceError, Busy (another operation runs on the channel).
+- ``set_tip(channel, px=None) -> dict``: offset-only recalibration at the current position from
+  the tip detected now (the detection assigned to this channel, else the only unassigned one)
+  or from the pixel ``px`` = [x, y] the user gives. Persisted at once.
+- ``get_calibration(channel) -> dict``: ``calibrated``, the calibration, ``uncertainty_um``
+  at the current position, the rig identity, the recent offset history, ``refused`` (why a
+  stored file was not loaded) and ``path``.
+- ``is_calibrated(channel) -> bool``; ``predicted_tip_px(channel) -> (x, y) | None`` (read-back
+  position through the calibration, in the pixels of the newest frame).
+- ``assign(detections, frame) -> dict``: Hungarian assignment: ``assigned`` {channel: {x_px,
+  y_px, score, distance_um, predicted_x_px, predicted_y_px}}, ``unassigned`` [{x_px, y_px,
+  score}], ``missing`` [channel].
+- ``observe(frame, detections) -> dict``: ``assign`` plus continuous correction (for the
+  daemon's localiser worker): adds ``corrections`` {channel: {accepted, reason,
+  innovation_xy_um, applied_delta_xy_um}}. Channels busy with calibrate/move_tip/set_tip are
+  not corrected ("busy"). Cheap: no device I/O besides reading positions.
+- ``move_tip(channel, *, target_px=None, target_um=None, tolerance_um=None,
+  max_iterations=None, speed_um_s=None, progress=None, cancel=None) -> dict``: closed loop
+  (``calibration.closed_loop``). ``target_px`` = [x, y] in the newest frame's pixels;
+  ``target_um`` = [X, Y] or [X, Y, Z] microscope µm. Without Z the tip keeps its current depth.
+  Raises OutOfBounds (target outside the limits, nothing moved), MoveTipFailed (code
+  "timeout"; returned to the start), NotCalibrated, Stopped.
+- ``close()``: writes any correction not yet persisted.
+
+``progress`` is called with keyword fields only (e.g. ``Operation.progress``); ``cancel`` is a
+``threading.Event``. ``manipulator.stop()`` during an operation raises ``Stopped`` out of it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.assignment import Assignment, assign_detections
+from calibration.auto import AutoCalibrationSettings, AutoCalibrator
+from calibration.closed_loop import move_tip as closed_loop_move_tip
+from calibration.correction import OffsetCorrector
+from calibration.observe import Eye, Look
+from calibration.set_tip import set_tip_offset
+from calibration.store import CalibrationStore, StoredCalibration
+from calibration.transform import ChannelCalibration, px_to_um, um_to_px
+from config.models import CalibrationConfig, RigIdentity
+from localisation.types import TipDetection
+from manipulators.base import Manipulator
+from rig.errors import Busy, InvalidParams, NoFrame, NotCalibrated, NotFound, PatchrigError
+from rig.frame import Frame
+from rig.logs import get_logger
+
+Progress = Callable[..., None]
+
+#: minimum seconds between two writes caused by continuous correction (calibrate/set_tip write at once)
+CORRECTION_SAVE_INTERVAL_S = 5.0
+
+
+class CalibrationService:
+    """Calibrations of all channels, their persistence, assignment and correction (see module doc)."""
+
+    def __init__(
+        self,
+        rig: RigIdentity,
+        cfg: CalibrationConfig,
+        manipulators: dict[str, Manipulator],
+        frames: Any,
+        localiser: Any,
+        *,
+        store_dir: Path | None = None,
+        localiser_lock: threading.Lock | None = None,
+        focal_z_um: float | None = None,
+        stale_after_s: float = 1.0,
+        z_up_signs: dict[str, float] | None = None,
+        settings: AutoCalibrationSettings | None = None,
+        settle_s: float = 0.05,
+    ) -> None:
+        self.rig = rig
+        self.cfg = cfg
+        self.manipulators = dict(manipulators)
+        self.frames = frames
+        self.settle_s = float(settle_s)
+        self.stale_after_s = float(stale_after_s)
+        self.settings = settings or AutoCalibrationSettings()
+        self.z_up_signs = dict(z_up_signs or {})
+        self.eye = Eye(
+            frames,
+            localiser,
+            min_score=cfg.min_confidence,
+            localiser_lock=localiser_lock,
+            settle_s=settle_s,
+            focal_z_um=focal_z_um,
+        )
+        self.log = get_logger("patchrig.calibration")
+        self.store = CalibrationStore(store_dir if store_dir is not None else cfg.directory, rig)
+        self._lock = threading.RLock()  # guards _stored, _dirty, _saved_s, _refused
+        self._op_locks = {name: threading.Lock() for name in self.manipulators}
+        self._stored: dict[str, StoredCalibration | None] = {}
+        self._refused: dict[str, str] = {}
+        self._dirty: set[str] = set()
+        self._saved_s: dict[str, float] = {}
+        self._correctors = {
+            name: OffsetCorrector(
+                name,
+                min_confidence=cfg.min_confidence,
+                max_jump_um=cfg.max_offset_jump_um,
+                stale_after_s=self.stale_after_s,
+            )
+            for name in self.manipulators
+        }
+        for name in self.manipulators:
+            self._load(name)
+
+    # -- persistence ------------------------------------------------------------------------
+    def _load(self, channel: str) -> None:
+        try:
+            stored = self.store.load(channel)
+        except PatchrigError as exc:
+            self._refused[channel] = str(exc)
+            self._stored[channel] = None
+            self.log.warning("stored calibration not loaded", channel=channel, reason=str(exc))
+            return
+        self._stored[channel] = stored
+        if stored is not None:
+            self.log.info("calibration loaded", channel=channel, path=str(self.store.path(channel)))
+
+    def _save(self, channel: str, *, force: bool) -> None:
+        with self._lock:
+            stored = self._stored.get(channel)
+            if stored is None:
+                return
+            now = time.monotonic()
+            if not force and now - self._saved_s.get(channel, -math.inf) < CORRECTION_SAVE_INTERVAL_S:
+                self._dirty.add(channel)
+                return
+            self.store.save(channel, stored)
+            self._saved_s[channel] = now
+            self._dirty.discard(channel)
+            self._refused.pop(channel, None)
+
+    def _install(self, channel: str, calibration: ChannelCalibration, source: str, *, keep_history: bool = True) -> None:
+        with self._lock:
+            old = self._stored.get(channel)
+            history = list(old.offset_history) if (old is not None and keep_history) else []
+            stored = StoredCalibration(calibration, history)
+            delta = None if old is None else (calibration.offset_um - old.calibration.offset_um).tolist()
+            stored.record(source, delta)
+            self._stored[channel] = stored
+        self._correctors[channel].reset()
+        self._save(channel, force=True)
+
+    def close(self) -> None:
+        """Persist corrections not yet written."""
+        with self._lock:
+            dirty = list(self._dirty)
+        for channel in dirty:
+            self._save(channel, force=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _manipulator(self, channel: str) -> Manipulator:
+        try:
+            return self.manipulators[channel]
+        except KeyError:
+            raise NotFound(f"unknown channel {channel!r}; channels: {sorted(self.manipulators)}") from None
+
+    def _calibration(self, channel: str) -> ChannelCalibration:
+        self._manipulator(channel)
+        with self._lock:
+            stored = self._stored.get(channel)
+            if stored is None:
+                why = self._refused.get(channel)
+                raise NotCalibrated(why or "not calibrated; run calibrate first", channel=channel)
+            return stored.calibration
+
+    def _operation(self, channel: str) -> threading.Lock:
+        self._manipulator(channel)
+        lock = self._op_locks[channel]
+        if not lock.acquire(blocking=False):
+            raise Busy("another calibration operation is running on this channel", channel=channel)
+        return lock
+
+    def _geometry(self) -> tuple[float, tuple[int, int]] | None:
+        frame = self.frames.latest()
+        if frame is None:
+            return None
+        return float(frame.um_per_px), frame.shape
+
+    def _predictions_px(self, um_per_px: float, shape: tuple[int, int], overrides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, m in self.manipulators.items():
+            if overrides and name in overrides:
+                out[name] = overrides[name]
+                continue
+            with self._lock:
+                stored = self._stored.get(name)
+            if stored is None:
+                continue
+            try:
+                out[name] = stored.calibration.to_px(m.position_um, um_per_px, shape)
+            except PatchrigError as exc:  # a lost device must not break the others' assignment
+                self.log.warning("no prediction", channel=name, reason=str(exc))
+        return out
+
+    def _assign(self, detections: list[TipDetection], frame: Frame, overrides: dict[str, np.ndarray] | None = None) -> Assignment:
+        predicted = self._predictions_px(frame.um_per_px, frame.shape, overrides)
+        return assign_detections(predicted, detections, um_per_px=frame.um_per_px, gate_um=self.cfg.assignment_gate_um)
+
+    def _moving_during(self, m: Manipulator, frame: Frame) -> bool:
+        if m.is_busy():
+            return True
+        handle = m.current_move
+        if handle is None:
+            return False
+        if handle.finished_s is None:
+            return True
+        return frame.received_s < handle.finished_s + self.settle_s
+
+    # -- public API -------------------------------------------------------------------------
+    def is_calibrated(self, channel: str) -> bool:
+        self._manipulator(channel)
+        with self._lock:
+            return self._stored.get(channel) is not None
+
+    def get_calibration(self, channel: str) -> dict[str, Any]:
+        m = self._manipulator(channel)
+        with self._lock:
+            stored = self._stored.get(channel)
+            refused = self._refused.get(channel)
+        out: dict[str, Any] = {
+            "channel": channel,
+            "calibrated": stored is not None,
+            "rig": {"name": self.rig.name, "objective": self.rig.objective, "um_per_px": self.rig.um_per_px},
+            "path": str(self.store.path(channel)),
+            "refused": refused,
+        }
+        if stored is not None:
+            cal = stored.calibration
+            out["calibration"] = cal.as_dict()
+            try:
+                position = m.position_um
+                out["position_um"] = position.tolist()
+                out["tip_um"] = cal.to_microscope_um(position).tolist()
+                out["uncertainty_um"] = cal.uncertainty_um(position)
+            except PatchrigError as exc:
+                out["position_error"] = str(exc)
+            out["offset_history"] = stored.offset_history[-20:]
+            out["offset_history_length"] = len(stored.offset_history)
+            out["corrections"] = dict(self._correctors[channel].counts)
+        return out
+
+    def predicted_tip_px(self, channel: str) -> tuple[float, float] | None:
+        m = self._manipulator(channel)
+        with self._lock:
+            stored = self._stored.get(channel)
+        geometry = self._geometry()
+        if stored is None or geometry is None:
+            return None
+        xy = stored.calibration.to_px(m.position_um, *geometry)
+        return float(xy[0]), float(xy[1])
+
+    def assign(self, detections: list[TipDetection], frame: Frame) -> dict[str, Any]:
+        return self._assign(list(detections), frame).as_dict(list(detections))
+
+    def observe(self, frame: Frame, detections: list[TipDetection]) -> dict[str, Any]:
+        detections = list(detections)
+        assignment = self._assign(detections, frame)
+        out = assignment.as_dict(detections)
+        corrections: dict[str, Any] = {}
+        age_s = time.monotonic() - frame.received_s
+        for channel, tip in assignment.assigned.items():
+            lock = self._op_locks[channel]
+            if not lock.acquire(blocking=False):
+                corrections[channel] = {"accepted": False, "reason": "busy: an operation is running"}
+                continue
+            try:
+                corrections[channel] = self._correct(channel, tip.detection, frame, age_s)
+            finally:
+                lock.release()
+        out["corrections"] = corrections
+        return out
+
+    def _correct(self, channel: str, detection: TipDetection, frame: Frame, age_s: float) -> dict[str, Any]:
+        m = self.manipulators[channel]
+        try:
+            moving = self._moving_during(m, frame)
+            position = m.position_um
+        except PatchrigError as exc:
+            return {"accepted": False, "reason": f"device: {exc}"}
+        with self._lock:
+            stored = self._stored.get(channel)
+            if stored is None:
+                return {"accepted": False, "reason": "not calibrated"}
+            cal = stored.calibration
+            predicted = cal.to_microscope_um(position)[:2]
+            seen = px_to_um(np.array([detection.x_px, detection.y_px]), frame.um_per_px, frame.shape)
+            decision = self._correctors[channel].update(seen - predicted, score=detection.score, frame_age_s=age_s, moving=moving)
+            if decision.applied_delta_xy_um is not None:
+                stored.calibration = cal.shifted_xy(np.array(decision.applied_delta_xy_um))
+                stored.record("correction", [*decision.applied_delta_xy_um, 0.0])
+        if decision.applied_delta_xy_um is not None:
+            self._save(channel, force=False)
+        return decision.as_dict()
+
+    def calibrate(self, channel: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> dict[str, Any]:
+        m = self._manipulator(channel)
+        lock = self._operation(channel)
+        try:
+            settings = self.settings
+            sign = self.z_up_signs.get(channel)
+            if sign is not None:
+                settings = AutoCalibrationSettings(**{**settings.__dict__, "z_up_sign": float(sign)})
+            result = AutoCalibrator(m, self.eye, settings, progress=progress, cancel=cancel).run()
+            self._install(channel, result.calibration, "calibrate")
+            self.log.info("calibration saved", channel=channel, moves=result.moves, residual_um=round(result.fit.residual_um, 3))
+            return {**result.as_dict(), "calibration": result.calibration.as_dict(), "path": str(self.store.path(channel))}
+        finally:
+            lock.release()
+
+    def set_tip(self, channel: str, px: list[float] | tuple[float, float] | None = None) -> dict[str, Any]:
+        m = self._manipulator(channel)
+        cal = self._calibration(channel)
+        lock = self._operation(channel)
+        try:
+            if px is not None:
+                xy = _pixel(px)
+                frame = self.frames.latest()
+                if frame is None:
+                    raise NoFrame("no frame yet: cannot convert the pixel to µm")
+                h, w = frame.shape
+                if not (-0.5 <= xy[0] <= w - 0.5 and -0.5 <= xy[1] <= h - 0.5):
+                    raise InvalidParams(f"pixel {xy.tolist()} is outside the {w}x{h} frame", channel=channel)
+                focal = self.eye.focal_z_of(frame)
+                source = "user pixel"
+            else:
+                look = self.eye.look_after(time.monotonic() - self.settle_s)
+                detection = self._own_tip(channel, look)
+                frame, focal = look.frame, look.focal_z_um
+                xy = np.array([detection.x_px, detection.y_px])
+                source = "detection"
+            position = m.position_um
+            tip_xy_um = px_to_um(xy, frame.um_per_px, frame.shape)
+            new = set_tip_offset(cal, position, tip_xy_um, focal)
+            self._install(channel, new, "set_tip")
+            delta = new.offset_um - cal.offset_um
+            self.log.info("tip set", channel=channel, source=source, delta_um=np.round(delta, 3).tolist())
+            return {
+                "channel": channel,
+                "source": source,
+                "tip_px": [float(xy[0]), float(xy[1])],
+                "tip_um": new.to_microscope_um(position).tolist(),
+                "offset_um": new.offset_um.tolist(),
+                "offset_change_um": delta.tolist(),
+                "position_um": position.tolist(),
+            }
+        finally:
+            lock.release()
+
+    def _own_tip(self, channel: str, look: Look) -> TipDetection:
+        """This channel's tip on ``look``: the assigned detection, else the only unassigned one."""
+        if not look.detections:
+            raise NotCalibrated("no tip visible: the localiser found no confident tip", channel=channel)
+        assignment = self._assign(look.detections, look.frame)
+        if channel in assignment.assigned:
+            return assignment.assigned[channel].detection
+        if len(assignment.unassigned) == 1:
+            return look.detections[assignment.unassigned[0]]
+        raise NotCalibrated(
+            f"cannot tell which tip is this channel's ({len(assignment.unassigned)} unassigned tips); give px",
+            channel=channel,
+        )
+
+    def move_tip(
+        self,
+        channel: str,
+        *,
+        target_px: list[float] | tuple[float, float] | None = None,
+        target_um: list[float] | tuple[float, ...] | None = None,
+        tolerance_um: float | None = None,
+        max_iterations: int | None = None,
+        speed_um_s: float | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        m = self._manipulator(channel)
+        cal = self._calibration(channel)
+        if (target_px is None) == (target_um is None):
+            raise InvalidParams("give exactly one of target_px and target_um", channel=channel)
+        tolerance = float(self.cfg.tolerance_um if tolerance_um is None else tolerance_um)
+        iterations = int(self.cfg.max_iterations if max_iterations is None else max_iterations)
+        if not (math.isfinite(tolerance) and tolerance > 0):
+            raise InvalidParams(f"tolerance_um must be positive, got {tolerance_um!r}", channel=channel)
+        if not 1 <= iterations <= 50:
+            raise InvalidParams(f"max_iterations must be 1..50, got {max_iterations!r}", channel=channel)
+        lock = self._operation(channel)
+        try:
+            current_z = float(cal.to_microscope_um(m.position_um)[2])
+            if target_px is not None:
+                xy = _pixel(target_px)
+                geometry = self._geometry()
+                if geometry is None:
+                    raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
+                target = np.array([*px_to_um(xy, *geometry), current_z])
+            else:
+                values = np.asarray(target_um, float).reshape(-1)
+                if values.size not in (2, 3) or not np.all(np.isfinite(values)):
+                    raise InvalidParams("target_um must be 2 or 3 finite numbers (microscope µm)", channel=channel)
+                target = np.array([values[0], values[1], values[2] if values.size == 3 else current_z])
+
+            def find(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
+                own = trial.to_px(position, look.frame.um_per_px, look.frame.shape)
+                assignment = self._assign(look.detections, look.frame, {channel: own})
+                tip = assignment.assigned.get(channel)
+                return None if tip is None else tip.detection
+
+            result = closed_loop_move_tip(
+                m,
+                self.eye,
+                cal,
+                target,
+                find,
+                tolerance_um=tolerance,
+                max_iterations=iterations,
+                speed_um_s=speed_um_s,
+                progress=progress,
+                cancel=cancel,
+            )
+            self._install(channel, result.calibration, "move_tip")
+            geometry = self._geometry()
+            out = result.as_dict()
+            if geometry is not None:
+                out["tip_px"] = um_to_px(result.seen_xy_um, *geometry).tolist()
+            out["tolerance_um"] = tolerance
+            return out
+        finally:
+            lock.release()
+
+
+def _pixel(px: Any) -> np.ndarray:
+    try:
+        xy = np.asarray(px, float).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidParams(f"pixel {px!r} is not two numbers") from None
+    if xy.shape != (2,) or not np.all(np.isfinite(xy)):
+        raise InvalidParams(f"pixel {px!r} must be two finite numbers [x, y]")
+    return xy

@@ -3,6 +3,7 @@
 - ``synth``: a synthetic patchrig-tips/1 dataset (both CPU cores, progress bar, atomic).
 - ``show``: a contact sheet PNG of a dataset with its tip labels drawn (red circles; tips the
   generator marked as not visible, yellow crosses).
+- ``figure``: a labelled grid of in vivo and ex vivo synthetic frames (the docs picture).
 - ``import-coco``: a COCO keypoints file (CVAT, Label Studio export) into patchrig-tips/1.
 """
 
@@ -71,6 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
 
     p = sub.add_parser(
+        "figure",
+        help="draw a labelled grid of in vivo and ex vivo synthetic frames (for docs)",
+        description="Render --rows x 4 synthetic frames (the last row ex vivo) with their tip "
+        "labels into one PNG. Deterministic per --seed.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--rows", type=int, default=3, help="rows, the last one ex vivo (default 3)")
+    p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+
+    p = sub.add_parser(
         "import-coco",
         help="import a COCO keypoints file (CVAT, Label Studio) into patchrig-tips/1",
         description="Each COCO annotation is one pipette; its 'tip' keypoint (or the first) "
@@ -94,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_synth(args)
     if args.action == "show":
         return _run_show(args)
+    if args.action == "figure":
+        return _run_figure(args)
     return _run_import(args)
 
 
@@ -135,6 +149,25 @@ def _run_show(args: argparse.Namespace) -> int:
     if not cv2.imwrite(str(args.out), sheet):
         raise DataError(f"{args.out}: cannot write the contact sheet")
     print(f"wrote {args.out} ({len(items)} images)")
+    return 0
+
+
+def _run_figure(args: argparse.Namespace) -> int:
+    from simulators.synth import example_seed, sample_example
+
+    rows = max(2, args.rows)
+    items = []
+    for i in range(4 * rows):
+        domain = "ex_vivo" if i >= 4 * (rows - 1) else "in_vivo"
+        ex = sample_example(example_seed(args.seed, i), domain=domain, n_tips=(1, 5))
+        hidden = [(t["x"], t["y"]) for t in ex.meta["all_tips"] if not t["visible"]]
+        caption = f"{domain.replace('_', ' ')}  {ex.um_per_px:.2f} um/px  {ex.meta['bit_depth']}-bit"
+        items.append((ex.pixels, ex.tips_px, hidden, caption))
+    sheet = contact_sheet(items, cols=4, tile_px=args.tile)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(args.out), sheet):
+        raise DataError(f"{args.out}: cannot write the figure")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -109,7 +109,10 @@ class Sensor:
     ``photons_per_unit``: mean photons per pixel for background level 1.0 (a few in vivo).
     ``exact_poisson=False`` draws shot and read noise together from their Gaussian approximation
     (same mean and variance, gain^2 * lam + read^2): several times faster, used by the live
-    simulated microscope to hold its frame rate.
+    simulated microscope to hold its frame rate. ``smear_px``: Gaussian low-pass of the analogue
+    signal along the fast scan axis (x), making noise grains horizontally elongated;
+    ``interference_adu``: amplitude of electrical pick-up, a sinusoidal stripe pattern of
+    ``interference_period_px`` at ``interference_angle_deg`` from vertical.
     """
 
     photons_per_unit: float = 4.0
@@ -120,6 +123,10 @@ class Sensor:
     line_gain_jitter: float = 0.0
     bit_depth: int = 16
     exact_poisson: bool = True
+    smear_px: float = 0.0
+    interference_adu: float = 0.0
+    interference_period_px: float = 7.0
+    interference_angle_deg: float = 5.0
 
 
 @dataclass
@@ -427,9 +434,19 @@ def expose(expected: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> np
         # shot and read noise in one Gaussian draw: variance gain^2 * lam + read^2
         sd = np.sqrt(lam * gain * gain + np.float32(sensor.read_noise_adu) ** 2)
         out = lam * gain + sd * rng.standard_normal((h, w), dtype=np.float32)
+    if sensor.smear_px > 0:
+        k = 2 * int(math.ceil(3 * sensor.smear_px)) + 1
+        out = cv2.GaussianBlur(out, (k, 1), sensor.smear_px, sigmaY=0, borderType=cv2.BORDER_REFLECT)
     if sensor.line_gain_jitter > 0:
         out *= 1.0 + np.float32(sensor.line_gain_jitter) * rng.standard_normal((h, 1), dtype=np.float32)
     out += np.float32(sensor.offset_adu)
+    if sensor.interference_adu > 0:
+        a = math.radians(sensor.interference_angle_deg)
+        phase = float(rng.uniform(0, 2 * math.pi))
+        xs = np.arange(w, dtype=np.float32) * np.float32(math.cos(a))
+        ys = np.arange(h, dtype=np.float32) * np.float32(math.sin(a))
+        arg = (ys[:, None] + xs[None, :]) * np.float32(2 * math.pi / sensor.interference_period_px) + phase
+        out += np.float32(sensor.interference_adu) * np.sin(arg)
     if sensor.line_offset_adu > 0:
         out += np.float32(sensor.line_offset_adu) * rng.standard_normal((h, 1), dtype=np.float32)
     return quantise(out, sensor.bit_depth)
@@ -452,8 +469,11 @@ def tip_contrast_to_noise(
 ) -> float:
     """Detectability of a tip: the matched-filter signal-to-noise ratio
     sqrt(sum(d_lambda**2 / var)) of the frame with versus without pipettes, over a disc of
-    ``radius_px`` around the tip (photons; var = Poisson plus read noise). Used to label tips
-    that are drawn but drowned in noise as not visible."""
+    ``radius_px`` around the tip, in photons. ``var`` is the Poisson and read noise plus the
+    background clutter (the variance of the tissue's fine texture in that disc, smooth gradients
+    removed), since texture hides a faint tip as well as noise does. Used to label tips that are
+    drawn but lost as not visible.
+    """
     h, w = expected.shape
     r = int(math.ceil(radius_px))
     cx, cy = int(round(x_px)), int(round(y_px))
@@ -464,7 +484,27 @@ def tip_contrast_to_noise(
     yy, xx = np.mgrid[y0:y1, x0:x1]
     disc = (xx - x_px) ** 2 + (yy - y_px) ** 2 <= radius_px**2
     k = sensor.photons_per_unit
-    diff = (expected[y0:y1, x0:x1] - reference[y0:y1, x0:x1])[disc] * k
-    lam = np.maximum(reference[y0:y1, x0:x1][disc], 0.0) * k
-    var = lam + (sensor.read_noise_adu / max(sensor.gain_adu, 1e-9)) ** 2 + 1e-6
+    ref_win = np.ascontiguousarray(reference[y0:y1, x0:x1], dtype=np.float32)
+    fine = ref_win - cv2.GaussianBlur(ref_win, (0, 0), max(radius_px / 2, 1.0), borderType=cv2.BORDER_REFLECT)
+    clutter = float((fine[disc].astype(np.float64) * k).var())
+    ref = ref_win[disc].astype(np.float64) * k
+    diff = (expected[y0:y1, x0:x1][disc] - reference[y0:y1, x0:x1][disc]) * k
+    var = np.maximum(ref, 0.0) + (sensor.read_noise_adu / max(sensor.gain_adu, 1e-9)) ** 2 + clutter + 1e-6
     return float(math.sqrt(float((diff * diff / var).sum())))
+
+
+def bidirectional_misalignment(image: np.ndarray, shift_px: float) -> np.ndarray:
+    """Bidirectional resonant scanning with a phase error: even rows shift by -shift/2 and odd
+    rows by +shift/2 along x (linear interpolation), so positions stay right on average."""
+    if shift_px == 0:
+        return image
+    out = image.copy()
+    for start, d in ((0, -shift_px / 2), (1, shift_px / 2)):
+        rows = image[start::2]
+        n = int(math.floor(d))
+        f = np.float32(d - n)
+        a = np.roll(rows, n, axis=1)
+        b = np.roll(rows, n + 1, axis=1)
+        out[start::2] = (1 - f) * a + f * b
+    return out
+

@@ -9,7 +9,9 @@ either domain:
   mixed, with or without a thin bright rim), dye spot at the tip, ejected dye cloud, smooth
   brightness variation, tissue texture, bright labelled cells, dark unlabelled somata, dark
   vessels, vignetting and resonant-scan edge brightening, photons per pixel (1-30), detector gain
-  and offset, read noise, scan-line noise, bit depth and display gamma. The localiser trained on
+  and offset, read noise, scan-line noise, fast-axis smear, electrical interference stripes,
+  bidirectional-scan row misalignment, dark-field frames (bright pipettes, little tissue dye),
+  pipettes converging on one target, bit depth and display gamma. The localiser trained on
   these frames is tested on real frames that are not in this repository, so the ranges are wide
   on purpose.
 - ``ex_vivo``: brightfield/DIC pictures of one pipette in a brain slice: a dark, sharp silhouette
@@ -32,6 +34,7 @@ from simulators.render import (
     Pipette,
     Sensor,
     TipLabel,
+    bidirectional_misalignment,
     blobs,
     expose,
     label_tips,
@@ -77,7 +80,9 @@ class Scene:
     """Everything that makes one frame. ``gamma`` is a display curve applied after the
     detector (1 = linear); ``dic_relief`` the strength of DIC shading (ex vivo only) along
     ``dic_azimuth_deg``; ``min_tip_cnr`` the contrast-to-noise ratio below which a tip is
-    labelled not visible (0 = never)."""
+    labelled not visible (0 = never); ``background_level`` scales the tissue fluorescence (low:
+    bright pipettes over a dark field); ``bidi_shift_px`` the bidirectional-scan row offset.
+    """
 
     domain: str
     optics: Optics
@@ -91,6 +96,8 @@ class Scene:
     dic_azimuth_deg: float = 45.0
     style: str = "shadow"
     min_tip_cnr: float = 6.0
+    background_level: float = 1.0
+    bidi_shift_px: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +146,8 @@ def expected_image(
             a = math.radians(scene.dic_azimuth_deg)
             expected += np.float32(scene.dic_relief) * (gx * math.cos(a) + gy * math.sin(a))
     else:
+        if scene.background_level != 1.0:
+            background = background * np.float32(scene.background_level)
         reference = background + layers.cloud
         expected = reference * layers.transmission + layers.glow
     if scene.vignette_strength or scene.scan_edge:
@@ -154,7 +163,7 @@ def scene_labels(
     """Tip labels; a tip in frame and in focus whose contrast-to-noise ratio is below
     ``scene.min_tip_cnr`` is labelled not visible (``reason="low_contrast"``)."""
     labels = label_tips(scene.pipettes, scene.optics)
-    radius_px = max(4.0, 5.0 / scene.optics.um_per_px)
+    radius_px = max(4.0, 8.0 / scene.optics.um_per_px)
     out = []
     for lab in labels:
         if lab.visible and scene.min_tip_cnr > 0:
@@ -174,6 +183,8 @@ def render_scene(
     """
     expected, reference = expected_image(scene, background)
     labels = scene_labels(scene, expected, reference)
+    if scene.bidi_shift_px:
+        expected = bidirectional_misalignment(expected, scene.bidi_shift_px)
     pixels = expose(expected, scene.sensor, rng)
     if scene.gamma != 1.0:
         pixels = apply_gamma(pixels, scene.gamma, scene.sensor.bit_depth)
@@ -252,6 +263,19 @@ def _place_tip(
     return x, y, float(np.clip(rng.normal(0, 0.2 * thr), -0.5 * thr, 0.5 * thr))
 
 
+def _outside(tip: tuple[float, float, float], optics: Optics) -> bool:
+    h, w = optics.size_px
+    return abs(tip[0]) > (w - 1) / 2 * optics.um_per_px or abs(tip[1]) > (h - 1) / 2 * optics.um_per_px
+
+
+def _aim_into_frame(rng: np.random.Generator, tip: tuple[float, float, float], optics: Optics) -> float:
+    """An azimuth whose shank crosses the frame from a tip outside it (so the pipette shows)."""
+    h, w = optics.size_px
+    tx = rng.uniform(-0.4, 0.4) * w * optics.um_per_px
+    ty = rng.uniform(-0.4, 0.4) * h * optics.um_per_px
+    return math.degrees(math.atan2(ty - tip[1], tx - tip[0])) + float(rng.normal(0, 10.0))
+
+
 def _azimuths(rng: np.random.Generator, n: int) -> list[float]:
     """Pipettes come from different sides (usually) or from one side (sometimes)."""
     if n == 0:
@@ -279,8 +303,16 @@ def _sample_in_vivo(
     style = str(rng.choice(["shadow", "bright", "mixed"], p=[0.45, 0.3, 0.25]))
     ejecting = rng.random() < 0.35
     pipettes = []
+    # sometimes the pipettes converge on one target cell: tips within ~25 µm of each other
+    converge = n >= 2 and rng.random() < 0.3
+    h, w = size
+    target = (rng.uniform(-0.35, 0.35) * w * upx, rng.uniform(-0.35, 0.35) * h * upx)
     for az in _azimuths(rng, n):
         tip = _place_tip(rng, optics, p_outside=0.1, p_defocus=0.1)
+        if converge and abs(tip[2]) <= 0.5 * optics.visible_defocus_um and rng.random() < 0.8:
+            tip = (target[0] + rng.normal(0, 12.0), target[1] + rng.normal(0, 12.0), tip[2])
+        if _outside(tip, optics):
+            az = _aim_into_frame(rng, tip, optics)
         kind = style if style != "mixed" else str(rng.choice(["shadow", "bright"]))
         if kind == "shadow":
             shadow = float(rng.uniform(0.45, 0.95))
@@ -297,7 +329,7 @@ def _sample_in_vivo(
                 half_angle_deg=float(rng.uniform(3.0, 8.0)),
                 shadow=shadow,
                 fill=fill,
-                rim=float(rng.uniform(0.2, 1.5)) if rng.random() < 0.4 else 0.0,
+                rim=float(rng.uniform(0.2, 1.5 if kind == "bright" else 0.6)) if rng.random() < 0.4 else 0.0,
                 tip_spot=_log_uniform(rng, 0.4, 5.0) if rng.random() < 0.6 else 0.0,
                 tip_spot_um=float(rng.uniform(0.5, 1.5)),
                 cloud=_log_uniform(rng, 0.2, 3.0) if ejecting and rng.random() < 0.7 else 0.0,
@@ -340,6 +372,10 @@ def _sample_in_vivo(
         line_gain_jitter=float(rng.uniform(0.0, 0.12)) if rng.random() < 0.4 else 0.0,
         bit_depth=bit_depth,
         exact_poisson=True,
+        smear_px=float(rng.uniform(0.3, 1.5)) if rng.random() < 0.4 else 0.0,
+        interference_adu=gain * float(rng.uniform(0.1, 0.8)) if rng.random() < 0.1 else 0.0,
+        interference_period_px=float(rng.uniform(3.0, 30.0)),
+        interference_angle_deg=float(rng.uniform(-30.0, 30.0)),
     )
     return Scene(
         domain="in_vivo",
@@ -351,6 +387,8 @@ def _sample_in_vivo(
         scan_edge=float(rng.uniform(0.0, 0.5)) if rng.random() < 0.5 else 0.0,
         gamma=_log_uniform(rng, 0.5, 1.8) if rng.random() < 0.3 else 1.0,
         style=style,
+        background_level=_log_uniform(rng, 0.08, 0.4) if style == "bright" and rng.random() < 0.35 else 1.0,
+        bidi_shift_px=float(rng.uniform(0.3, 2.0)) if rng.random() < 0.15 else 0.0,
     )
 
 
@@ -366,17 +404,21 @@ def _sample_ex_vivo(
         emission_falloff_um=1e6,
         visible_defocus_um=10.0,
     )
-    pipettes = tuple(
-        Pipette(
-            tip_um=_place_tip(rng, optics, p_outside=0.08, p_defocus=0.0),
-            azimuth_deg=float(rng.uniform(0, 360)),
-            elevation_deg=float(rng.uniform(20.0, 35.0)),
-            tip_radius_um=float(rng.uniform(0.5, 1.0)),
-            half_angle_deg=float(rng.uniform(3.0, 8.0)),
-            shadow=float(rng.uniform(0.55, 0.95)),
+    pipettes_list = []
+    for _ in range(n):
+        tip = _place_tip(rng, optics, p_outside=0.08, p_defocus=0.0)
+        az = _aim_into_frame(rng, tip, optics) if _outside(tip, optics) else float(rng.uniform(0, 360))
+        pipettes_list.append(
+            Pipette(
+                tip_um=tip,
+                azimuth_deg=az,
+                elevation_deg=float(rng.uniform(20.0, 35.0)),
+                tip_radius_um=float(rng.uniform(0.5, 1.0)),
+                half_angle_deg=float(rng.uniform(3.0, 8.0)),
+                shadow=float(rng.uniform(0.55, 0.95)),
+            )
         )
-        for _ in range(n)
-    )
+    pipettes = tuple(pipettes_list)
     background = BackgroundParams(
         seed=int(rng.integers(2**31)),
         smooth_amp=float(rng.uniform(0.01, 0.08)),

@@ -551,6 +551,8 @@ class ScientificaManipulator(Manipulator):
     version is refused (its speed units differ). ``tolerance_um``: how close a finished move
     must be. ``max_retries``: re-sent ``ABS`` when the device stops short.
     ``acceleration_um_s2``: sent with ``ACC`` at start-up when given (else the device's own).
+    ``lost_after_s``: how long without a valid reply before a running move fails and the
+    read-back raises (default max(2 s, 4 * timeout_s)).
     Opening performs the handshake; errors name the channel and the port.
     """
 
@@ -570,6 +572,7 @@ class ScientificaManipulator(Manipulator):
         tolerance_um: float = 0.5,
         max_retries: int = 3,
         acceleration_um_s2: float | None = None,
+        lost_after_s: float | None = None,
     ) -> None:
         super().__init__(name, limits, max_speed_um_s, default_speed_um_s)
         if limits.n_axes != 3:
@@ -586,7 +589,7 @@ class ScientificaManipulator(Manipulator):
         self.timeout_s = float(timeout_s)
         self.tolerance_um = float(tolerance_um)
         self.max_retries = int(max_retries)
-        self.lost_after_s = max(2.0, 4 * self.timeout_s)
+        self.lost_after_s = float(lost_after_s) if lost_after_s else max(2.0, 4 * self.timeout_s)
         self._stop_flag = threading.Event()
         self._closing = threading.Event()
         self._state_lock = threading.Lock()  # guards seq, stop waiters, cache; held briefly

@@ -89,8 +89,8 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         results: list[object] = []
         workers = [
             threading.Thread(target=lambda: results.append(m.call(lambda p: p.exchange("VER", parse_int), 30)))
-            for _ in range(12)
-        ]  # about 1.8 s of queued work
+            for _ in range(8)
+        ]  # about 1.2 s of queued work
         for w in workers:
             w.start()
         time.sleep(0.05)
@@ -98,13 +98,13 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         m.stop()
         stop_s = time.monotonic() - t0
         assert handle.state is MoveState.INTERRUPTED
-        assert stop_s < 1.2, f"stop took {stop_s:.2f} s"
+        assert stop_s < 1.0, f"stop took {stop_s:.2f} s"
         for w in workers:
             w.join(BOUND_S)
-        assert results == [2] * 12  # the queued work still ran, after the stop
+        assert results == [2] * 8  # the queued work still ran, after the stop
         heard = list(sim.commands_received)
         first_stop = heard.index("STOP")
-        assert heard[first_stop:].count("VER") >= 10, "STOP was not sent before the queued commands"
+        assert heard[first_stop:].count("VER") >= 6, "STOP was not sent before the queued commands"
         sim.faults.reply_delay_s = 0.0
 
 
@@ -133,7 +133,7 @@ def test_occasional_garbled_replies_during_a_move_are_recovered() -> None:
 
 
 def test_a_garbled_line_fails_the_move_then_recovers_when_clean() -> None:
-    with rig() as (sim, m):
+    with rig(lost_after_s=1.0) as (sim, m):
         handle = m.move_to([300.0, 0.0, 0.0], 200.0)
         time.sleep(0.1)
         sim.faults.garble_next_replies = 10**9
@@ -151,7 +151,7 @@ def test_a_garbled_line_fails_the_move_then_recovers_when_clean() -> None:
 
 # -- silence -------------------------------------------------------------------------------------------
 def test_silence_mid_move_is_a_clear_timeout_and_the_driver_recovers() -> None:
-    with rig() as (sim, m):
+    with rig(lost_after_s=1.0) as (sim, m):
         handle = m.move_to([200.0, 0.0, 0.0], 400.0)
         time.sleep(0.1)
         sim.faults.silent = True

@@ -351,7 +351,10 @@ def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
     try:
         assert proc.stdout is not None
         path = proc.stdout.readline().strip()
-        assert path.startswith("/dev/pts/")
+        if not path.startswith("/dev/pts/"):
+            proc.kill()
+            _out, err = proc.communicate(timeout=5)
+            pytest.fail(f"first line {path!r} is not a pty path; stderr: {err[-2000:]}")
         line = Line(path, 38400)
         try:
             assert line.ask("scientifica") == "Y519"
@@ -359,7 +362,9 @@ def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
         finally:
             line.close()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        code = proc.wait(10)
+        assert proc.stderr is not None
+        assert code == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,7 +9,7 @@ not need their libraries to load.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from manipulators.base import Limits, Manipulator
 from rig.errors import ConfigError, PatchrigError
@@ -20,7 +20,11 @@ if TYPE_CHECKING:
     from simulators.world import SimWorld
 
 SIMULATED_PORT_PLACEHOLDER = "<simulated>"
-log = get_logger("patchrig.manipulators")
+
+
+def _log() -> Any:
+    """This module's logger, made at call time so that it follows ``configure_logging``."""
+    return get_logger("patchrig.manipulators")
 
 
 def limits_of(channel: ChannelConfig) -> Limits:
@@ -71,12 +75,12 @@ def build_manipulators(cfg: RigConfig, *, world: SimWorld | None = None) -> dict
     try:
         for channel in cfg.channels:
             built[channel.name] = build_manipulator(channel, world=world)
-            log.info("channel ready", channel=channel.name, driver=channel.driver)
+            _log().info("channel ready", channel=channel.name, driver=channel.driver)
     except BaseException:
         for m in reversed(list(built.values())):
             try:
                 m.close()
             except PatchrigError as exc:
-                log.warning("close after failed start failed", channel=m.name, error=str(exc))
+                _log().warning("close after failed start failed", channel=m.name, error=str(exc))
         raise
     return built

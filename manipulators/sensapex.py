@@ -52,7 +52,11 @@ MIN_SPEED_UM_S = 1.0  # the SDK raises slower speeds to 1 µm/s ("speed < 1 cras
 WATCH_PERIOD_S = 0.005
 
 _UM_ERRNO = re.compile(r"UM Error: (-?\d+)")
-log = get_logger("patchrig.sensapex")
+
+
+def _log() -> Any:
+    """This module's logger, made at call time so that it follows ``configure_logging``."""
+    return get_logger("patchrig.sensapex")
 
 
 def _errno_of(exc: BaseException) -> int | None:
@@ -114,7 +118,7 @@ class SensapexSdk:
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name=f"sensapex-move-watch-g{group}", daemon=True)
         self._watcher.start()
-        log.info("sensapex sdk opened", address=address, group=group, timeout_ms=timeout_ms)
+        _log().info("sensapex sdk opened", address=address, group=group, timeout_ms=timeout_ms)
 
     # -- sharing -------------------------------------------------------------------------
     @classmethod
@@ -168,7 +172,7 @@ class SensapexSdk:
             self.ump.close()  # stops and joins the poller, closes the socket
         finally:
             UMP._single = None
-        log.info("sensapex sdk closed", address=self.address, group=self.group)
+        _log().info("sensapex sdk closed", address=self.address, group=self.group)
 
     # -- move watching -------------------------------------------------------------------
     def watch(self, dev_id: int, pending: _PendingMove) -> None:
@@ -448,10 +452,13 @@ class SensapexManipulator(Manipulator):
     STOP_TRIES = 3
 
     def _verify_stopped(self) -> None:
-        """Read the position twice ``STOP_CHECK_S`` apart; while it still changes, send STOP
-        again (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``."""
+        """Make sure the device obeyed the STOP. If it already reports idle, done. Otherwise
+        read the position twice ``STOP_CHECK_S`` apart; while it still changes, send STOP again
+        (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``."""
         from sensapex import UMError
 
+        if not self._do_is_busy():
+            return
         previous = np.asarray(self._read_fresh_um())
         for attempt in range(1, self.STOP_TRIES + 1):
             time.sleep(self.STOP_CHECK_S)
@@ -470,6 +477,10 @@ class SensapexManipulator(Manipulator):
             f"(position {np.round(previous, 3).tolist()} µm)",
             channel=self.name,
         )
+
+    def query_position_um(self) -> np.ndarray:
+        """Ask the device now (one GET_POSITIONS round trip), bypassing the SDK's cache."""
+        return np.asarray(self._read_fresh_um(), float)
 
     def _read_fresh_um(self) -> list[float]:
         from sensapex import UMError

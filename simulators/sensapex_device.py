@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,11 @@ BASE_PORT = 55555
 DEFAULT_START_UM = 10000.0  # middle of a 20 mm uMp axis
 FIRMWARE_VERSION = (1, 504, 0, 0, 0)
 
-log = get_logger("patchrig.sim.sensapex")
+
+
+def _log() -> Any:
+    """This module's logger, made at call time so that it follows ``configure_logging``."""
+    return get_logger("patchrig.sim.sensapex")
 
 
 @dataclass
@@ -176,7 +181,7 @@ class SensapexSimulator:
         self._thread.start()
         for dev in self._devices.values():
             self._publish_world(dev, dev.motion.position_at(time.monotonic()))
-        log.info("sensapex simulator serving", address=f"{self.host}:{self.port}", ids=self.device_ids)
+        _log().info("sensapex simulator serving", address=f"{self.host}:{self.port}", ids=self.device_ids)
         return self
 
     def close(self) -> None:
@@ -278,7 +283,7 @@ class SensapexSimulator:
             try:
                 frame = smcp.decode(data)
             except smcp.SmcpError as exc:
-                log.warning("malformed SMCP datagram ignored", source=f"{addr[0]}:{addr[1]}", error=str(exc))
+                _log().warning("malformed SMCP datagram ignored", source=f"{addr[0]}:{addr[1]}", error=str(exc))
                 continue
             self._handle(frame, addr)
 

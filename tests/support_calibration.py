@@ -121,12 +121,21 @@ class OracleLocaliser:
         return sorted(out, key=lambda d: -d.score)
 
 
-def make_world(seed: int, n_channels: int = 1, *, n_axes: int | tuple[int, ...] = 3, drift_um_per_min: float = 0.0) -> SimWorld:
-    """A world with channels A, B, C, D (n_axes per channel), started at 10000 µm per axis."""
+def make_world(
+    seed: int,
+    n_channels: int = 1,
+    *,
+    n_axes: int | tuple[int, ...] = 3,
+    drift_um_per_min: float = 0.0,
+    start_um: float | tuple[float, ...] = 10000.0,
+) -> SimWorld:
+    """A world with channels A, B, C, D (n_axes per channel), started at ``start_um`` per axis
+    (limits of make_manipulators: 0..20000 µm); each tip starts in view and in focus."""
     world = SimWorld(seed=seed, drift_um_per_min=drift_um_per_min)
     axes = (n_axes,) * n_channels if isinstance(n_axes, int) else n_axes
     for i in range(n_channels):
-        world.add_channel("ABCD"[i], n_axes=axes[i], position_um=np.full(axes[i], 10000.0))
+        start = np.resize(np.asarray(start_um, float), axes[i])
+        world.add_channel("ABCD"[i], n_axes=axes[i], position_um=start)
     return world
 
 

@@ -1,0 +1,260 @@
+"""Calibration in the simulated world, where the truth is known.
+
+Most tests use the ORACLE localiser double (true tips + noise, see support_calibration) for
+speed; ``test_real_microscope_and_localiser`` runs the real SimMicroscope frames through the
+real shipped TipLocaliser.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import support_calibration as sc
+
+from calibration.auto import AutoCalibrationSettings
+from calibration.closed_loop import MoveTipFailed
+from calibration.service import CalibrationService
+from config.models import CalibrationConfig, RigIdentity
+from rig.errors import NotCalibrated, OutOfBounds, Stopped
+
+
+class Rig:
+    """World + simulated manipulators + oracle camera/localiser + service, closed on exit."""
+
+    def __init__(self, seed: int, n_channels: int = 2, n_axes=3, *, store_dir=None, start_um=10000.0, **loc_kw) -> None:
+        self.world = sc.make_world(seed, n_channels, n_axes=n_axes, start_um=start_um)
+        self.camera = sc.OracleCamera(self.world)
+        self.localiser = sc.OracleLocaliser(self.camera, seed=seed, **loc_kw)
+        self.manipulators = sc.make_manipulators(self.world)
+        self._tmp = tempfile.TemporaryDirectory() if store_dir is None else None
+        self.store_dir = store_dir if store_dir is not None else self._tmp.name
+        self.camera.start()
+        self.service = self.new_service()
+
+    def new_service(self, rig: RigIdentity | None = None, **kw) -> CalibrationService:
+        return CalibrationService(
+            rig or RigIdentity(), CalibrationConfig(), self.manipulators, self.camera, self.localiser, store_dir=self.store_dir, **kw
+        )
+
+    def true_error_um(self, channel: str, *, box_um: float = 40.0, n: int = 25) -> float:
+        """Median |predicted - true| XY over positions within ±box_um (x, y) of the current one."""
+        cal = self.service._calibration(channel)
+        p0 = self.manipulators[channel].position_um
+        rng = np.random.default_rng(0)
+        errors = []
+        for _ in range(n):
+            dp = np.zeros_like(p0)
+            dp[:2] = rng.uniform(-box_um, box_um, 2)
+            errors.append(sc.true_xy_error_um(self.world, cal, p0 + dp))
+        return float(np.median(errors))
+
+    def close(self) -> None:
+        for m in self.manipulators.values():
+            m.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.mark.parametrize(("seed", "n_axes"), [(0, 3), (1, 4), (2, (3, 4)), (5, 4)])
+def test_auto_calibration_residual_and_true_error(seed, n_axes):
+    with Rig(seed, 2, n_axes) as rig:
+        for ch in ("A", "B"):
+            result = rig.service.calibrate(ch)
+            assert result["moves"] <= 20
+            assert result["residual_um"] < 1.0
+            assert rig.true_error_um(ch) <= 1.0
+            assert rig.service.is_calibrated(ch)
+            # the calibration's own uncertainty is honest: same order as the true error
+            assert 0.01 < rig.service.get_calibration(ch)["uncertainty_um"] < 1.0
+
+
+def test_auto_calibration_rejects_outliers_and_false_detections():
+    with Rig(7, 3, outlier_p=0.1, false_tips=1) as rig:
+        result = rig.service.calibrate("B")
+        assert rig.true_error_um("B") <= 1.0
+        assert result["n_inliers"] <= result["n_points"]
+
+
+def test_move_tip_reaches_target_in_true_coordinates():
+    with Rig(3, 2, (4, 3)) as rig:
+        for ch in ("A", "B"):
+            rig.service.calibrate(ch)
+        rng = np.random.default_rng(3)
+        for ch in ("A", "B"):
+            for _ in range(3):
+                target_px = rig.world.true_tip_px(ch) + rng.uniform(-80, 80, 2)
+                out = rig.service.move_tip(ch, target_px=target_px.tolist())
+                true_error_um = float(np.linalg.norm(rig.world.true_tip_px(ch) - target_px)) * rig.world.um_per_px
+                assert true_error_um <= 2.0
+                assert out["iterations"] <= 3 and out["error_um"] <= 2.0
+
+
+def test_move_tip_out_of_limits_is_rejected_and_nothing_moves():
+    with Rig(4, 1) as rig:
+        rig.service.calibrate("A")
+        before = rig.manipulators["A"].position_um.copy()
+        with pytest.raises(OutOfBounds, match="outside the limits"):
+            rig.service.move_tip("A", target_um=[50000.0, 0.0])
+        np.testing.assert_array_equal(rig.manipulators["A"].position_um, before)
+
+
+def test_move_tip_lost_tip_returns_to_start_and_keeps_calibration():
+    with Rig(5, 1) as rig:
+        rig.service.calibrate("A")
+        m = rig.manipulators["A"]
+        start = m.position_um.copy()
+        offset = rig.service._calibration("A").offset_um.copy()
+        rig.world.set_visible("A", False)
+        with pytest.raises(MoveTipFailed, match="returned to the start position"):
+            rig.service.move_tip("A", target_um=(rig.world.true_tip_um("A")[:2] + 20.0).tolist())
+        np.testing.assert_allclose(m.position_um, start, atol=1e-6)
+        np.testing.assert_array_equal(rig.service._calibration("A").offset_um, offset)
+
+
+def test_calibration_fails_clearly_when_no_tip_is_visible():
+    with Rig(6, 1) as rig:
+        rig.world.set_visible("A", False)
+        with pytest.raises(NotCalibrated, match="no tip visible"):
+            rig.service.calibrate("A")
+        assert not rig.service.is_calibrated("A")
+
+
+def test_calibration_fails_clearly_when_the_tip_cannot_be_identified():
+    with Rig(6, 2) as rig:
+        rig.world.set_visible("A", False)  # B is visible, but A's moves move nothing
+        with pytest.raises(NotCalibrated, match="could not identify"):
+            rig.service.calibrate("A")
+
+
+def test_calibration_stays_inside_limits_near_a_limit():
+    # x starts 20 µm below its upper limit, y 30 µm above its lower limit
+    with Rig(8, 1, start_um=(19980.0, 30.0, 10000.0)) as rig:
+        m = rig.manipulators["A"]
+        visited = []
+        original = m.move_to
+
+        def spy(position_um, speed_um_s=None):
+            visited.append(np.asarray(position_um, float).copy())
+            return original(position_um, speed_um_s)
+
+        m.move_to = spy  # type: ignore[method-assign]
+        rig.service.calibrate("A")
+        assert visited and all(m.limits.contains(v.tolist()) for v in visited)
+        assert max(v[0] for v in visited) <= 20000.0 and min(v[1] for v in visited) >= 0.0
+        assert rig.true_error_um("A", box_um=15.0) <= 1.0
+
+
+def test_set_tip_after_a_pipette_change():
+    with Rig(9, 2) as rig:
+        for ch in ("A", "B"):
+            rig.service.calibrate(ch)
+        rig.world.jump("A", np.array([25.0, -18.0, 0.0]))  # a new pipette sits elsewhere
+        assert rig.true_error_um("A") > 20.0
+        out = rig.service.set_tip("A")
+        assert out["source"] == "detection"
+        assert rig.true_error_um("A") <= 1.0
+        history = rig.service.get_calibration("A")["offset_history"]
+        assert history[-1]["source"] == "set_tip"
+        # from a user-given pixel
+        rig.world.jump("B", np.array([-12.0, 9.0, 0.0]))
+        px = rig.world.true_tip_px("B")
+        rig.service.set_tip("B", px=px.tolist())
+        assert rig.true_error_um("B") <= 0.2
+
+
+def test_persistence_reload_and_refusal_for_another_objective():
+    with Rig(10, 1) as rig:
+        rig.service.calibrate("A")
+        reloaded = rig.new_service()
+        assert reloaded.is_calibrated("A")
+        np.testing.assert_allclose(reloaded._calibration("A").matrix, rig.service._calibration("A").matrix)
+        other = rig.new_service(RigIdentity(objective="16x/0.8"))
+        assert not other.is_calibrated("A")
+        info = other.get_calibration("A")
+        assert "objective" in info["refused"]
+        with pytest.raises(NotCalibrated, match="objective"):
+            other.move_tip("A", target_um=[0.0, 0.0])
+
+
+def _stop_when_moving(m, done: threading.Event) -> None:
+    while not done.is_set():
+        if m.is_busy():
+            m.stop("test stop")
+            return
+        time.sleep(0.002)
+
+
+def test_stop_during_a_calibration_move_raises_stopped():
+    with Rig(11, 1) as rig:
+        m = rig.manipulators["A"]
+        done = threading.Event()
+        stopper = threading.Thread(target=_stop_when_moving, args=(m, done))
+        stopper.start()
+        try:
+            with pytest.raises(Stopped):
+                rig.service.calibrate("A")
+        finally:
+            done.set()
+            stopper.join()
+        assert not rig.service.is_calibrated("A")
+
+
+def test_cancel_ends_calibration_and_move_tip_at_once():
+    with Rig(11, 1) as rig:
+        cancel = threading.Event()
+        timer = threading.Timer(0.2, cancel.set)  # as the daemon does on stop: set the op's event
+        timer.start()
+        try:
+            with pytest.raises(Stopped):
+                rig.service.calibrate("A", cancel=cancel)
+        finally:
+            timer.join()
+        assert not rig.service.is_calibrated("A")
+        rig.service.calibrate("A")
+        position = rig.manipulators["A"].position_um.copy()
+        with pytest.raises(Stopped):
+            rig.service.move_tip("A", target_um=[0.0, 0.0], cancel=cancel)  # already set: nothing moves
+        np.testing.assert_array_equal(rig.manipulators["A"].position_um, position)
+
+
+def test_four_pipettes_assignment_in_the_world():
+    with Rig(12, 4, (4, 3, 3, 4)) as rig:
+        for ch in "ABCD":
+            rig.service.calibrate(ch)
+        correct = 0
+        n = 0
+        rng = np.random.default_rng(12)
+        for _ in range(4):
+            ch = "ABCD"[int(rng.integers(4))]
+            target = rig.world.true_tip_px(ch) + rng.uniform(-40, 40, 2)
+            rig.service.move_tip(ch, target_px=target.tolist())
+            time.sleep(0.06)
+            for _ in range(10):
+                frame = rig.camera.render()
+                detections = rig.localiser.locate(frame.pixels, frame.um_per_px)
+                out = rig.service.assign(detections, frame)
+                truth = {c: rig.world.true_tip_px(c) for c in "ABCD"}
+                ok = all(
+                    np.hypot(a["x_px"] - truth[c][0], a["y_px"] - truth[c][1]) * rig.world.um_per_px < 2.0
+                    for c, a in out["assigned"].items()
+                )
+                correct += ok and len(out["assigned"]) == 4
+                n += 1
+        assert correct == n
+
+
+def test_settings_are_respected():
+    with Rig(13, 1) as rig:
+        service = rig.new_service(settings=AutoCalibrationSettings(max_moves=3))
+        with pytest.raises(NotCalibrated, match="more than 3 moves"):
+            service.calibrate("A")

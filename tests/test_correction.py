@@ -1,0 +1,162 @@
+"""Continuous offset correction: drift and jumps followed; bad, low-confidence, stale, moving
+and jumping detections rejected and never applied."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import support_calibration as sc
+
+from calibration.correction import OffsetCorrector
+from calibration.service import CalibrationService
+from config.models import CalibrationConfig, RigIdentity
+from localisation.types import TipDetection
+from rig.frame import Frame
+
+
+def _corrector(**kw) -> OffsetCorrector:
+    args = dict(min_confidence=0.7, max_jump_um=10.0, stale_after_s=1.0)
+    args.update(kw)
+    return OffsetCorrector("A", **args)
+
+
+def _feed(c: OffsetCorrector, offset: np.ndarray, truth: np.ndarray, rng, n=1, **kw):
+    """Feed n observations of a tip whose true offset is ``truth``; return the new offset."""
+    for _ in range(n):
+        e = truth - offset + rng.normal(0, 0.3, 2)
+        d = c.update(e, score=kw.get("score", 0.95), frame_age_s=kw.get("age", 0.05), moving=kw.get("moving", False))
+        if d.applied_delta_xy_um is not None:
+            offset = offset + np.array(d.applied_delta_xy_um)
+    return offset
+
+
+def test_drift_is_followed():
+    rng = np.random.default_rng(0)
+    c = _corrector()
+    offset = np.zeros(2)
+    truth = np.zeros(2)
+    errors = []
+    for _ in range(300):
+        truth = truth + np.array([0.02, -0.01])  # slow drift: 6 µm / 3 µm over the run
+        offset = _feed(c, offset, truth, rng)
+        errors.append(np.linalg.norm(truth - offset))
+    assert np.median(errors[50:]) < 0.8
+    assert np.linalg.norm(truth - offset) < 1.0
+
+
+def test_a_jump_is_confirmed_then_applied():
+    rng = np.random.default_rng(1)
+    c = _corrector()
+    offset = _feed(c, np.zeros(2), np.zeros(2), rng, n=10)
+    jumped = np.array([5.0, -3.0])  # 5.8 µm: below the jump limit, above the outlier limit
+    decisions = [c.update(jumped - offset, score=0.95, frame_age_s=0.0, moving=False) for _ in range(2)]
+    assert all(not d.accepted and d.reason.startswith("outlier") for d in decisions)
+    d = c.update(jumped - offset + 0.1, score=0.95, frame_age_s=0.0, moving=False)
+    assert d.accepted and "jump confirmed" in d.reason
+    assert np.linalg.norm(np.array(d.applied_delta_xy_um) - jumped) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"score": 0.3}, "low confidence"),
+        ({"age": 2.0}, "stale frame"),
+        ({"moving": True}, "moving"),
+    ],
+)
+def test_bad_observations_are_rejected_and_never_applied(kw, reason):
+    c = _corrector()
+    for _ in range(20):
+        d = c.update(np.array([4.0, 4.0]), score=kw.get("score", 0.95), frame_age_s=kw.get("age", 0.0), moving=kw.get("moving", False))
+        assert not d.accepted and d.reason.startswith(reason) and d.applied_delta_xy_um is None
+
+
+def test_too_large_jumps_and_isolated_outliers_are_never_applied():
+    rng = np.random.default_rng(2)
+    c = _corrector()
+    offset = _feed(c, np.zeros(2), np.zeros(2), rng, n=10)
+    for _ in range(10):
+        d = c.update(np.array([30.0, 0.0]), score=0.99, frame_age_s=0.0, moving=False)
+        assert not d.accepted and d.reason.startswith("jump too large")
+    for i in range(50):  # one wild detection in five, in random directions
+        e = rng.normal(0, 0.3, 2) - offset
+        if i % 5 == 0:
+            e = e + np.array([6.0, 0.0]) * rng.choice([-1, 1]) + rng.normal(0, 2.0, 2)
+        d = c.update(e, score=0.95, frame_age_s=0.0, moving=False)
+        if d.applied_delta_xy_um is not None:
+            offset = offset + np.array(d.applied_delta_xy_um)
+    assert np.linalg.norm(offset) < 0.6
+
+
+def test_non_finite_is_rejected():
+    d = _corrector().update(np.array([np.nan, 0.0]), score=0.9, frame_age_s=0.0, moving=False)
+    assert not d.accepted and d.reason == "not finite"
+
+
+# -- through the service, in the simulated world (oracle localiser) ----------------------------
+
+
+def _service(world, ms, cam, loc, tmp):
+    return CalibrationService(RigIdentity(), CalibrationConfig(), ms, cam, loc, store_dir=tmp)
+
+
+def test_service_corrects_drift_and_jumps_in_the_world():
+    world = sc.make_world(3, 2)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=3)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        service = _service(world, ms, cam, loc, tmp)
+        cam.start()
+        for ch in ms:
+            service.calibrate(ch)
+        for ch in ms:
+            assert sc.true_xy_error_um(world, service._calibration(ch), ms[ch].position_um) < 1.0
+        time.sleep(0.1)
+        world.jump("A", np.array([6.0, -4.0, 0.0]))
+        drift = np.zeros(3)
+        for _ in range(60):
+            drift += np.array([0.02, 0.02, 0.0])
+            world.jump("B", np.array([0.02, 0.02, 0.0]))  # slow drift of B
+            frame = cam.render()
+            result = service.observe(frame, loc.locate(frame.pixels, frame.um_per_px))
+            assert set(result["assigned"]) == {"A", "B"}
+        for ch in ms:
+            assert sc.true_xy_error_um(world, service._calibration(ch), ms[ch].position_um) < 1.0, ch
+        history = service.get_calibration("A")["offset_history"]
+        assert any(h["source"] == "correction" for h in history)
+        service.close()
+
+
+def test_service_never_applies_low_confidence_stale_or_moving_frames():
+    world = sc.make_world(4, 1)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=4)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        service = _service(world, ms, cam, loc, tmp)
+        cam.start()
+        service.calibrate("A")
+        time.sleep(0.1)
+        before = service._calibration("A").offset_um.copy()
+        world.jump("A", np.array([5.0, 0.0, 0.0]))
+        px = world.true_tip_px("A")
+        fresh = cam.render()
+        low = [TipDetection(float(px[0]), float(px[1]), 0.2)]
+        for _ in range(10):
+            out = service.observe(cam.render(), low)
+            assert out["corrections"]["A"]["reason"].startswith("low confidence")
+        stale = Frame(fresh.frame_id, fresh.t_s, fresh.pixels, fresh.um_per_px, fresh.z_um, fresh.received_s - 5.0)
+        good = [TipDetection(float(px[0]), float(px[1]), 0.95)]
+        for _ in range(10):
+            out = service.observe(stale, good)
+            assert out["corrections"]["A"]["reason"].startswith("stale")
+        # a frame received before the last move ended counts as taken while moving
+        old_frame = cam.render()
+        handle = ms["A"].move_to(ms["A"].position_um + np.array([0.5, 0.0, 0.0]))
+        handle.wait(5.0)
+        for _ in range(10):
+            out = service.observe(old_frame, good)
+            assert out["corrections"]["A"]["reason"].startswith(("moving", "stale"))
+        np.testing.assert_array_equal(service._calibration("A").offset_um, before)

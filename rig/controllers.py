@@ -77,6 +77,7 @@ class Operation:
         self.started_s: float | None = None
         self.finished_s: float | None = None
         self.cancel_reason: str | None = None
+        self.cancel_failure: PatchrigError | None = None
         self._publish = publish
         self._on_finish = [on_finish] if on_finish is not None else []
         self._wake = threading.Event()
@@ -104,12 +105,14 @@ class Operation:
                 return
         callback(self)
 
-    def cancel(self, reason: str) -> None:
-        """Ask the operation to end ``stopped`` with ``reason``; wakes its waits at once."""
+    def cancel(self, reason: str, *, failure: PatchrigError | None = None) -> None:
+        """Ask the operation to end ``stopped`` with ``reason`` (or ``failed`` with ``failure``
+        when a fault, not a person, ended it: a silent device, stale frames); wakes its waits."""
         with self._lock:
             if self._finished.is_set() or self.cancel_reason is not None:
                 return
             self.cancel_reason = reason
+            self.cancel_failure = failure
             handle = self._handle
         self.cancel_event.set()
         if handle is not None and not handle.done:
@@ -117,7 +120,9 @@ class Operation:
         self._wake.set()
 
     def check(self) -> None:
-        """Raise ``Stopped`` if the operation was cancelled."""
+        """Raise ``Stopped`` (or the cancel's ``failure``) if the operation was cancelled."""
+        if self.cancel_failure is not None:
+            raise self.cancel_failure
         if self.cancel_reason is not None:
             raise Stopped(f"{self.method} {self.id} interrupted: {self.cancel_reason}", channel=self.channel)
 
@@ -166,11 +171,14 @@ class Operation:
             result = self.body(self)
             self.check()
             self._finish("done", result=result)
-        except PatchrigError as exc:
+        except PatchrigError as raised:
+            error: PatchrigError = raised
             reason = self.cancel_reason
-            if reason is not None and not isinstance(exc, Stopped):
-                exc = Stopped(f"{self.method} {self.id} {reason}: {exc}", channel=self.channel)
-            self._finish("stopped" if isinstance(exc, Stopped) else "failed", error=exc)
+            if self.cancel_failure is not None:
+                error = self.cancel_failure
+            elif reason is not None and not isinstance(raised, Stopped):
+                error = Stopped(f"{self.method} {self.id} interrupted: {reason} ({raised})", channel=self.channel)
+            self._finish("stopped" if isinstance(error, Stopped) else "failed", error=error)
         except Exception as exc:  # a bug in a body: report it as internal, never kill the worker
             get_logger("patchrig.controller", channel=self.channel).exception("operation crashed", op=self.id)
             err = PatchrigError(f"{self.method} crashed: {type(exc).__name__}: {exc}", channel=self.channel)
@@ -242,28 +250,22 @@ class ChannelController:
                 self._halt("superseded")
         return op
 
-    def stop(self, reason: str = "stop") -> str | None:
+    def stop(self, reason: str = "stop", *, failure: PatchrigError | None = None) -> str | None:
         """Cancel the running and pending operations and halt the device now.
 
         Returns None, or the device's error text (the operations are cancelled regardless).
-        Never waits for the worker; safe from any thread.
+        Never waits for the worker; safe from any thread. ``failure``: see ``Operation.cancel``.
         """
-        with self._cond:
-            dropped, self._pending = self._pending, None
-            running = self._current
-        if running is not None:
-            running.cancel(reason)
-        if dropped is not None:
-            dropped._drop(reason)
+        self.cancel_ops(reason, failure=failure)
         return self._halt(reason)
 
-    def cancel_ops(self, reason: str) -> None:
+    def cancel_ops(self, reason: str, *, failure: PatchrigError | None = None) -> None:
         """Cancel the operations without commanding the device (stop_all halts devices itself)."""
         with self._cond:
             dropped, self._pending = self._pending, None
             running = self._current
         if running is not None:
-            running.cancel(reason)
+            running.cancel(reason, failure=failure)
         if dropped is not None:
             dropped._drop(reason)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rig.errors import Busy, InvalidParams
+from rig.errors import Busy, DeviceError, InvalidParams, NoFrame
 from rig.logs import get_logger
 
 CLOSED_LOOP = frozenset({"move_tip", "calibrate"})
@@ -145,7 +145,10 @@ class Watchdog:
             for name, ctl in self._controllers.items():
                 op = ctl.current
                 if op is not None and op.method in CLOSED_LOOP and not op.finished:
-                    ctl.stop("stale frames")
+                    ctl.stop("stale frames", failure=NoFrame(
+                        f"no fresh frame for {'ever' if age is None else f'{age:.2f} s'}: stopped by the watchdog",
+                        channel=name,
+                    ))
                     self._alarm(
                         "stale_frames",
                         f"no fresh frame for {'ever' if age is None else f'{age:.2f} s'}: {op.method} {op.id} stopped",
@@ -166,7 +169,10 @@ class Watchdog:
             if silent_for > self.device_silent_s and ctl.device_error is not None:
                 if name not in self._silent:
                     self._silent.add(name)
-                    ctl.cancel_ops("device silent")
+                    ctl.cancel_ops("device silent", failure=DeviceError(
+                        f"device silent for {silent_for:.1f} s ({ctl.device_error}): stopped by the watchdog",
+                        channel=name,
+                    ))
                     stopper = threading.Thread(
                         target=ctl.stop, args=("device silent",), name=f"patchrig-wd-stop-{name}", daemon=True
                     )

@@ -140,7 +140,7 @@ def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
     if rel.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{where} ({file}): images must be PNG or TIFF")
     where = f"{where} ({file})"
-    um_per_px = entry.get("um_per_px")
+    um_per_px: Any = entry.get("um_per_px")
     if not _finite_number(um_per_px) or um_per_px <= 0:
         raise DataError(f"{where}: 'um_per_px' must be a positive number, got {um_per_px!r}")
     tips = entry.get("tips")
@@ -168,6 +168,7 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: image file is missing")
     suffix = path.suffix.lower()
+    image: Any
     try:
         if suffix in (".tif", ".tiff"):
             image = tifffile.imread(path)

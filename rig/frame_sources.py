@@ -32,7 +32,7 @@ from rig.frame import Frame
 from rig.logs import get_logger
 
 SCHEMA = "patchrig-frame/1"
-_DTYPES = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
+_DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
 
 
 class FrameRejected(ValueError):
@@ -210,7 +210,7 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
         and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 16384 for s in shape)
     ):
         raise FrameRejected(f"shape must be [h, w] positive integers, got {shape!r}")
-    dtype = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
+    dtype: np.dtype | None = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
     if dtype is None:
         raise FrameRejected(f"dtype must be 'uint8' or 'uint16', got {header['dtype']!r}")
     if header.get("order", "C") != "C":

@@ -274,7 +274,11 @@ def run_cli(args: argparse.Namespace) -> int:
     start = {name: world.add_channel(name).position_um.copy() for name in names}
     microscope = SimMicroscope(world, rate_hz=args.rate, seed=args.seed, bit_depth=args.bit_depth)
     sender = FrameSender(args.endpoint)
-    microscope.subscribe(lambda f: sender.send(f.pixels, um_per_px=f.um_per_px, z_um=f.z_um, frame_id=f.frame_id, t=f.t_s))
+
+    def publish(frame: Frame) -> None:
+        sender.send(frame.pixels, um_per_px=frame.um_per_px, z_um=frame.z_um, frame_id=frame.frame_id, t=frame.t_s)
+
+    microscope.subscribe(publish)
     log.info("publishing", endpoint=sender.endpoint, rate_hz=args.rate, channels=len(names))
     t0 = time.monotonic()
     last_report, last_count = t0, 0

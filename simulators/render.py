@@ -234,9 +234,9 @@ def _add_pipette(
     b = taper + 3.0 * k * rise_um / upx
     u_far = math.hypot(h, w) + abs(tx) + abs(ty)
     corners = []
-    for u, half in ((-a, a), (u_far, a + b * u_far)):
+    for u_end, half in ((-a, a), (u_far, a + b * u_far)):
         for sgn in (-1.0, 1.0):
-            corners.append((tx + u * ca - sgn * half * sa, ty + u * sa + sgn * half * ca))
+            corners.append((tx + u_end * ca - sgn * half * sa, ty + u_end * sa + sgn * half * ca))
     cx = [c[0] for c in corners]
     cy = [c[1] for c in corners]
     x0 = max(int(math.floor(min(cx))), 0)
@@ -309,7 +309,7 @@ def _add_cloud(p: Pipette, optics: Optics, cloud: np.ndarray) -> None:
     # centre of coarse pixel i is fine coordinate (i + 0.5) * f - 0.5 (cv2.resize convention)
     xs = (np.arange(wc, dtype=np.float32) + 0.5) * f - 0.5 - cx
     ys = (np.arange(hc, dtype=np.float32) + 0.5) * f - 0.5 - cy
-    g = np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2) / s**2).astype(np.float32)
+    g: np.ndarray = np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2) / s**2).astype(np.float32)
     if f > 1:
         g = cv2.resize(g, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
     cloud += np.float32(p.cloud) * g
@@ -334,7 +334,7 @@ def texture_field(
     h, w = size_px
     f = max(1, int(scale_px // 2))
     hc, wc = -(-h // f), -(-w // f)
-    g = rng.standard_normal((hc, wc)).astype(np.float32)
+    g: np.ndarray = rng.standard_normal((hc, wc)).astype(np.float32)
     g = cv2.GaussianBlur(g, (0, 0), max(scale_px / f, 0.5))
     if f > 1:
         g = cv2.resize(g, (wc * f, hc * f), interpolation=cv2.INTER_LINEAR)[:h, :w]
@@ -352,7 +352,7 @@ def blobs(
 ) -> np.ndarray:
     """``n`` soft round blobs (cell bodies), amplitude drawn per blob (may be negative)."""
     h, w = size_px
-    out = np.zeros((h, w), np.float32)
+    out: np.ndarray = np.zeros((h, w), np.float32)
     shift = 4
     for _ in range(n):
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
@@ -379,7 +379,7 @@ def vessels(
 ) -> np.ndarray:
     """``n`` meandering tubes (blood vessels), 0..1 coverage map."""
     h, w = size_px
-    out = np.zeros((h, w), np.float32)
+    out: np.ndarray = np.zeros((h, w), np.float32)
     for _ in range(n):
         x, y = rng.uniform(0, w), rng.uniform(0, h)
         heading = rng.uniform(0, 2 * math.pi)

@@ -37,6 +37,7 @@ from localisation.models.cyclegan import (
     ResnetGenerator,
     atomic_torch_save,
 )
+from localisation.progress import bar
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -116,15 +117,16 @@ def crop_around(img: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
     return padded[r0 : r0 + size, c0 : c0 + size]
 
 
-def make_crops(domain: str, n_frames: int, *, seed: int, crop: int, image_size: int) -> np.ndarray:
+def make_crops(
+    domain: str, n_frames: int, *, seed: int, crop: int, image_size: int, progress: bool = True
+) -> np.ndarray:
     """(M, crop, crop) float32 crops in [0, 1] around every tip of ``n_frames`` synthetic frames
     of ``domain`` (seeds ``seed .. seed + n_frames - 1``)."""
+    from localisation.preprocess import prepare
     from simulators.synth import sample_example
 
-    from localisation.preprocess import prepare
-
     crops = []
-    for s in tqdm(range(seed, seed + n_frames), desc=f"{domain} crops", unit="frame", leave=False):
+    for s in bar(range(seed, seed + n_frames), enabled=progress, desc=f"{domain} crops", unit="frame", leave=False):
         ex = sample_example(s, domain=domain)
         img, rs = prepare(ex.pixels, ex.um_per_px, mode="resize", size=image_size, model_um_per_px=None)
         for x, y in rs.to_model(ex.tips_px):
@@ -279,8 +281,8 @@ def train_cyclegan(
     out.mkdir(parents=True, exist_ok=True)
     if crops is None:
         crops = (
-            make_crops("in_vivo", cfg.n_in_vivo_frames, seed=cfg.seed, crop=cfg.crop, image_size=cfg.image_size),
-            make_crops("ex_vivo", cfg.n_ex_vivo_frames, seed=cfg.seed + 1_000_000, crop=cfg.crop, image_size=cfg.image_size),
+            make_crops("in_vivo", cfg.n_in_vivo_frames, seed=cfg.seed, crop=cfg.crop, image_size=cfg.image_size, progress=progress),
+            make_crops("ex_vivo", cfg.n_ex_vivo_frames, seed=cfg.seed + 1_000_000, crop=cfg.crop, image_size=cfg.image_size, progress=progress),
         )
     trainer = CycleGanTrainer(cfg)
     state_path = out / "cyclegan-train.pt"
@@ -292,21 +294,24 @@ def train_cyclegan(
     total = cfg.steps_constant + cfg.steps_decay
     log.info("cyclegan_start", crops_in_vivo=len(crops[0]), crops_ex_vivo=len(crops[1]), steps=total)
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=trainer.step_count, desc="cyclegan", unit="step", disable=not progress)
+    pbar = tqdm(total=total, initial=trainer.step_count, desc="cyclegan", unit="step") if progress else None
     with (out / "cyclegan-log.jsonl").open("a") as logf:
         while trainer.step_count < total:
             losses = trainer.step(sampler_in.sample(), sampler_ex.sample())
             if any(not np.isfinite(v) for v in losses.values()):
                 raise DataError(f"CycleGAN training diverged at step {trainer.step_count}: {losses}")
-            bar.update(1)
+            if pbar is not None:
+                pbar.update(1)
             if trainer.step_count % 25 == 0 or trainer.step_count == total:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                if pbar is not None:
+                    pbar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
                 record = {"step": trainer.step_count, "lr": trainer.lr, "time_s": round(time.perf_counter() - t0, 1), **losses}
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
             if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == total:
                 atomic_torch_save(trainer.state(), state_path)
-    bar.close()
+    if pbar is not None:
+        pbar.close()
     denoiser = trainer.denoiser()
     denoiser.save(out / "denoiser.pt")
     log.info("cyclegan_done", steps=trainer.step_count, seconds=round(time.perf_counter() - t0, 1))

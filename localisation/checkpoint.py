@@ -62,6 +62,7 @@ def save_checkpoint(
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -50,6 +50,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -118,6 +118,7 @@ def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

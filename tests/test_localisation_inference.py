@@ -1,0 +1,143 @@
+"""The shipped localiser: loads, finds tips, maps coordinates back to the input's pixels at any
+size and pixel size, is deterministic, and refuses bad input and wrong checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from localisation.checkpoint import DEFAULT_CHECKPOINT, read_checkpoint, save_checkpoint
+from localisation.configs import build_model, get_config
+from localisation.inference import TipLocaliser
+from localisation.metrics import MetricsAccumulator
+from localisation.types import TipDetection
+from rig.errors import DataError
+from simulators.synth import sample_example
+
+torch.set_num_threads(1)
+
+# frames the model never saw (training seeds start at 10_000_000, validation at 20_000_000)
+TEST_SEEDS = range(30_000_000, 30_000_012)
+
+
+@pytest.fixture(scope="module")
+def localiser() -> TipLocaliser:
+    return TipLocaliser.load(threads=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def frames() -> list:
+    return [sample_example(s, n_tips=(1, 4)) for s in TEST_SEEDS]
+
+
+def test_shipped_checkpoint_is_small_and_named() -> None:
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert DEFAULT_CHECKPOINT.stat().st_size < 50 * 1024 * 1024
+    payload = read_checkpoint(DEFAULT_CHECKPOINT, expect_config="fast")
+    assert payload["config"]["n_max"] >= 6
+
+
+def test_finds_tips_on_fresh_synthetic_frames(localiser: TipLocaliser, frames: list) -> None:
+    acc = MetricsAccumulator()
+    for ex in frames:
+        dets = localiser.locate(ex.pixels, ex.um_per_px)
+        assert all(isinstance(d, TipDetection) and 0.0 <= d.score <= 1.0 for d in dets)
+        assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
+        acc.add(np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), ex.tips_px, ex.um_per_px)
+    o = acc.summary()["overall"]
+    # loose bounds on 12 frames (the full evaluation is in localisation/checkpoints/fast.json)
+    assert o["acc_10um"] >= 0.8, o
+    assert o["precision"] >= 0.8, o
+    assert o["mean_error_um"] < 4.0, o
+
+
+def _first_frame_with_tips(frames: list, localiser: TipLocaliser):  # noqa: ANN202
+    for ex in frames:
+        dets = localiser.locate(ex.pixels, ex.um_per_px)
+        if len(dets) >= 1 and len(ex.tips_px) >= 1:
+            return ex, dets
+    raise AssertionError("no frame with a detected tip")
+
+
+def test_resampled_input_gives_input_pixel_coordinates(localiser: TipLocaliser, frames: list) -> None:
+    ex, dets = _first_frame_with_tips(frames, localiser)
+    base = np.array([[d.x_px, d.y_px] for d in dets])
+    # the same field of view at twice the pixel density: coordinates double (pixel-centre origin)
+    big = cv2.resize(ex.pixels, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR)
+    dets2 = localiser.locate(big, ex.um_per_px / 2.0)
+    got = np.array([[d.x_px, d.y_px] for d in dets2])
+    expected = (base + 0.5) * 2.0 - 0.5
+    for p in expected:
+        assert np.min(np.linalg.norm(got - p, axis=1)) * (ex.um_per_px / 2.0) < 2.0
+    # a crop: coordinates stay in the crop's own pixels
+    x0, y0 = 37, 21
+    crop = ex.pixels[y0:, x0:]
+    dets3 = localiser.locate(crop, ex.um_per_px)
+    got3 = np.array([[d.x_px, d.y_px] for d in dets3]).reshape(-1, 2)
+    inside = base[(base[:, 0] > x0 + 30) & (base[:, 1] > y0 + 30)]
+    for p in inside:
+        assert np.min(np.linalg.norm(got3 - (p - [x0, y0]), axis=1)) * ex.um_per_px < 3.0
+
+
+def test_accepts_uint8_uint16_float_and_colour(localiser: TipLocaliser, frames: list) -> None:
+    ex = frames[0]
+    f = ex.pixels.astype(np.float64)
+    for pixels in (ex.pixels, f, np.repeat(f[..., None], 3, axis=2)):
+        dets = localiser.locate(pixels, ex.um_per_px)
+        assert isinstance(dets, list)
+
+
+def test_deterministic(localiser: TipLocaliser, frames: list) -> None:
+    ex = frames[1]
+    a = localiser.locate(ex.pixels, ex.um_per_px)
+    b = localiser.locate(ex.pixels.copy(), ex.um_per_px)
+    other = TipLocaliser.load(threads=1, device="cpu")
+    c = other.locate(ex.pixels, ex.um_per_px)
+    assert a == b == c
+
+
+@pytest.mark.parametrize(
+    "pixels,um_per_px",
+    [
+        (np.zeros((0, 0), np.uint16), 0.5),
+        (np.full((64, 64), np.nan), 0.5),
+        (np.zeros((2, 64, 64), np.uint16), 0.5),
+        (np.zeros(64, np.uint16), 0.5),
+        (np.zeros((64, 64), np.uint16), 0.0),
+        (np.zeros((64, 64), np.uint16), float("inf")),
+        (None, 0.5),
+    ],
+)
+def test_bad_input_raises_data_error(localiser: TipLocaliser, pixels: object, um_per_px: float) -> None:
+    with pytest.raises(DataError):
+        localiser.locate(pixels, um_per_px)  # type: ignore[arg-type]
+
+
+def test_flat_frame_has_no_tips(localiser: TipLocaliser) -> None:
+    assert localiser.locate(np.full((256, 256), 1000, np.uint16), 0.6) == []
+
+
+def test_wrong_or_broken_checkpoints_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="trained with config 'fast'"):
+        TipLocaliser.load(DEFAULT_CHECKPOINT, expect_config="paper", threads=1)
+    with pytest.raises(DataError, match="no such file"):
+        TipLocaliser.load(tmp_path / "missing.pt", threads=1)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="unreadable"):
+        TipLocaliser.load(junk, threads=1)
+    # a checkpoint claiming config 'fast' with the weights of another network
+    tiny = get_config("fast-tiny")
+    mixed = tmp_path / "mixed.pt"
+    save_checkpoint(mixed, build_model(tiny), get_config("fast"))
+    with pytest.raises(DataError, match="do not fit"):
+        TipLocaliser.load(mixed, threads=1)
+    # not a localiser checkpoint at all
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(DataError, match="not a patchrig localiser checkpoint"):
+        TipLocaliser.load(other, threads=1)

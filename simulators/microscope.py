@@ -259,7 +259,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from rig.errors import InvalidParams
+    import zmq
+
+    from rig.errors import ConfigError, InvalidParams
     from rig.frame_sender import FrameSender
 
     if not 1 <= args.channels <= 8:
@@ -273,7 +275,10 @@ def run_cli(args: argparse.Namespace) -> int:
     names = [chr(ord("A") + i) for i in range(args.channels)]
     start = {name: world.add_channel(name).position_um.copy() for name in names}
     microscope = SimMicroscope(world, rate_hz=args.rate, seed=args.seed, bit_depth=args.bit_depth)
-    sender = FrameSender(args.endpoint)
+    try:
+        sender = FrameSender(args.endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot publish on {args.endpoint}: {exc}") from exc
 
     def publish(frame: Frame) -> None:
         sender.send(frame.pixels, um_per_px=frame.um_per_px, z_um=frame.z_um, frame_id=frame.frame_id, t=frame.t_s)

@@ -161,3 +161,11 @@ def test_cli_simulate_microscope_publishes_moving_frames() -> None:
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_cli_simulate_microscope_rejects_bad_arguments_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from rig.cli import main
+
+    assert main(["simulate", "microscope", "--endpoint", "nonsense://x", "--duration", "0.1"]) == 1
+    assert "cannot publish on nonsense://x" in capsys.readouterr().err
+    assert main(["simulate", "microscope", "--channels", "9"]) == 1

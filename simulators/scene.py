@@ -142,8 +142,9 @@ def expected_image(
         reference = background
         expected = background * layers.transmission
         if scene.dic_relief != 0 and layers.coverage is not None:
-            gy, gx = np.gradient(layers.coverage)
+            # DIC: shading along the shear direction of both the glass and the slice's texture
             a = math.radians(scene.dic_azimuth_deg)
+            gy, gx = np.gradient(layers.coverage - 4.0 * background)
             expected += np.float32(scene.dic_relief) * (gx * math.cos(a) + gy * math.sin(a))
     else:
         if scene.background_level != 1.0:

@@ -125,3 +125,23 @@ def test_crop_around_pads_by_reflection_at_the_border() -> None:
     corner = crop_around(img, 2.0, 3.0, 80)
     assert corner.shape == (80, 80) and corner[40, 40] == img[3, 2]
     assert corner[40, 39] == img[3, 1] and corner[40, 37] == img[3, 1]  # mirrored about column 0
+
+
+def test_train_cyclegan_writes_log_checkpoint_and_denoiser_and_resumes(tmp_path) -> None:
+    from localisation.gan_train import train_cyclegan
+
+    rng = np.random.default_rng(0)
+    crops = (rng.random((6, 80, 80), dtype=np.float32), rng.random((5, 80, 80), dtype=np.float32))
+    cfg = GanConfig(ngf=4, n_blocks=1, ndf=4, batch_size=2, steps_constant=1, steps_decay=1, checkpoint_every=1)
+    den = train_cyclegan(cfg, tmp_path, crops=crops, progress=False)
+    assert (tmp_path / "denoiser.pt").is_file() and (tmp_path / "cyclegan-train.pt").is_file()
+    lines = (tmp_path / "cyclegan-log.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"step": 2' in lines[0]  # logged at the last step
+    x = torch.rand(1, 1, 64, 64)
+    torch.testing.assert_close(Denoiser.load(tmp_path / "denoiser.pt").denoise(x), den.denoise(x))
+    # a finished run resumes to the same generator without training further
+    again = train_cyclegan(cfg, tmp_path, crops=crops, progress=False)
+    torch.testing.assert_close(again.denoise(x), den.denoise(x))
+    other = GanConfig(ngf=8, n_blocks=1, ndf=4, batch_size=2, steps_constant=1, steps_decay=1)
+    with pytest.raises(DataError, match="another CycleGAN configuration"):
+        train_cyclegan(other, tmp_path, crops=crops, progress=False)

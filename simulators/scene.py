@@ -14,8 +14,9 @@ either domain:
   pipettes converging on one target, bit depth and display gamma. The localiser trained on
   these frames is tested on real frames that are not in this repository, so the ranges are wide
   on purpose.
-- ``ex_vivo``: brightfield/DIC pictures of one pipette in a brain slice: a dark, sharp silhouette
-  with a little DIC relief on a clean grey background (the denoiser's target domain).
+- ``ex_vivo``: brightfield/DIC pictures of one pipette on a plain field or in a brain slice (faint
+  embossed cells): a dark, sharp silhouette with a little DIC relief on a clean grey background
+  (the denoiser's target domain).
 
 Each pipette's tip is placed on purpose as visible (in frame, within half the visible defocus),
 outside the frame, or clearly out of focus (at least 2.5x the visible defocus, and blurred by at least 4 µm), so labels
@@ -420,15 +421,17 @@ def _sample_ex_vivo(
             )
         )
     pipettes = tuple(pipettes_list)
+    in_slice = rng.random() < 0.4  # within a brain slice (faint cells) rather than a plain field
     background = BackgroundParams(
         seed=int(rng.integers(2**31)),
         smooth_amp=float(rng.uniform(0.01, 0.08)),
         smooth_cells=int(rng.integers(2, 5)),
-        texture_amp=float(rng.uniform(0.0, 0.04)),
+        texture_amp=float(rng.uniform(0.02, 0.08)) if in_slice else float(rng.uniform(0.0, 0.03)),
         texture_um=float(rng.uniform(2.0, 8.0)),
         fine_texture_amp=0.0,
         bright_cells=0,
-        dark_cells=0,
+        dark_cells=int(rng.integers(3, 15)) if in_slice else 0,
+        dark_cell_depth=(0.03, 0.12),
         n_vessels=0,
     )
     bit_depth = 8 if rng.random() < 0.7 else 16

@@ -6,7 +6,8 @@ microscope and the daemon; then plays what rig software such as RITA does, as a 
 daemon's patchrig-rpc/1 socket (``rig.client``): calibrate every channel, one after the other,
 then send every tip to a target at once (``move_tip`` with ``wait: false``, completion from
 the ``op`` telemetry topic). The targets are chosen from what the daemon reports (each tip
-moved 20 µm away from the others), never from the simulation's truth.
+advanced 20 µm toward the others, as pipettes converging on neighbouring cells), never from
+the simulation's truth.
 
 At the end it prints a table per channel: the TRUE final distance of the tip from its target
 and the TRUE error of the calibration (both from the simulated world, which the daemon never
@@ -42,6 +43,7 @@ from rig.errors import PatchrigError
 from rig.logs import get_logger
 
 TARGET_SHIFT_UM = 20.0
+MIN_SPACING_UM = 15.0
 TOLERANCE_UM = 1.5
 PICTURE = "sim-session.png"
 
@@ -143,16 +145,17 @@ class SessionWatcher:
 
 
 def choose_targets(tips_px: dict[str, np.ndarray], um_per_px: float) -> dict[str, np.ndarray]:
-    """Each tip moved ``TARGET_SHIFT_UM`` away from the centroid of the other tips (so that
-    tips spread apart rather than cross). Uses only what the daemon reported."""
+    """Each tip advanced up to ``TARGET_SHIFT_UM`` toward the centroid of all tips, as when
+    several pipettes converge on neighbouring cells, stopping ``MIN_SPACING_UM`` short of it.
+    Uses only what the daemon reported (never the simulation's truth)."""
+    centre = np.mean(list(tips_px.values()), axis=0)
     targets = {}
     for ch, xy in tips_px.items():
-        others = [v for k, v in tips_px.items() if k != ch]
-        centre = np.mean(others, axis=0) if others else xy + np.array([1.0, 0.0])
-        d = xy - centre
-        norm = float(np.linalg.norm(d))
-        unit = d / norm if norm > 1e-6 else np.array([1.0, 0.0])
-        targets[ch] = xy + unit * TARGET_SHIFT_UM / um_per_px
+        d = centre - xy
+        dist_um = float(np.linalg.norm(d)) * um_per_px
+        unit = d / np.linalg.norm(d) if dist_um > 1e-6 else np.array([1.0, 0.0])
+        shift_um = min(TARGET_SHIFT_UM, max(dist_um - MIN_SPACING_UM, 5.0))
+        targets[ch] = xy + unit * shift_um / um_per_px
     return targets
 
 

@@ -26,6 +26,7 @@ from rig.logs import get_logger
 from simulators.world import SimWorld
 
 SIMULATED_PORT = "<simulated>"
+START_RING_UM = 45.0
 log = get_logger("patchrig.simrig")
 
 
@@ -65,10 +66,23 @@ class SimulatedRig:
         )
         for ch in cfg.channels:
             self.world.add_channel(ch.name, n_axes=ch.n_axes, position_um=start_position_um(ch))
+        self._spread_tips()
         self.frame_rate_hz = float(frame_rate_hz or (sim.frame_rate_hz if sim is not None else 30.0))
         self.sensapex: list[Any] = []
         self.scientifica: dict[str, Any] = {}
         self.microscope: Any = None
+
+    def _spread_tips(self) -> None:
+        """Put each start tip ``START_RING_UM`` from the image centre on the side its pipette
+        comes from, as an experimenter lowers pipettes into the field of view, so that tips
+        do not start on top of one another. Done through the world's hidden offset (a jump
+        before the session starts); the mounting transforms stay random."""
+        for name in self.world.channel_names:
+            truth = self.world.truth(name)
+            az = math.radians(truth.look.azimuth_deg)
+            want = np.array([math.cos(az), math.sin(az)]) * START_RING_UM
+            now = self.world.true_tip_um(name)
+            self.world.jump(name, np.array([want[0] - now[0], want[1] - now[1], 0.0]))
 
     def start(self) -> RigConfig:
         """Start the device simulators and the microscope; return the filled-in config."""

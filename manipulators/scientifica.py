@@ -777,6 +777,8 @@ class ScientificaManipulator(Manipulator):
                     break
                 if req is not None:
                     self._handle_request(req)
+                    if req.kind == "move":  # watch a new move closely from the start
+                        next_poll_s = min(next_poll_s, time.monotonic() + POLL_MOVING_S)
                 if time.monotonic() >= next_poll_s:
                     self._poll()
                     interval = POLL_MOVING_S if self._active is not None else POLL_IDLE_S

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", help="refuse checkpoints of any other configuration")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (figures are written beside it)")
+    parser.add_argument(
+        "--ablation",
+        choices=["no-offset"],
+        help="no-offset: the fast model without its sub-cell offset head (tips at heatmap cell centres)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the configuration's)")
@@ -75,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for spec in specs:
         name, loc = load_localiser(spec, device=args.device, threads=args.threads, expect_config=args.config)
+        if args.ablation == "no-offset":
+            if not hasattr(getattr(loc, "model", None), "use_offset"):
+                raise DataError(f"{spec}: --ablation no-offset needs a fast-family checkpoint")
+            loc.model.use_offset = False
+            name += " without offset head"
         results.append(evaluate(name, loc, records, progress=not args.no_progress))
     doc = {
         "format": "patchrig-evaluation/1",

@@ -64,6 +64,7 @@ class FastTipNet(nn.Module):
         w1, w2, w3, w4 = widths
         self.n_max = n_max
         self.out_stride = out_stride
+        self.use_offset = True  # False: ablation "no finer learner" (tips at cell centres)
         self.input_multiple = 16
         self.stem = nn.Sequential(_conv_bn_relu(1, w1, stride=2), _conv_bn_relu(w1, w1))  # /2
         self.stage4 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), ResidualBlock(w2))  # /4
@@ -101,6 +102,8 @@ class FastTipNet(nn.Module):
         feats = self.features(x - 0.5)
         center = self.center_head(feats)
         offset = self.offset_head(feats)
+        if not self.use_offset:
+            offset = torch.zeros_like(offset)
         coords, presence = decode_peaks(center, offset, self.out_stride, self.n_max)
         return {"center_logits": center, "offset": offset, "coords": coords, "presence": presence}
 

@@ -28,6 +28,9 @@ import numpy as np
 from rig.errors import DeviceError, InvalidParams, OutOfBounds, PatchrigError, Stopped
 from rig.logs import get_logger
 
+# a position in device µm: a list/tuple of floats or a 1-D numpy array
+PositionLike = Sequence[float] | np.ndarray
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -47,12 +50,12 @@ class Limits:
     def n_axes(self) -> int:
         return len(self.min_um)
 
-    def contains(self, position_um: Sequence[float]) -> bool:
+    def contains(self, position_um: PositionLike) -> bool:
         return all(
             lo <= p <= hi for p, lo, hi in zip(position_um, self.min_um, self.max_um, strict=True)
         )
 
-    def check(self, position_um: Sequence[float], channel: str | None = None) -> None:
+    def check(self, position_um: PositionLike, channel: str | None = None) -> None:
         """Raise ``OutOfBounds`` naming the first offending axis; do nothing when inside."""
         for axis, (p, lo, hi) in enumerate(zip(position_um, self.min_um, self.max_um, strict=True)):
             if not lo <= p <= hi:
@@ -102,7 +105,7 @@ class MoveHandle:
     def finish(
         self,
         state: MoveState,
-        position_um: Sequence[float] | None = None,
+        position_um: PositionLike | None = None,
         reason: str | None = None,
         error: PatchrigError | None = None,
     ) -> bool:
@@ -188,7 +191,7 @@ class Manipulator(ABC):
         return self.limits.n_axes
 
     # -- validation ---------------------------------------------------------------------
-    def validate_target(self, position_um: Sequence[float]) -> np.ndarray:
+    def validate_target(self, position_um: PositionLike) -> np.ndarray:
         """Return the target as an array, or raise (InvalidParams/OutOfBounds). Sends nothing."""
         try:
             target = np.asarray(position_um, dtype=float).reshape(-1)
@@ -221,7 +224,7 @@ class Manipulator(ABC):
         return speed
 
     # -- public API ---------------------------------------------------------------------
-    def move_to(self, position_um: Sequence[float], speed_um_s: float | None = None) -> MoveHandle:
+    def move_to(self, position_um: PositionLike, speed_um_s: float | None = None) -> MoveHandle:
         """Start a move to ``position_um`` (device µm) at ``speed_um_s``; return its handle.
 
         Raises before anything is sent if the target or speed is invalid. Supersedes the
@@ -296,7 +299,7 @@ class Manipulator(ABC):
     def _do_stop(self, reason: str) -> None: ...
 
     @abstractmethod
-    def _do_read_position_um(self) -> Sequence[float]: ...
+    def _do_read_position_um(self) -> PositionLike: ...
 
     @abstractmethod
     def _do_is_busy(self) -> bool: ...

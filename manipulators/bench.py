@@ -142,7 +142,7 @@ def bench_backend(rig: Rig, n: int, poll_seconds: float) -> dict[str, Any]:
     for i in range(n):
         target = base + (step if i % 2 == 0 else 0.0)
         t0 = time.perf_counter()
-        handle = m.move_to(target, 500.0)
+        handle = m.move_to(target.tolist(), 500.0)
         t1 = time.perf_counter()
         handle.wait(10.0)
         t2 = time.perf_counter()

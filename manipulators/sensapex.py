@@ -392,7 +392,7 @@ class SensapexManipulator(Manipulator):
                 f"{miss_um:.2f} µm off, read-back {np.round(position, 3).tolist()}",
                 channel=self.name,
             )
-            handle.finish(MoveState.FAILED, position_um=position, reason=str(err0), error=err0)
+            handle.finish(MoveState.FAILED, position_um=position.tolist(), reason=str(err0), error=err0)
             return
         if not request.finished_event.is_set():  # deadline passed
             err = DeviceTimeout(
@@ -412,8 +412,8 @@ class SensapexManipulator(Manipulator):
             handle.finish(MoveState.FAILED, reason=str(err2), error=err2)
             return
         if request.last_pos is None:
-            exc = request.last_pos_exception or RuntimeError("no read-back")
-            err3 = self._error(exc, "read-back after move")
+            cause = request.last_pos_exception or RuntimeError("no read-back")
+            err3 = self._error(cause, "read-back after move")
             handle.finish(MoveState.FAILED, reason=str(err3), error=err3)
             return
         position = np.asarray(request.last_pos, float)[: self.n_axes]
@@ -424,9 +424,9 @@ class SensapexManipulator(Manipulator):
                 f"read-back {np.round(position, 3).tolist()}",
                 channel=self.name,
             )
-            handle.finish(MoveState.FAILED, position_um=position, reason=str(err4), error=err4)
+            handle.finish(MoveState.FAILED, position_um=position.tolist(), reason=str(err4), error=err4)
             return
-        handle.finish(MoveState.DONE, position_um=position)
+        handle.finish(MoveState.DONE, position_um=position.tolist())
 
     def _do_stop(self, reason: str) -> None:
         from sensapex import UMError

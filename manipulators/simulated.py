@@ -89,7 +89,7 @@ class SimulatedManipulator(Manipulator):
         with self._state_lock:
             position = self._axis.position_at(time.monotonic())
         self._publish(position)
-        return position
+        return position.tolist()
 
     def _do_is_busy(self) -> bool:
         with self._state_lock:
@@ -126,7 +126,7 @@ class SimulatedManipulator(Manipulator):
                     self._pending = None
             self._publish(position)
             if finished is not None:
-                finished.finish(MoveState.DONE, position_um=position)
+                finished.finish(MoveState.DONE, position_um=position.tolist())
             else:
                 time.sleep(TICK_S)
 

@@ -47,14 +47,14 @@ def target_inside(m: Manipulator, offset_um: float, axes: list[int] | None = Non
     return target
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
+def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.01) -> bool:
     """Poll ``predicate`` until true or ``timeout_s`` passes; return its last value."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval_s)
-    return predicate()
+    return bool(predicate())
 
 
 def assert_not_moved(m: Manipulator, before_um: np.ndarray, settle_s: float, tolerance_um: float) -> None:

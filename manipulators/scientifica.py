@@ -666,7 +666,7 @@ class ScientificaManipulator(Manipulator):
             raise DeviceTimeout(
                 f"no position from the controller for {age_s:.1f} s (port {self.port_name})",
                 channel=self.name)
-        return cache.position_um.copy()
+        return cache.position_um.tolist()
 
     def _do_is_busy(self) -> bool:
         with self._state_lock:

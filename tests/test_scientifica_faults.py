@@ -65,7 +65,7 @@ def test_replies_later_than_the_timeout_end_in_a_clear_error_or_the_target() -> 
             assert isinstance(handle.error, DeviceError)
             assert "'C'" in str(handle.error)
         else:
-            assert handle.state is MoveState.DONE
+            assert handle.state is MoveState.DONE and handle.position_um is not None
             assert np.allclose(handle.position_um, [60.0, 0.0, 0.0], atol=0.5)
         assert inside_limits(sim)
         sim.faults.reply_delay_s = 0.0
@@ -212,7 +212,7 @@ def test_missed_targets_are_retried() -> None:
     with rig() as (sim, m):
         sim.faults.miss_next_moves = 2
         handle = m.move_to([100.0, 0.0, 0.0], 800.0).wait(BOUND_S)
-        assert handle.state is MoveState.DONE
+        assert handle.state is MoveState.DONE and handle.position_um is not None
         assert np.allclose(handle.position_um, [100.0, 0.0, 0.0], atol=0.5)
         assert list(sim.commands_received).count("ABS 1000 0 0") == 3
 
@@ -233,6 +233,7 @@ def test_early_idle_status_is_rechecked_not_taken_as_arrival() -> None:
         handle = m.move_to([60.0, 0.0, 0.0], 300.0).wait(BOUND_S)
         assert handle.state is MoveState.DONE
         assert np.allclose(sim.physical_position_um(), [60.0, 0.0, 0.0], atol=0.5)
+        assert handle.position_um is not None
         assert np.allclose(handle.position_um, [60.0, 0.0, 0.0], atol=0.5)
 
 

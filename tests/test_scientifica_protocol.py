@@ -8,6 +8,8 @@ test. The same driver runs against real pyserial and a pty in the other Scientif
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,7 @@ class ScriptedPort:
     and the read timeout in force for every exchange.
     """
 
-    def __init__(self, script: list[tuple[bytes, bytes | None]], baudrate: int = 9600) -> None:
+    def __init__(self, script: Sequence[tuple[bytes, bytes | None]], baudrate: int = 9600) -> None:
         self.script = list(script)
         self.inbox = bytearray()
         self.timeout: float | None = None
@@ -76,22 +78,28 @@ class ScriptedPort:
 
 
 def protocol(
-    script: list[tuple[bytes, bytes | None]], baudrate: int = 9600, **kwargs: object
+    script: Sequence[tuple[bytes, bytes | None]],
+    baudrate: int = 9600,
+    abort: Callable[[], bool] | None = None,
 ) -> tuple[ScientificaProtocol, ScriptedPort]:
     port = ScriptedPort(script, baudrate)
-    proto = ScientificaProtocol(port, channel="C", port_name=PORT, timeout_s=0.05, **kwargs)  # type: ignore[arg-type]
+    proto = ScientificaProtocol(port, channel="C", port_name=PORT, timeout_s=0.05, abort=abort)
     return proto, port
 
 
-def identified(version: int, uu: tuple[float, float, float], script: list[tuple[bytes, bytes | None]],
-               **kwargs: object) -> tuple[ScientificaProtocol, ScriptedPort]:
-    proto, port = protocol(script, **kwargs)
+def identified(
+    version: int,
+    uu: tuple[float, float, float],
+    script: Sequence[tuple[bytes, bytes | None]],
+    abort: Callable[[], bool] | None = None,
+) -> tuple[ScientificaProtocol, ScriptedPort]:
+    proto, port = protocol(script, abort=abort)
     proto.info = ScientificaInfo(version=version, uu=uu, top_default=30000 if version == 2 else 2500,
                                  acc=500 if version == 2 else 20000)
     return proto, port
 
 
-V2_IDENTIFY = [
+V2_IDENTIFY: list[tuple[bytes, bytes | None]] = [
     (b"scientifica\r", b"Y519\r"),
     (b"VER\r", b"2\r"),
     (b"DESC\r", b"PatchStar\r"),
@@ -158,7 +166,8 @@ def test_handshake_retries_once_with_a_longer_wait() -> None:
 
 
 def test_handshake_recovers_from_a_garbled_first_answer() -> None:
-    proto, port = protocol([(b"scientifica\r", b"\xf3\x9a\r"), (b"scientifica\r", b"Y519\r")])
+    script: list[tuple[bytes, bytes | None]] = [(b"scientifica\r", b"\xf3\x9a\r"), (b"scientifica\r", b"Y519\r")]
+    proto, port = protocol(script)
     proto.handshake(9600)
     port.assert_finished()
 

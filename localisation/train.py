@@ -223,7 +223,10 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     ddp_model: nn.Module = model
     if dist.is_initialized():
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # the paper-family models train some submodules with others frozen
+            find_unused_parameters=cfg.model != "fast",
         )
     metrics_path = out / "metrics.jsonl"
     stopped_early = False

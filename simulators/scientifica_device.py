@@ -26,6 +26,8 @@ configured ``baud``, the simulator behaves like a device hearing the wrong rate:
 understand the command and its reply arrives as high-bit garbage with no CR.
 
 Error replies (codes are this simulator's choice; the real codes are not documented):
+``BAUD 96|38`` switches the rate and, as on the real device, answers nothing.
+
 ``E,1`` unknown command or wrong arguments, ``E,2`` value out of range, ``E,3`` not allowed now
 (e.g. ``ZERO`` while moving, or injected by the ``error_*`` fault switches).
 
@@ -286,6 +288,11 @@ class ScientificaSimulator:
             return
         text = raw.decode("ascii", errors="replace").strip()
         self.commands_received.append(text)
+        tokens = text.upper().split()
+        if tokens[:1] == ["BAUD"] and len(tokens) == 2 and tokens[1] in ("96", "38"):
+            # switches the rate at once and answers nothing (the host reopens the port)
+            self.baud = 9600 if tokens[1] == "96" else 38400
+            return
         reply = self._answer(text)
         if faults.reply_delay_s > 0 and self._closing.wait(faults.reply_delay_s):
             return

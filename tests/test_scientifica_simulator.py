@@ -277,6 +277,20 @@ def test_wrong_baud_gives_garbage_without_cr_and_does_nothing(v2: tuple[Scientif
     assert line.ask("scientifica") == "Y519"
 
 
+def test_baud_command_switches_the_rate_without_a_reply(v2: tuple[ScientificaSimulator, Line]) -> None:
+    sim, line = v2
+    assert line.raw("BAUD 38", timeout_s=0.15) == b""
+    assert sim.baud == 38400
+    garbage = line.raw("VER", timeout_s=0.15)  # still 9600 here
+    assert garbage and b"\r" not in garbage
+    line.serial.baudrate = 38400
+    assert line.ask("VER") == "2"
+    assert line.raw("baud 96", timeout_s=0.15) == b""
+    line.serial.baudrate = 9600
+    assert line.ask("scientifica") == "Y519"
+    assert line.ask("BAUD 19") == "E,1"
+
+
 def test_late_replies(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     sim.faults.reply_delay_s = 0.3

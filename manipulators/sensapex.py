@@ -223,6 +223,7 @@ class SensapexManipulator(Manipulator):
     tolerance_um = 1.0
     completion_margin_s = 4.0
     position_max_age_ms = 20
+    lost_backoff_s = 2.0
 
     def __init__(
         self,
@@ -252,6 +253,7 @@ class SensapexManipulator(Manipulator):
         self.group = group
         self.timeout_ms = timeout_ms
         self._closed = False
+        self._lost_until_s = 0.0  # after a timeout, reads and moves fail fast until then
         self._sdk = SensapexSdk.acquire(address, group, timeout_ms)
         try:
             self._sdk.claim_device(device_id, name)
@@ -270,8 +272,11 @@ class SensapexManipulator(Manipulator):
         return f"Sensapex device {self.device_id} at {self.address} group {self.group}"
 
     def _error(self, exc: BaseException, what: str) -> PatchrigError:
-        """Turn an SDK failure into a clear error naming the channel and the device."""
+        """Turn an SDK failure into a clear error naming the channel and the device. A device
+        that did not answer is left alone for ``lost_backoff_s`` (see ``_check_reachable``)."""
         errno = _errno_of(exc)
+        if errno in (-3, -5):
+            self._lost_until_s = time.monotonic() + self.lost_backoff_s
         if errno == -3:
             return DeviceTimeout(
                 f"{what}: no answer from {self._where()} "
@@ -286,6 +291,17 @@ class SensapexManipulator(Manipulator):
         if errno == -4:
             return InvalidParams(f"{what}: the SDK refused the arguments ({exc})", channel=self.name)
         return DeviceError(f"{what}: {self._where()} failed: {exc}", channel=self.name)
+
+    def _check_reachable(self, what: str) -> None:
+        """Fail fast while the device is in its back-off after a timeout: every request to a
+        dead device holds the SDK's one lock for ~0.6 s, which would delay the other channels."""
+        remaining_s = self._lost_until_s - time.monotonic()
+        if remaining_s > 0:
+            raise DeviceTimeout(
+                f"{what}: {self._where()} did not answer a moment ago; not asked again for "
+                f"{remaining_s:.1f} s so that the other channels are not held up",
+                channel=self.name,
+            )
 
     def _open_device(self) -> None:
         from sensapex import UMError
@@ -334,6 +350,7 @@ class SensapexManipulator(Manipulator):
 
         if self._closed:
             raise DeviceError("closed", channel=self.name)
+        self._check_reachable("move")
         self._sdk.unwatch(self.device_id)  # the superseded move is already finished by the base
         start = time.monotonic()
         try:
@@ -446,6 +463,7 @@ class SensapexManipulator(Manipulator):
                 request.finished = True
                 request.finished_event.set()
             raise self._error(exc, "stop") from None
+        self._lost_until_s = 0.0  # it answered the STOP: reachable again
         self._verify_stopped()
 
     STOP_CHECK_S = 0.03
@@ -485,6 +503,7 @@ class SensapexManipulator(Manipulator):
     def _read_fresh_um(self) -> list[float]:
         from sensapex import UMError
 
+        self._check_reachable("position read")
         try:
             pos = self._sdk.ump.get_pos(self.device_id, timeout=-1)
         except (UMError, UserWarning) as exc:
@@ -500,6 +519,7 @@ class SensapexManipulator(Manipulator):
     def _do_read_position_um(self) -> Sequence[float]:
         from sensapex import UMError
 
+        self._check_reachable("position read")
         try:
             pos = self._sdk.ump.get_pos(self.device_id, timeout=self.position_max_age_ms)
         except (UMError, UserWarning) as exc:

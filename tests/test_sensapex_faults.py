@@ -274,3 +274,24 @@ def test_garbage_datagrams_are_ignored(rig: SensapexRig) -> None:
     target = m.position_um + np.array([20.0, 0, 0])
     m.move_to(target, 500.0).wait(5)
     assert np.allclose(m.position_um, target, atol=0.1)
+
+
+def test_a_dead_device_fails_fast_after_its_first_timeout_and_recovers(rig: SensapexRig) -> None:
+    dead, alive = rig.open(2), rig.open(4)
+    dead.lost_backoff_s = 0.8
+    rig.sim.faults.silent_ids.add(2)
+    time.sleep(0.05)
+    with pytest.raises(DeviceTimeout, match="no answer"):
+        _ = dead.position_um
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout, match=r"'sx2'.*not asked again"):
+        _ = dead.position_um
+    with pytest.raises(DeviceTimeout, match="not asked again"):
+        dead.move_to([10010.0, 10000.0, 10000.0], 100.0)
+    assert time.monotonic() - t0 < 0.1  # no SDK request, so the shared SDK lock stays free
+    t1 = time.monotonic()
+    alive.move_to(alive.position_um + np.array([10.0, 0, 0]), 1000.0).wait(5)
+    assert time.monotonic() - t1 < 1.0
+    rig.sim.faults.silent_ids.clear()
+    time.sleep(0.85)
+    assert np.allclose(dead.position_um, rig.sim.position_um(2), atol=0.01)  # back after the back-off

@@ -296,8 +296,17 @@ class Daemon:
             raise NotFound(f"unknown channel {channel!r}; channels: {', '.join(self.controllers)}")
         return ctl
 
+    def _newest_frame(self) -> Any:
+        """The newest frame the localiser worker took (or, without one, the source's newest).
+        The worker's view is preferred: it is what closed-loop control sees, and asking the
+        source marks its newest frame as taken, which would hide drops from its counters."""
+        if self.localiser_worker is not None:
+            result = self.localiser_worker.latest
+            return None if result is None else result.frame
+        return self.frames.latest() if self.frames is not None else None
+
     def _frame_age_s(self) -> float | None:
-        latest = self.frames.latest() if self.frames is not None else None
+        latest = self._newest_frame()
         return None if latest is None else time.monotonic() - latest.received_s
 
     # -- status ---------------------------------------------------------------------------
@@ -314,7 +323,7 @@ class Daemon:
         """The daemon's state from cached values only (fast; the server loop calls it)."""
         frames: dict[str, Any] | None = None
         if self.frames is not None:
-            latest = self.frames.latest()
+            latest = self._newest_frame()
             frames = {
                 "latest_frame_id": None if latest is None else latest.frame_id,
                 "age_s": None if latest is None else time.monotonic() - latest.received_s,

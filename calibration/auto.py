@@ -19,6 +19,9 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
    the opposite z sign is tried, which also tells whether +z moves the tip up or down.
    A stop where the tip is not detected is retried once at half the step; if it is still not
    seen, the routine goes on without that stop.
+   At every stop up to ``max_looks`` fresh frames are localised until the tip was found on
+   ``looks_per_stop`` of them (their mean is used): a localiser that misses a tip on one frame
+   costs a frame, not a move. Identification merges the detections of ``identify_looks`` frames.
 4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
    last time. The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
    be identified, the move budget (``max_moves``, default 20) runs out, or the fit is poor
@@ -58,6 +61,9 @@ class AutoCalibrationSettings:
     z_step_um: float = 4.0
     approach_first_step_um: float = 5.0
     max_moves: int = 20
+    looks_per_stop: int = 2
+    max_looks: int = 4
+    identify_looks: int = 3
     fov_margin_px: float = 24.0
     static_gate_um: float = 2.0
     track_gate_um: float = 5.0
@@ -172,7 +178,8 @@ class AutoCalibrator:
     def _within_limits(self, position_um: np.ndarray) -> bool:
         return self.m.limits.contains(position_um.tolist())
 
-    def _move_look(self, target_um: np.ndarray) -> Look:
+    def _move(self, target_um: np.ndarray) -> float:
+        """One counted move; returns time.monotonic() when it ended."""
         if self.moves >= self.s.max_moves:
             raise NotCalibrated(
                 f"calibration needs more than {self.s.max_moves} moves (tip lost {self.lost} times); "
@@ -180,8 +187,43 @@ class AutoCalibrator:
                 channel=self.channel,
             )
         self.moves += 1
-        end_s = move_and_settle(self.m, target_um, speed_um_s=self.s.speed_um_s, cancel=self.cancel)
-        return self.eye.look_after(end_s, cancel=self.cancel)
+        return move_and_settle(self.m, target_um, speed_um_s=self.s.speed_um_s, cancel=self.cancel)
+
+    def _merged_tips(self, end_s: float, n_looks: int) -> tuple[np.ndarray, Look]:
+        """Detections (µm) of ``n_looks`` fresh frames, merged (within static_gate_um) into one
+        list, so that a tip the localiser misses on one frame is still seen."""
+        merged: list[list[np.ndarray]] = []
+        look = self.eye.look_after(end_s, cancel=self.cancel)
+        for k in range(n_looks):
+            if k:
+                look = self.eye.look_after(end_s, cancel=self.cancel)
+            for tip in self._tips_um(look):
+                for group in merged:
+                    if np.linalg.norm(np.mean(group, axis=0) - tip) <= self.s.static_gate_um:
+                        group.append(tip)
+                        break
+                else:
+                    merged.append([tip])
+        tips = np.array([np.mean(g, axis=0) for g in merged]) if merged else np.zeros((0, 2))
+        return tips, look
+
+    def _observe(
+        self, end_s: float, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
+    ) -> tuple[np.ndarray | None, Look]:
+        """Our tip after a move: up to ``max_looks`` fresh frames until ``looks_per_stop``
+        detections were found; their mean (µm), or None."""
+        found: list[np.ndarray] = []
+        look = None
+        for _ in range(self.s.max_looks):
+            look = self.eye.look_after(end_s, cancel=self.cancel)
+            tip = self._find(look, predicted if not found else found[0], unknown_step_um=0.0 if found else unknown_step_um,
+                             extrapolation_um=extrapolation_um)
+            if tip is not None:
+                found.append(tip)
+                if len(found) >= self.s.looks_per_stop:
+                    break
+        assert look is not None
+        return (np.mean(found, axis=0) if found else None), look
 
     def _moving_candidates(self, tips: np.ndarray) -> np.ndarray:
         """Indices of detections that are not one of the static other tips."""
@@ -217,12 +259,11 @@ class AutoCalibrator:
         return tips[idx[best_i]] if dist[best_i] <= gate else None
 
     def _record(self, look: Look, position_um: np.ndarray, tip_um: np.ndarray) -> None:
+        tips = self._tips_um(look)
         score = 0.0
-        for d in look.detections:  # the score of the detection we used
-            xy = px_to_um(np.array([d.x_px, d.y_px]), look.frame.um_per_px, look.frame.shape)
-            if np.allclose(xy, tip_um):
-                score = float(d.score)
-                break
+        if len(tips):
+            nearest = int(np.argmin(np.linalg.norm(tips - tip_um, axis=1)))
+            score = float(look.detections[nearest].score)
         self.samples.append(Sample(np.asarray(position_um, float).copy(), np.asarray(tip_um, float).copy(), look.focal_z_um, score))
 
     def _fit_axis(self, axis: int) -> None:
@@ -264,8 +305,7 @@ class AutoCalibrator:
         check_start(self.m)
         self.p0 = self.m.position_um.copy()
         self._report("looking")
-        look0 = self.eye.look_after(self.eye.clock() - self.eye.settle_s, cancel=self.cancel)
-        tips0 = self._tips_um(look0)
+        tips0, look0 = self._merged_tips(self.eye.clock() - self.eye.settle_s, self.s.identify_looks)
         if len(tips0) == 0:
             raise NotCalibrated("no tip visible: the localiser found no confident tip in the frame", channel=self.channel)
         self._identify(look0, tips0)
@@ -282,43 +322,63 @@ class AutoCalibrator:
                 self._approach_axis()
         # back to where we started, look once more
         self._report("returning")
-        look = self._move_look(self.p0)
-        tip = self._find(look, self._predict(self.p0))
+        tip, look = self._observe(self._move(self.p0), self._predict(self.p0))
         if tip is not None:
             self._record(look, self.p0, tip)
         return self._fit()
 
+    def _unmatched_pairs(self, a: np.ndarray, b: np.ndarray, distance_um: float) -> list[tuple[float, int, int]]:
+        """Pairs (i in a, j in b) of detections that are not static between a and b and lie
+        0.3x-3x ``distance_um`` apart, best (closest to ``distance_um``) first."""
+        if len(a) == 0 or len(b) == 0:
+            return []
+        d = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
+        stayed_a = d.min(axis=1) <= self.s.static_gate_um
+        stayed_b = d.min(axis=0) <= self.s.static_gate_um
+        pairs = [
+            (abs(d[i, j] - distance_um), int(i), int(j))
+            for i in np.flatnonzero(~stayed_a)
+            for j in np.flatnonzero(~stayed_b)
+            if 0.3 * distance_um <= d[i, j] <= 3.0 * distance_um
+        ]
+        return sorted(pairs)
+
     def _identify(self, look0: Look, tips0: np.ndarray) -> None:
-        """Find our tip by stepping x (see the module docstring)."""
+        """Find our tip by stepping x by +step (and -step if needed; see the module docstring).
+
+        The tip is the detection that moved by about the step between p0 and +step; failing
+        that, between p0 and -step, or between +step and -step (twice the step; then the tip
+        at p0 is taken as their midpoint, for a localiser that missed it at p0)."""
         step = self.s.first_step_um
+        seen: list[tuple[np.ndarray, np.ndarray, Look]] = []  # (target, tips, look) per stepped stop
         for sign in (1.0, -1.0):
             target = self._step_target(0, sign * step)
             if not self._within_limits(target):
                 continue
-            look = self._move_look(target)
-            tips1 = self._tips_um(look)
-            if len(tips1) == 0:
-                continue
-            d01 = np.linalg.norm(tips0[:, None, :] - tips1[None, :, :], axis=2)
-            stayed0 = d01.min(axis=1) <= self.s.static_gate_um
-            stayed1 = d01.min(axis=0) <= self.s.static_gate_um
-            pairs = [
-                (abs(d01[i, j] - step), i, j)
-                for i in np.flatnonzero(~stayed0)
-                for j in np.flatnonzero(~stayed1)
-                if 0.3 * step <= d01[i, j] <= 3.0 * step
-            ]
-            if not pairs:
-                continue
-            pairs.sort()
-            _, i, j = pairs[0]
-            self.t0 = tips0[i]
-            self.others_um = np.delete(tips0, i, axis=0)
-            self._record(look0, self.p0, tips0[i])
-            self._record(look, target, tips1[j])
-            self._fit_axis(0)
-            self.log.info("tip identified", tip_xy_um=[round(float(v), 2) for v in self.t0], others=len(self.others_um))
-            return
+            tips, look = self._merged_tips(self._move(target), self.s.identify_looks)
+            pairs = self._unmatched_pairs(tips0, tips, step)
+            if pairs:
+                _, i, j = pairs[0]
+                self.t0 = tips0[i]
+                self.others_um = np.delete(tips0, i, axis=0)
+                self._record(look0, self.p0, tips0[i])
+                self._record(look, target, tips[j])
+                self._fit_axis(0)
+                self.log.info("tip identified", tip_xy_um=[round(float(v), 2) for v in self.t0], others=len(self.others_um))
+                return
+            seen.append((target, tips, look))
+        if len(seen) == 2:
+            (t_plus, tips_plus, look_plus), (t_minus, tips_minus, look_minus) = seen
+            pairs = self._unmatched_pairs(tips_plus, tips_minus, 2 * step)
+            if pairs:
+                _, i, j = pairs[0]
+                self.t0 = 0.5 * (tips_plus[i] + tips_minus[j])
+                self.others_um = tips0
+                self._record(look_plus, t_plus, tips_plus[i])
+                self._record(look_minus, t_minus, tips_minus[j])
+                self._fit_axis(0)
+                self.log.info("tip identified from +-step", tip_xy_um=[round(float(v), 2) for v in self.t0])
+                return
         raise NotCalibrated(
             f"could not identify this channel's tip: no detection moved when the x axis stepped "
             f"{step:.0f} µm ({len(tips0)} tips in view)",
@@ -335,10 +395,12 @@ class AutoCalibrator:
             target = self._step_target(axis, s, z_comp)
             if not self._within_limits(target):
                 return False
-            look = self._move_look(target)
-            predicted = self._predict(target)
-            tip = self._find(
-                look, predicted, unknown_step_um=abs(s) if unknown else 0.0, extrapolation_um=self._extrapolation(axis, target)
+            end_s = self._move(target)
+            tip, look = self._observe(
+                end_s,
+                self._predict(target),
+                unknown_step_um=abs(s) if unknown else 0.0,
+                extrapolation_um=self._extrapolation(axis, target),
             )
             if tip is not None:
                 self._record(look, target, tip)

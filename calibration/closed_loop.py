@@ -4,11 +4,17 @@
    position; a position outside the soft limits is rejected before anything moves
    (``OutOfBounds``, never clipped). The move uses the channel's speed limit (the default
    speed unless a valid ``speed_um_s`` is given).
-2. After the move has ended, a FRESH frame (newer than the move's end plus the settle time) is
-   localised and this channel's tip found by assignment against every channel's prediction.
+2. After the move has ended, FRESH frames (newer than the move's end plus the settle time) are
+   localised and this channel's tip found by assignment against every channel's prediction;
+   up to ``max_looks`` frames are used to find it on ``looks_per_stop`` of them (mean taken),
+   so a localiser that misses the tip on one frame costs a frame, not the operation.
 3. The error target - seen is measured; the calibration's offset is re-pinned to what was
    seen (so the next iteration aims right); within ``tolerance_um`` it is done.
-4. After ``max_iterations`` without success, or when the tip is lost or a correction leads
+4. A tip not found after a move may have left focus (the Z row of a calibration is assumed,
+   not measured, so long moves can drift in Z): the loop then steps the target's Z by
+   ``focus_steps_um`` (XY held through the calibration) until the tip is seen again, and
+   re-pins the calibration's Z offset to the focal plane there (a seen tip is in focus).
+5. After ``max_iterations`` without success, or when the tip is lost or a correction leads
    out of the limits, the tip goes back to where it started, the calibration is left as it
    was before the call (the last good state), and ``MoveTipFailed`` says why.
 
@@ -54,6 +60,7 @@ class MoveTipResult:
     position_um: np.ndarray
     seen_xy_um: np.ndarray
     errors_um: list[float] = field(default_factory=list)
+    focus_searches: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +71,7 @@ class MoveTipResult:
             "errors_um": [float(e) for e in self.errors_um],
             "position_um": self.position_um.tolist(),
             "tip_xy_um": self.seen_xy_um.tolist(),
+            "focus_searches": self.focus_searches,
         }
 
 
@@ -79,6 +87,9 @@ def move_tip(
     speed_um_s: float | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    focus_steps_um: tuple[float, ...] = (3.0, -3.0, 6.0, -6.0),
+    looks_per_stop: int = 2,
+    max_looks: int = 4,
 ) -> MoveTipResult:
     """Bring the tip of ``manipulator`` to ``target_um`` (microscope X, Y, Z µm) within
     ``tolerance_um`` in X, Y. Returns the result with the corrected calibration."""
@@ -96,6 +107,7 @@ def move_tip(
     manipulator.validate_speed(speed_um_s)
     cal = calibration
     errors: list[float] = []
+    focus_searches = 0
 
     def fail(reason: str) -> MoveTipFailed:
         log.warning("move_tip failed, returning to start", reason=reason)
@@ -114,11 +126,15 @@ def move_tip(
         if not manipulator.limits.contains(goal.tolist()):
             raise fail(f"iteration {iteration}: the corrected target {np.round(goal, 1).tolist()} µm is outside the limits")
         end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
-        look = eye.look_after(end_s, cancel=cancel)
-        position = manipulator.position_um
-        detection = find_tip(look, cal, position)
+        detection, look, position = _observe(manipulator, eye, cal, find_tip, end_s, cancel, looks_per_stop, max_looks)
         if detection is None:
-            raise fail(f"iteration {iteration}: tip not found near its predicted position")
+            found = _focus_search(manipulator, eye, cal, target, find_tip, focus_steps_um, speed_um_s, cancel)
+            if found is None:
+                raise fail(f"iteration {iteration}: tip not found near its predicted position, nor above or below it")
+            detection, look, position, cal = found
+            target = np.array([target[0], target[1], look.focal_z_um])
+            focus_searches += 1
+            log.info("tip found again by a focus search", iteration=iteration)
         seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
         error = float(np.linalg.norm(target[:2] - seen))
         errors.append(error)
@@ -127,8 +143,69 @@ def move_tip(
             progress(stage="iteration", iteration=iteration, error_um=error)
         log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
         if error <= tolerance_um:
-            return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors)
+            return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors, focus_searches)
     raise fail(
         f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "
         f"(errors {', '.join(f'{e:.2f}' for e in errors)} µm)"
     )
+
+
+def _focus_search(
+    manipulator: Manipulator,
+    eye: Eye,
+    cal: ChannelCalibration,
+    target: np.ndarray,
+    find_tip: FindTip,
+    steps_um: tuple[float, ...],
+    speed_um_s: float | None,
+    cancel: threading.Event | None,
+) -> tuple[TipDetection, Look, np.ndarray, ChannelCalibration] | None:
+    """Step the target's Z (XY held) until the tip is seen; return the detection, the look,
+    the position and the calibration with its Z offset re-pinned to the focal plane."""
+    for dz in steps_um:
+        position = manipulator.position_um
+        goal = cal.to_manipulator_um(target + np.array([0.0, 0.0, dz]), position)
+        if not manipulator.limits.contains(goal.tolist()):
+            continue
+        end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
+        detection, look, position = _observe(manipulator, eye, cal, find_tip, end_s, cancel, 1, 2)
+        if detection is not None:
+            offset = cal.offset_um.copy()
+            offset[2] += look.focal_z_um - float(cal.to_microscope_um(position)[2])
+            return detection, look, position, cal.with_offset(offset)
+    return None
+
+
+def _observe(
+    manipulator: Manipulator,
+    eye: Eye,
+    cal: ChannelCalibration,
+    find_tip: FindTip,
+    end_s: float,
+    cancel: threading.Event | None,
+    looks_per_stop: int,
+    max_looks: int,
+) -> tuple[TipDetection | None, Look, np.ndarray]:
+    """The tip on up to ``max_looks`` fresh frames after ``end_s``: the mean of the first
+    ``looks_per_stop`` consistent detections (within 2 µm of the first), or None."""
+    found: list[TipDetection] = []
+    look: Look | None = None
+    position = manipulator.position_um
+    for _ in range(max(max_looks, 1)):
+        look = eye.look_after(end_s, cancel=cancel)
+        position = manipulator.position_um
+        detection = find_tip(look, cal, position)
+        if detection is None:
+            continue
+        if found and np.hypot(detection.x_px - found[0].x_px, detection.y_px - found[0].y_px) * look.frame.um_per_px > 2.0:
+            continue
+        found.append(detection)
+        if len(found) >= looks_per_stop:
+            break
+    assert look is not None
+    if not found:
+        return None, look, position
+    mean = TipDetection(
+        float(np.mean([d.x_px for d in found])), float(np.mean([d.y_px for d in found])), float(min(d.score for d in found))
+    )
+    return mean, look, position

@@ -2,7 +2,8 @@
 
     service = CalibrationService(rig, cfg, manipulators, frames, localiser,
                                  store_dir=None, localiser_lock=None, focal_z_um=None,
-                                 stale_after_s=1.0, z_up_signs=None, settings=None)
+                                 stale_after_s=1.0, z_up_signs=None, settings=None,
+                                 settle_s=0.05, min_score=0.5)
 
 ``rig``: ``config.models.RigIdentity`` (a stored calibration made for another rig name,
 objective or pixel size is refused); ``cfg``: ``config.models.CalibrationConfig`` (gate,
@@ -13,6 +14,8 @@ the daemon's localiser worker holds while it uses the same model (the service ta
 every ``locate`` call); without one, the localiser must be safe to call from two threads.
 ``focal_z_um``: the focal plane when frames carry no ``z_um``. ``z_up_signs``: per channel,
 +1 if manipulator +z moves the tip up (default), -1 if down (4-axis devices measure it).
+``min_score``: detections below it are ignored by calibrate, set_tip and move_tip (which also
+gate by position); continuous correction uses the stricter ``cfg.min_confidence``.
 
 Methods (every returned dict is JSON-able; units are in the key names):
 
@@ -38,7 +41,8 @@ Methods (every returned dict is JSON-able; units are in the key names):
 - ``move_tip(channel, *, target_px=None, target_um=None, tolerance_um=None,
   max_iterations=None, speed_um_s=None, progress=None, cancel=None) -> dict``: closed loop
   (``calibration.closed_loop``). ``target_px`` = [x, y] in the newest frame's pixels;
-  ``target_um`` = [X, Y] or [X, Y, Z] microscope µm. Without Z the tip keeps its current depth.
+  ``target_um`` = [X, Y] or [X, Y, Z] microscope µm. Without Z the target is in the focal
+  plane (a pixel target is where the user sees it: in focus).
   Raises OutOfBounds (target outside the limits, nothing moved), MoveTipFailed (code
   "timeout"; returned to the start), NotCalibrated, Stopped.
 - ``close()``: writes any correction not yet persisted.
@@ -97,6 +101,7 @@ class CalibrationService:
         z_up_signs: dict[str, float] | None = None,
         settings: AutoCalibrationSettings | None = None,
         settle_s: float = 0.05,
+        min_score: float = 0.5,
     ) -> None:
         self.rig = rig
         self.cfg = cfg
@@ -109,7 +114,7 @@ class CalibrationService:
         self.eye = Eye(
             frames,
             localiser,
-            min_score=cfg.min_confidence,
+            min_score=min_score,
             localiser_lock=localiser_lock,
             settle_s=settle_s,
             focal_z_um=focal_z_um,
@@ -416,18 +421,19 @@ class CalibrationService:
             raise InvalidParams(f"max_iterations must be 1..50, got {max_iterations!r}", channel=channel)
         lock = self._operation(channel)
         try:
-            current_z = float(cal.to_microscope_um(m.position_um)[2])
+            latest = self.frames.latest()
+            focal_z = self.eye.focal_z_of(latest) if latest is not None else float(self.eye.focal_z_um or 0.0)
             if target_px is not None:
                 xy = _pixel(target_px)
                 geometry = self._geometry()
                 if geometry is None:
                     raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
-                target = np.array([*px_to_um(xy, *geometry), current_z])
+                target = np.array([*px_to_um(xy, *geometry), focal_z])
             else:
                 values = np.asarray(target_um, float).reshape(-1)
                 if values.size not in (2, 3) or not np.all(np.isfinite(values)):
                     raise InvalidParams("target_um must be 2 or 3 finite numbers (microscope µm)", channel=channel)
-                target = np.array([values[0], values[1], values[2] if values.size == 3 else current_z])
+                target = np.array([values[0], values[1], values[2] if values.size == 3 else focal_z])
 
             def find(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
                 own = trial.to_px(position, look.frame.um_per_px, look.frame.shape)

@@ -258,3 +258,14 @@ def test_settings_are_respected():
         service = rig.new_service(settings=AutoCalibrationSettings(max_moves=3))
         with pytest.raises(NotCalibrated, match="more than 3 moves"):
             service.calibrate("A")
+
+
+def test_move_tip_finds_a_tip_that_left_focus():
+    with Rig(14, 1) as rig:
+        rig.service.calibrate("A")
+        rig.world.jump("A", np.array([0.0, 0.0, 8.0]))  # the tip is now 8 µm above focus: not seen
+        target_px = rig.world.true_tip_px("A") + np.array([30.0, -20.0])
+        out = rig.service.move_tip("A", target_px=target_px.tolist())
+        assert out["focus_searches"] == 1
+        assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
+        assert abs(rig.world.true_tip_um("A")[2] - rig.world.focal_z_um) <= 6.0

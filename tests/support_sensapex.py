@@ -9,6 +9,7 @@ fixture sees no new thread or socket. Each module uses its own SDK group from {0
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,8 +73,27 @@ class SensapexRig:
             time.sleep(0.1)
 
 
+SAFE_GROUPS = (0, 1, 4, 5, 8, 9)  # pairwise free of shared UDP ports (protocols §7.1)
+
+
+def free_group(preferred: int) -> int:
+    """``preferred`` if its simulator port is free on this machine, else another safe group
+    whose port is (other people's `patchrig sim` or tests may be running at the same time)."""
+    for group in (preferred, *(g for g in SAFE_GROUPS if g != preferred)):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(("127.0.0.1", 55555 + group))
+        except OSError:
+            continue
+        finally:
+            probe.close()
+        return group
+    raise RuntimeError("no free Sensapex group on this machine")
+
+
 @contextmanager
-def sensapex_rig(group: int) -> Iterator[SensapexRig]:
+def sensapex_rig(preferred_group: int) -> Iterator[SensapexRig]:
+    group = free_group(preferred_group)
     world = SimWorld(seed=group)
     for dev_id, n in DEVICE_AXES.items():
         world.add_channel(f"sx{dev_id}", n_axes=n, position_um=np.full(n, START_UM))

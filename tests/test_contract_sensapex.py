@@ -15,12 +15,12 @@ from manipulators.base import Limits, Manipulator, MoveState
 from manipulators.sensapex import SensapexManipulator, SensapexSdk
 from rig.errors import Busy, InvalidParams, NotFound
 
-GROUP = 8
+PREFERRED_GROUP = 8  # another safe group is used if this one is busy on the machine
 
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[SensapexRig]:
-    with sensapex_rig(GROUP) as r:
+    with sensapex_rig(PREFERRED_GROUP) as r:
         yield r
 
 
@@ -90,7 +90,7 @@ def test_axis_count_mismatch_is_a_clear_error(rig: SensapexRig, make_manipulator
 def test_unknown_device_id_is_a_clear_error_naming_the_channel(rig: SensapexRig, make_manipulators: object) -> None:
     t0 = time.monotonic()
     with pytest.raises(NotFound) as info:
-        SensapexManipulator("ghost", LIMITS_3, 1000.0, device_id=7, address="127.0.0.1", group=GROUP)
+        SensapexManipulator("ghost", LIMITS_3, 1000.0, device_id=7, address="127.0.0.1", group=rig.group)
     assert time.monotonic() - t0 < 3.0
     text = str(info.value)
     assert "'ghost'" in text and "device 7" in text and "[1, 2, 3, 4]" in text
@@ -107,9 +107,9 @@ def test_device_id_used_twice_is_refused(rig: SensapexRig, make_manipulators: ob
 
 def test_another_group_while_open_is_refused(rig: SensapexRig, make_manipulators: object) -> None:
     with pytest.raises(Busy, match="one address/group per process"):
-        SensapexManipulator("other", LIMITS_3, 1000.0, device_id=1, address="127.0.0.1", group=GROUP + 1)
+        SensapexManipulator("other", LIMITS_3, 1000.0, device_id=1, address="127.0.0.1", group=rig.group + 1)
     with pytest.raises(Busy):
-        SensapexManipulator("other", LIMITS_3, 1000.0, device_id=1, address="127.0.0.2", group=GROUP)
+        SensapexManipulator("other", LIMITS_3, 1000.0, device_id=1, address="127.0.0.2", group=rig.group)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_bad_construction_arguments(rig: SensapexRig, make_manipulators: object,
     args = {"device_id": 2, "limits": LIMITS_3} | kwargs
     limits = args.pop("limits")
     with pytest.raises(InvalidParams, match=match):
-        SensapexManipulator("bad", limits, 1000.0, address="127.0.0.1", group=GROUP, **args)
+        SensapexManipulator("bad", limits, 1000.0, address="127.0.0.1", group=rig.group, **args)
 
 
 def test_speed_below_one_um_per_s_is_refused(rig: SensapexRig, make_manipulators: object) -> None:
@@ -163,7 +163,7 @@ def test_position_read_back_matches_the_device(rig: SensapexRig, make_manipulato
     m = rig.open(4)
     assert np.allclose(m.position_um, rig.sim.position_um(4), atol=0.01)
     d = m.describe()
-    assert d["driver"] == "sensapex" and d["group"] == GROUP and d["address"] == "127.0.0.1"
+    assert d["driver"] == "sensapex" and d["group"] == rig.group and d["address"] == "127.0.0.1"
     assert d["sdk"].startswith("sensapex 1.504")
 
 

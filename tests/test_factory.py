@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from support_sensapex import free_group
 
 from config.loader import default_config_path, load_config
 from config.models import ChannelConfig, RigConfig
@@ -19,7 +20,7 @@ from simulators.scientifica_device import ScientificaSimulator
 from simulators.sensapex_device import SensapexSimulator
 from simulators.world import SimWorld
 
-GROUP = 1
+GROUP = free_group(1)  # another safe group if this one is busy on the machine
 
 
 def channel(**kw: object) -> ChannelConfig:

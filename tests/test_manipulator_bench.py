@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support_sensapex import free_group
 
 from rig.cli import main
 
 
 def test_bench_runs_every_backend_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench" / "manipulators.json"
-    rc = main(["bench", "manipulators", "--n", "6", "--poll-seconds", "0.1", "--sensapex-group", "4",
+    rc = main(["bench", "manipulators", "--n", "6", "--poll-seconds", "0.1", "--sensapex-group", str(free_group(4)),
                "--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -47,19 +48,20 @@ def test_simulate_sensapex_serves_the_sdk_until_interrupted() -> None:
     from manipulators.base import Limits
     from manipulators.sensapex import SensapexManipulator
 
+    group = free_group(4)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rig.cli", "simulate", "sensapex", "--group", "4", "--ids", "1,2", "--axes", "3"],
+        [sys.executable, "-m", "rig.cli", "simulate", "sensapex", "--group", str(group), "--ids", "1,2", "--axes", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(4)]
-        assert "udp 127.0.0.1:55559 (group 4)" in lines[0], lines
+        assert f"udp 127.0.0.1:{55555 + group} (group {group})" in lines[0], lines
         assert lines[1].strip().startswith("device 1: 3 axes")
-        assert "UMP.get_ump(address=b'127.0.0.1', group=4)" in lines[3]
+        assert f"UMP.get_ump(address=b'127.0.0.1', group={group})" in lines[3]
         m = SensapexManipulator("cli", Limits((0.0,) * 3, (20000.0,) * 3), 1000.0,
-                                device_id=2, address="127.0.0.1", group=4)
+                                device_id=2, address="127.0.0.1", group=group)
         try:
             target = m.position_um + np.array([25.0, 0.0, 0.0])
             m.move_to(target, 1000.0).wait(5)

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from sensapex import UMP
+from support_sensapex import free_group
 
 from manipulators.base import Limits
 from manipulators.sensapex import SensapexManipulator, SensapexSdk
 from rig.errors import Busy, DeviceError
 from simulators.sensapex_device import SensapexSimulator
 
-GROUP = 5
+GROUP = free_group(5)  # another safe group if this one is busy on the machine
 LIMITS = Limits((0.0,) * 3, (20000.0,) * 3)
 
 

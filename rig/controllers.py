@@ -22,6 +22,7 @@ watchdog.
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from rig.logs import get_logger
 from rig.protocol import error_code_of
 
 OpBody = Callable[["Operation"], dict[str, Any]]
+HaltCallback = Callable[[str | None], None]
+MAX_PENDING_HALTS = 8
 Publish = Callable[[str, dict[str, Any]], Any]
 
 _op_numbers = itertools.count(1)
@@ -227,8 +230,11 @@ class ChannelController:
         self.last_position_s: float | None = None
         self.last_device_ok_s: float = time.monotonic()
         self.device_error: str | None = None
+        self._halts: queue.Queue[tuple[str, HaltCallback] | None] = queue.Queue(maxsize=MAX_PENDING_HALTS)
         self._thread = threading.Thread(target=self._run, name=f"patchrig-controller-{name}", daemon=True)
         self._thread.start()
+        self._stopper = threading.Thread(target=self._run_stopper, name=f"patchrig-stopper-{name}", daemon=True)
+        self._stopper.start()
 
     # -- submit / stop --------------------------------------------------------------------
     def submit(self, op: Operation) -> Operation:
@@ -269,6 +275,27 @@ class ChannelController:
         if dropped is not None:
             dropped._drop(reason)
 
+    def halt_async(self, reason: str, callback: HaltCallback) -> None:
+        """Halt the device from this channel's own stopper thread and call ``callback(error)``
+        (None on success) when the device confirmed it. Never blocks the caller; never waits
+        behind operations (only behind earlier stops of this same device)."""
+        try:
+            self._halts.put_nowait((reason, callback))
+        except queue.Full:
+            callback(f"{MAX_PENDING_HALTS} earlier stops still unanswered: the device is not responding")
+
+    def _run_stopper(self) -> None:
+        while True:
+            item = self._halts.get()
+            if item is None:
+                return
+            reason, callback = item
+            error = self._halt(reason)
+            try:
+                callback(error)
+            except Exception as exc:  # a reply that cannot go out must not kill the stopper
+                self.log.warning("stop callback failed", error=str(exc))
+
     def _halt(self, reason: str) -> str | None:
         try:
             self.manipulator.stop(reason)
@@ -289,6 +316,13 @@ class ChannelController:
             self._cond.notify_all()
         self.stop("shutdown")
         self._thread.join(timeout=timeout_s)
+        while True:
+            try:
+                self._halts.put(None, timeout=timeout_s)
+                break
+            except queue.Full:
+                continue
+        self._stopper.join(timeout=timeout_s)
 
     # -- cached state ---------------------------------------------------------------------
     def note_position(self, position_um: np.ndarray) -> None:
@@ -374,3 +408,25 @@ class PositionPoller:
             started = time.monotonic()
             self.poll_once()
             self._stop.wait(max(0.0, self._period_s - (time.monotonic() - started)))
+
+
+def halt_all(controllers: list[ChannelController], reason: str, done: Callable[[dict[str, str | None]], None]) -> None:
+    """Cancel every operation and halt every device in parallel (each from its own stopper
+    thread); call ``done({channel: None or error})`` once every device has answered."""
+    if not controllers:
+        done({})
+        return
+    results: dict[str, str | None] = {}
+    lock = threading.Lock()
+
+    def one_done(name: str, error: str | None) -> None:
+        with lock:
+            results[name] = error
+            finished = len(results) == len(controllers)
+        if finished:
+            done(dict(results))
+
+    for ctl in controllers:
+        ctl.cancel_ops(reason)
+    for ctl in controllers:
+        ctl.halt_async(reason, lambda error, name=ctl.name: one_done(name, error))

@@ -25,11 +25,11 @@ from typing import Any
 import zmq
 
 from config.models import RigConfig
-from manipulators.base import Manipulator, stop_all
+from manipulators.base import Manipulator
 from rig.closed_loop import ClosedLoop
-from rig.controllers import ChannelController, Operation, PositionPoller
+from rig.controllers import ChannelController, Operation, PositionPoller, halt_all
 from rig.curve import ServerKeys, is_loopback_endpoint, start_authenticator
-from rig.errors import Busy, ConfigError, InvalidParams, NoFrame, NotFound
+from rig.errors import Busy, ConfigError, DeviceError, InvalidParams, NoFrame, NotFound
 from rig.localiser_worker import LocaliserWorker
 from rig.logs import get_logger
 from rig.protocol import PROTOCOL, Request
@@ -235,9 +235,7 @@ class Daemon:
             assert self.server is not None
             self.server.refuse_new(f"daemon is shutting down ({reason})")
             self.log.info("shutting down", reason=reason)
-            for ctl in self.controllers.values():
-                ctl.cancel_ops("shutdown")
-            errors = stop_all(self.manipulators.values(), reason="shutdown")
+            errors = self.stop_all("shutdown")
             for ctl in self.controllers.values():
                 ctl.close()
             self.watchdog.close()
@@ -280,15 +278,33 @@ class Daemon:
             t.join(timeout=30.0)
 
     # -- shared actions -------------------------------------------------------------------
-    def stop_all(self, reason: str = "stop_all") -> dict[str, str | None]:
-        """Cancel every operation and stop every manipulator in parallel (e-stop)."""
-        for ctl in self.controllers.values():
-            ctl.cancel_ops(reason)
-        errors = stop_all(self.manipulators.values(), reason=reason)
-        failed = {k: v for k, v in errors.items() if v}
-        level = "alarm" if failed else "warning"
-        self.telemetry.event(level, "e-stop", f"all manipulators stopped ({reason})", reason=reason, errors=failed)
-        return errors
+    def stop_all_async(self, reason: str, done: Any = None) -> None:
+        """E-stop: cancel every operation and halt every device in parallel, each from its
+        channel's stopper thread (never queued behind operations). ``done(errors)`` is called
+        once every device answered; the ``e-stop`` event goes out then."""
+
+        def finished(errors: dict[str, str | None]) -> None:
+            failed = {k: v for k, v in errors.items() if v}
+            level = "alarm" if failed else "warning"
+            self.telemetry.event(level, "e-stop", f"all manipulators stopped ({reason})", reason=reason, errors=failed)
+            if done is not None:
+                done(errors)
+
+        halt_all(list(self.controllers.values()), reason, finished)
+
+    def stop_all(self, reason: str = "stop_all", timeout_s: float = 10.0) -> dict[str, str | None]:
+        """``stop_all_async`` and wait for every device (the watchdog and shutdown use it)."""
+        box: dict[str, dict[str, str | None]] = {}
+        ready = threading.Event()
+
+        def done(errors: dict[str, str | None]) -> None:
+            box["errors"] = errors
+            ready.set()
+
+        self.stop_all_async(reason, done)
+        if not ready.wait(timeout_s):
+            return {n: "no answer to stop" for n in self.controllers}
+        return box["errors"]
 
     def controller(self, channel: str) -> ChannelController:
         ctl = self.controllers.get(channel)
@@ -364,23 +380,24 @@ class Daemon:
         elif method == "stop":
             ctl = self.controller(p.channel)  # type: ignore[attr-defined]
             t0 = time.perf_counter()
-            error = ctl.stop("stop")
-            self.telemetry.event(
-                "alarm" if error else "info", "stop", f"channel {ctl.name} stopped" if not error else f"channel {ctl.name}: stop failed: {error}",
-                channel=ctl.name,
-            )
-            if error:
-                from rig.errors import DeviceError
+            ctl.cancel_ops("stop")
 
-                raise DeviceError(f"stop failed: {error}", channel=ctl.name)
-            responder.ok({"channel": ctl.name, "stopped": True, "ms": (time.perf_counter() - t0) * 1e3})
+            def stopped(error: str | None) -> None:
+                ms = (time.perf_counter() - t0) * 1e3
+                if error:
+                    self.telemetry.event("alarm", "stop", f"channel {ctl.name}: stop failed: {error}", channel=ctl.name)
+                    responder.error(DeviceError(f"stop failed: {error}", channel=ctl.name))
+                else:
+                    self.telemetry.event("info", "stop", f"channel {ctl.name} stopped", channel=ctl.name)
+                    responder.ok({"channel": ctl.name, "stopped": True, "ms": ms})
+
+            ctl.halt_async("stop", stopped)
         elif method == "stop_all":
             t0 = time.perf_counter()
-            errors = self.stop_all("stop_all")
-            responder.ok(
+            self.stop_all_async("stop_all", lambda errors: responder.ok(
                 {"stopped": [n for n, e in errors.items() if not e], "errors": {n: e for n, e in errors.items() if e},
                  "all_stopped": not any(errors.values()), "ms": (time.perf_counter() - t0) * 1e3}
-            )
+            ))
         elif method == "shutdown":
             responder.ok({"shutting_down": True})
             self.request_shutdown("shutdown request")

@@ -105,7 +105,6 @@ class Watchdog:
         self._stop = threading.Event()
         self._frames_stale = False
         self._silent: set[str] = set()
-        self._stoppers: list[threading.Thread] = []
         self.alarms: list[dict[str, Any]] = []
         self.log = get_logger("patchrig.watchdog")
         self._thread = threading.Thread(target=self._run, name="patchrig-watchdog", daemon=True)
@@ -117,8 +116,6 @@ class Watchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
-        for stopper in self._stoppers:
-            stopper.join(timeout=5.0)
 
     def _alarm(self, kind: str, message: str, **fields: Any) -> None:
         entry = {"kind": kind, "message": message, "t": time.time(), **fields}
@@ -173,11 +170,7 @@ class Watchdog:
                         f"device silent for {silent_for:.1f} s ({ctl.device_error}): stopped by the watchdog",
                         channel=name,
                     ))
-                    stopper = threading.Thread(
-                        target=ctl.stop, args=("device silent",), name=f"patchrig-wd-stop-{name}", daemon=True
-                    )
-                    stopper.start()
-                    self._stoppers = [t for t in self._stoppers if t.is_alive()] + [stopper]
+                    ctl.halt_async("device silent", lambda _error: None)
                     self._alarm(
                         "device_silent",
                         f"no answer for {silent_for:.1f} s ({ctl.device_error}): operations cancelled, stop sent",

@@ -58,6 +58,12 @@ from rig.logs import get_logger
 
 T = TypeVar("T")
 
+try:  # pyserial's POSIX backend lets termios.error (not an OSError) escape, e.g. when unplugged
+    from termios import error as _TermiosError
+except ImportError:  # pragma: no cover - Windows
+    _TermiosError = OSError  # type: ignore[assignment,misc]
+IO_ERRORS: tuple[type[BaseException], ...] = (serial.SerialException, OSError, _TermiosError)
+
 IDENTITY_COMMAND = "scientifica"
 IDENTITY_REPLY = "Y519"
 TICKS_PER_UM = {2: 10.0, 3: 100.0}
@@ -247,7 +253,7 @@ class ScientificaProtocol:
             self.timeout_count += 1
             raise DeviceTimeout(f"could not send {command!r} within {wait_s:.2f} s ({self._where()})",
                                 channel=self.channel) from None
-        except (serial.SerialException, OSError) as exc:
+        except IO_ERRORS as exc:
             raise DeviceError(f"serial I/O failed on {self._where()} during {command!r}: {exc}",
                               channel=self.channel) from exc
         if not raw.endswith(b"\r"):
@@ -288,7 +294,7 @@ class ScientificaProtocol:
                 if not self.port.read(4096):
                     break
             self.port.reset_input_buffer()
-        except (serial.SerialException, OSError) as exc:
+        except IO_ERRORS as exc:
             raise DeviceError(f"serial I/O failed on {self._where()} while resynchronising: {exc}",
                               channel=self.channel) from exc
 
@@ -365,9 +371,9 @@ class ScientificaProtocol:
         except DeviceError:
             return False
         finally:
-            with contextlib.suppress(serial.SerialException, OSError, ValueError):
+            with contextlib.suppress(*IO_ERRORS, ValueError):
                 self.port.baudrate = restore_baud
-            with contextlib.suppress(serial.SerialException, OSError, DeviceError):
+            with contextlib.suppress(*IO_ERRORS, DeviceError):
                 self.resync(abortable=False)
 
     def identify(self, baud: int, expected_version: int | None = None) -> ScientificaInfo:
@@ -613,6 +619,7 @@ class ScientificaManipulator(Manipulator):
             raise
         self._cache = _Readback(position_um=position, status=status)
         self._last_ok_s = time.monotonic()
+        self._poll_failures = 0
         self._thread = threading.Thread(target=self._run, name=f"scientifica-{name}", daemon=True)
         self._thread.start()
 
@@ -721,7 +728,7 @@ class ScientificaManipulator(Manipulator):
         self._closing.set()
         self._requests.put(None)
         self._thread.join(self.lost_after_s + 5 * self.timeout_s + 2.0)
-        with contextlib.suppress(serial.SerialException, OSError):
+        with contextlib.suppress(*IO_ERRORS):
             self._serial.close()
         self._fail_pending(DeviceError(f"closed (port {self.port_name})", channel=self.name), "closed")
 
@@ -863,6 +870,9 @@ class ScientificaManipulator(Manipulator):
         with self._state_lock:
             self._cache = _Readback(position_um=position, status=status, at_s=now)
         self._last_ok_s = now
+        if self._poll_failures:
+            self.log.info("controller answering again", after_failures=self._poll_failures)
+            self._poll_failures = 0
         if self._active is not None:
             try:
                 self._advance(self._active, position, status, now)
@@ -873,7 +883,10 @@ class ScientificaManipulator(Manipulator):
 
     def _poll_failed(self, exc: PatchrigError) -> None:
         silent_s = time.monotonic() - self._last_ok_s
-        self.log.warning("poll failed", error=str(exc), silent_s=round(silent_s, 2))
+        self._poll_failures += 1
+        if self._poll_failures == 1 or self._poll_failures % 50 == 0:  # no log flood when unplugged
+            self.log.warning("poll failed", error=str(exc), silent_s=round(silent_s, 2),
+                             failures=self._poll_failures)
         if self._active is not None and silent_s > self.lost_after_s:
             self._fail_active(DeviceTimeout(
                 f"lost contact with the controller on port {self.port_name}: no valid reply for "

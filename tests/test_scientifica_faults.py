@@ -195,6 +195,26 @@ def test_close_with_a_silent_device_returns() -> None:
             m.move_to([0.0, 0.0, 0.0], 200.0)
 
 
+def test_unplugged_controller_fails_the_move_and_closes_cleanly() -> None:
+    sim = ScientificaSimulator()
+    try:
+        port = sim.start()
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=port, timeout_s=0.2, lost_after_s=0.8)
+        handle = m.move_to([300.0, 0.0, 0.0], 200.0)
+        time.sleep(0.1)
+        sim.close()  # the USB cable is pulled: the pty master goes away
+        with pytest.raises(DeviceError) as info:
+            handle.wait(BOUND_S)
+        assert "'C'" in str(info.value)
+        with pytest.raises(DeviceError):
+            _ = m.position_um
+        t0 = time.monotonic()
+        m.close()
+        assert time.monotonic() - t0 < BOUND_S
+    finally:
+        sim.close()
+
+
 # -- E replies and missed targets ----------------------------------------------------------------------
 def test_refused_move_fails_with_the_device_error_and_nothing_moves() -> None:
     with rig() as (sim, m):

@@ -167,7 +167,8 @@ class SensapexSdk:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._watcher.join(timeout=5.0)
+        if threading.current_thread() is not self._watcher:  # a done-callback may close channels
+            self._watcher.join(timeout=5.0)
         try:
             self.ump.close()  # stops and joins the poller, closes the socket
         finally:

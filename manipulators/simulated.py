@@ -108,7 +108,7 @@ class SimulatedManipulator(Manipulator):
         with self._state_lock:
             worker, self._worker = self._worker, None
             self._wake.notify_all()
-        if worker is not None:
+        if worker is not None and worker is not threading.current_thread():  # close from a done-callback
             worker.join(timeout=5.0)
 
     # -- worker --------------------------------------------------------------------------

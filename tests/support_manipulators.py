@@ -315,8 +315,8 @@ class ManipulatorContract:
         self, make_manipulators: Callable[[int], list[Manipulator]]
     ) -> None:
         a, b = make_manipulators(2)
-        _sa, _ta, ha = self._slow_move(a, 1.5)
-        _sb, tb, hb = self._slow_move(b, 1.5)
+        _sa, _ta, ha = self._slow_move(a, 1.0)
+        _sb, tb, hb = self._slow_move(b, 1.0)
         time.sleep(0.2)
         a.stop()
         assert ha.interrupted

@@ -116,3 +116,14 @@ def test_move_after_close_is_a_clear_error() -> None:
 
     with pytest.raises(DeviceError, match="'A'.*closed"):
         m.move_to([1.0, 1.0, 1.0], 10.0)
+
+
+def test_close_from_a_done_callback_does_not_deadlock() -> None:
+    m = SimulatedManipulator("A", LIMITS, 1000.0, initial_position_um=[0, 0, 0])
+    h = m.move_to([5.0, 0.0, 0.0], 1000.0)
+    h.add_done_callback(lambda _h: m.close())
+    h.wait(5)
+    from support_manipulators import wait_until
+
+    assert wait_until(lambda: m._worker is None, 2.0)
+    m.close()

@@ -93,3 +93,21 @@ def test_channels_share_one_sdk_and_refuse_a_second_group(sim: SensapexSimulator
         b.close()
     finally:
         a.close()
+
+
+def test_closing_the_last_channel_from_a_done_callback(sim: SensapexSimulator) -> None:
+    m = open_channel("a", 1)
+    closed = threading.Event()
+
+    def close_it(_h: object) -> None:
+        m.close()
+        closed.set()
+
+    h = m.move_to(m.position_um + np.array([5.0, 0, 0]), 500.0)
+    h.add_done_callback(close_it)
+    h.wait(5)
+    assert closed.wait(5)
+    from support_manipulators import wait_until
+
+    assert wait_until(lambda: sdk_threads() == [], 3.0), sdk_threads()
+    assert UMP._single is None

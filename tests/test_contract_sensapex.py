@@ -173,3 +173,19 @@ def test_sdk_stays_open_while_a_reference_is_held(rig: SensapexRig, make_manipul
     assert SensapexSdk.is_open()
     m2 = rig.open(2)
     assert m2.position_um.shape == (3,)
+
+
+def test_simulator_answers_the_rest_of_the_sdk(rig: SensapexRig, make_manipulators: object) -> None:
+    """Calls the driver does not use but a user of the SDK might: version, ping, relative
+    steps, features and parameters all get well-formed answers from the simulator."""
+    m = rig.open(2)
+    ump = rig.sdk.ump
+    assert ump.get_firmware_version(2) == (1, 504, 0, 0, 0)
+    ump.ping_device(2)
+    start = rig.sim.position_um(2)
+    ump.take_step(2, [6.0, 0.0, -4.0], 200)
+    time.sleep(0.3)
+    assert np.allclose(rig.sim.position_um(2), start + np.array([6.0, 0.0, -4.0]), atol=0.01)
+    assert ump.get_soft_start_state(2) == 0
+    assert ump.get_um_param(2, 0x105).value == 3
+    assert np.allclose(m.position_um, rig.sim.position_um(2), atol=0.01)

@@ -109,6 +109,8 @@ class ScientificaSimulator:
     channel and keeps it up to date. ``version`` 2 or 3 picks the units; ``baud`` the rate the
     device listens at. ``travel_um``: half-width of the physical travel around the start
     position; moves stop at the travel ends and ``LIMITS`` reports the switches hit.
+    ``wire_time``: delay each reply by the time the command and the reply would take on a real
+    line at ``baud`` (10 bits per character), e.g. about 13 ms for ``POS`` at 9600 baud.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class ScientificaSimulator:
         description: str = "PatchStar",
         initial_position_um: np.ndarray | None = None,
         travel_um: float = 25000.0,
+        wire_time: bool = False,
     ) -> None:
         if version not in TICKS_PER_UM:
             raise ValueError(f"version must be 2 or 3, got {version!r}")
@@ -133,6 +136,7 @@ class ScientificaSimulator:
         self.world = world
         self.channel = channel
         self.description = description
+        self.wire_time = wire_time
         self.type_code = TYPE_CODE[version]
         self.faults = ScientificaFaults()
         self.log = get_logger("patchrig.sim.scientifica", channel=channel)
@@ -294,7 +298,10 @@ class ScientificaSimulator:
             self.baud = 9600 if tokens[1] == "96" else 38400
             return
         reply = self._answer(text)
-        if faults.reply_delay_s > 0 and self._closing.wait(faults.reply_delay_s):
+        delay_s = faults.reply_delay_s
+        if self.wire_time:
+            delay_s += (len(raw) + len(reply) + 2) * 10.0 / self.baud
+        if delay_s > 0 and self._closing.wait(delay_s):
             return
         data = reply.encode("ascii")
         if faults.garble_next_replies > 0:
@@ -622,13 +629,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description", default="PatchStar", help="the DESC name (default PatchStar)")
     parser.add_argument("--position-um", type=float, nargs=3, default=(0.0, 0.0, 0.0),
                         metavar=("X", "Y", "Z"), help="start position in µm (default 0 0 0)")
+    parser.add_argument("--wire-time", action="store_true",
+                        help="delay replies by their transmission time at the baud rate, as on a real line")
     parser.epilog = "Prints the pty path that pyserial opens as the first line, then runs until Ctrl-C."
 
 
 def run_cli(args: argparse.Namespace) -> int:
     sim = ScientificaSimulator(
         version=args.version, baud=args.baud, description=args.description,
-        initial_position_um=np.asarray(args.position_um, float),
+        initial_position_um=np.asarray(args.position_um, float), wire_time=args.wire_time,
     )
     path = sim.start()
     print(path, flush=True)

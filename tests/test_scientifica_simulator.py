@@ -291,6 +291,20 @@ def test_baud_command_switches_the_rate_without_a_reply(v2: tuple[ScientificaSim
     assert line.ask("BAUD 19") == "E,1"
 
 
+@pytest.mark.parametrize("baud", [9600, 38400])
+def test_wire_time_delays_replies_by_their_transmission_time(baud: int) -> None:
+    with ScientificaSimulator(baud=baud, wire_time=True) as sim:
+        line = Line(sim.port, baud)
+        try:
+            t0 = time.monotonic()
+            for _ in range(5):
+                assert line.ask("POS") == "0\t0\t0"
+            per_exchange_s = (time.monotonic() - t0) / 5
+            assert per_exchange_s >= (4 + 6) * 10 / baud  # 'POS\r' + '0\t0\t0\r': 10 characters
+        finally:
+            line.close()
+
+
 def test_late_replies(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     sim.faults.reply_delay_s = 0.3

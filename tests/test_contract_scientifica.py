@@ -4,6 +4,7 @@ version-3 (0.01 µm, 38400 baud) controllers, with the shared world following th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -82,5 +83,29 @@ def test_world_follows_the_scientifica_channel() -> None:
             handle.wait(1.0)
             assert np.allclose(world.manipulator_position_um("C"), [60, 20, -5], atol=0.01)
             assert any(11.0 < x < 59.0 for x in seen), seen
+        finally:
+            m.close()
+
+
+@pytest.mark.parametrize(("version", "baud"), [(2, 9600), (3, 38400)])
+def test_moves_and_stop_at_real_line_speed(version: int, baud: int) -> None:
+    """With the simulator's wire time on (about 1 ms per character at 9600 baud), moves still
+    finish at their target and stop still interrupts promptly."""
+    with ScientificaSimulator(version=version, baud=baud, wire_time=True) as sim:
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, baud=baud, expected_version=version)
+        try:
+            handle = m.move_to([30.0, -20.0, 10.0], 800.0).wait(10.0)
+            assert handle.position_um is not None
+            assert np.allclose(handle.position_um, [30.0, -20.0, 10.0], atol=0.5)
+            handle = m.move_to([400.0, -20.0, 10.0], 200.0)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            m.stop()
+            assert time.monotonic() - t0 < 1.0
+            assert handle.interrupted
+            stopped = m.position_um
+            assert 31.0 < stopped[0] < 399.0
+            time.sleep(0.2)
+            assert np.allclose(sim.physical_position_um(), stopped, atol=0.5)
         finally:
             m.close()

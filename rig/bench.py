@@ -9,8 +9,8 @@
    Frames the localiser could not keep up with are dropped, never queued: "no backlog" means
    the latency of the last quarter of the run is no worse than the first quarter's and every
    frame was either localised or counted as dropped.
-2. **Command round trip** with ``--clients`` (4) concurrent clients (``ping`` and
-   ``get_position``), while the frames of part 1 are flowing.
+2. **Command round trip** with ``--clients`` (4) concurrent client processes (``ping`` and
+   ``get_position``), first with no frames, then while the frames of part 1 are flowing.
 3. **stop_all** on the simulated quad rig of ``config/sim.toml`` (two Sensapex over UDP through
    the vendor SDK, two Scientifica over ptys through pyserial), each channel moving: the time
    from sending ``stop_all`` until every driver has had its STOP confirmed by its device (the
@@ -196,31 +196,37 @@ def bench_frames_and_commands(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _round_trips(endpoint: str, channels: list[str], n_clients: int, requests: int) -> dict[str, list[float]]:
-    """``n_clients`` threads, each with its own client, alternating ping and get_position."""
+def _client_process(endpoint: str, channel: str, requests: int, start_at: float) -> dict[str, list[float]]:
+    """One client process (as rig software is): alternating ping and get_position."""
     from rig.client import PatchrigClient
 
+    local: dict[str, list[float]] = {"ping": [], "get_position": []}
+    with PatchrigClient(endpoint, timeout_s=5.0) as c:
+        c.ping()  # connect before the clock starts
+        time.sleep(max(0.0, start_at - time.time()))
+        for j in range(requests):
+            method = "ping" if j % 2 == 0 else "get_position"
+            params = {} if method == "ping" else {"channel": channel}
+            t0 = time.perf_counter()
+            c.call(method, params)
+            local[method].append((time.perf_counter() - t0) * 1e3)
+    return local
+
+
+def _round_trips(endpoint: str, channels: list[str], n_clients: int, requests: int) -> dict[str, list[float]]:
+    """``n_clients`` concurrent client processes, each with its own REQ socket."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3.0  # every process imported and connected by then
+    with ctx.Pool(n_clients) as pool:
+        parts = pool.starmap(
+            _client_process, [(endpoint, channels[k % len(channels)], requests, start_at) for k in range(n_clients)]
+        )
     rtt: dict[str, list[float]] = {"ping": [], "get_position": []}
-    lock = threading.Lock()
-
-    def client_loop(k: int) -> None:
-        local: dict[str, list[float]] = {"ping": [], "get_position": []}
-        with PatchrigClient(endpoint, timeout_s=5.0) as c:
-            for j in range(requests):
-                method = "ping" if j % 2 == 0 else "get_position"
-                params = {} if method == "ping" else {"channel": channels[k % len(channels)]}
-                t0 = time.perf_counter()
-                c.call(method, params)
-                local[method].append((time.perf_counter() - t0) * 1e3)
-        with lock:
-            for m, v in local.items():
-                rtt[m].extend(v)
-
-    threads = [threading.Thread(target=client_loop, args=(k,), name=f"bench-client-{k}") for k in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for part in parts:
+        for m, v in part.items():
+            rtt[m].extend(v)
     return rtt
 
 

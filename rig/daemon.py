@@ -16,6 +16,7 @@ with linger 0, join every thread, close the devices.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from rig.telemetry import TelemetryPublisher
 from rig.watchdog import Lease, Watchdog
 
 MAX_QUERIES = 32
+SWITCH_INTERVAL_S = 0.001
 MOVE_TIMEOUT_MARGIN_S = 10.0
 
 
@@ -181,7 +183,13 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Daemon:
-        """Start every thread; the daemon serves from now on."""
+        """Start every thread; the daemon serves from now on.
+
+        Sets the interpreter's thread switch interval to ``SWITCH_INTERVAL_S`` (1 ms instead of
+        5 ms) for the whole process: the server loop must get the GIL back quickly from busy
+        threads (localiser pre/post-processing, drivers), or command replies wait up to 5 ms.
+        """
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         if self.frames is not None and hasattr(self.frames, "start"):
             self.frames.start()
         self.telemetry.start()

@@ -269,3 +269,35 @@ def test_move_tip_finds_a_tip_that_left_focus():
         assert out["focus_searches"] == 1
         assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
         assert abs(rig.world.true_tip_um("A")[2] - rig.world.focal_z_um) <= 6.0
+
+
+def test_real_microscope_and_localiser():
+    """Integration: real SimMicroscope frames through the real shipped TipLocaliser."""
+    import torch
+
+    from localisation.inference import TipLocaliser
+    from rig.frame_sources import SimulatedFrameSource
+    from simulators.microscope import SimMicroscope
+
+    torch.set_num_threads(1)
+    localiser = TipLocaliser.load(device="cpu", threads=1)
+    world = sc.make_world(21, 2, n_axes=(3, 4))
+    frames = SimulatedFrameSource(SimMicroscope(world, rate_hz=30.0, seed=21))
+    manipulators = sc.make_manipulators(world)
+    try:
+        frames.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            service = CalibrationService(RigIdentity(), CalibrationConfig(), manipulators, frames, localiser, store_dir=tmp)
+            result = service.calibrate("A")
+            assert result["moves"] <= 20
+            cal = service._calibration("A")
+            p0 = manipulators["A"].position_um
+            errors = [sc.true_xy_error_um(world, cal, p0 + np.r_[dx, dy, 0.0]) for dx in (-30, 0, 30) for dy in (-30, 0, 30)]
+            assert np.median(errors) <= 1.5, errors
+            target_px = world.true_tip_px("A") + np.array([40.0, -30.0])
+            out = service.move_tip("A", target_px=target_px.tolist())
+            assert np.linalg.norm(world.true_tip_px("A") - target_px) * world.um_per_px <= 2.5, out
+    finally:
+        for m in manipulators.values():
+            m.close()
+        frames.close()

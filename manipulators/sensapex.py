@@ -107,7 +107,9 @@ class SensapexSdk:
             UMP._single = None
             raise DeviceError(f"cannot open the Sensapex SDK on {address} group {group}: {exc}") from None
         self.ump = ump
-        ump.set_timeout(int(timeout_ms))
+        # Not ump.set_timeout: it assigns to the ctypes pointer object, not the state it points
+        # to, so it has no effect. The state's leading fields (up to udp_port) match libum 1.504.
+        ump.h.contents.timeout = int(timeout_ms)
         ump._timeout = int(timeout_ms)
         ump.poller.name = f"sensapex-sdk-poller-g{group}"
         ump.poller.start()
@@ -149,6 +151,21 @@ class SensapexSdk:
     @classmethod
     def is_open(cls) -> bool:
         return cls._current is not None
+
+    def probe(self, dev_id: int, timeout_ms: int) -> bool:
+        """Ping ``dev_id`` with a short per-try timeout (3 tries); True if it answered. Holds the
+        SDK lock for at most ~3 x ``timeout_ms``, instead of the ~0.6 s of an ordinary request."""
+        ump = self.ump
+        with ump.lock:
+            if ump.h is None:
+                return False
+            state = ump.h.contents
+            normal = state.timeout
+            state.timeout = int(timeout_ms)
+            try:
+                return int(ump.lib.um_ping(ump.h, ctypes.c_int(dev_id))) >= 0
+            finally:
+                state.timeout = normal
 
     def claim_device(self, dev_id: int, channel: str) -> None:
         with self._cond:
@@ -225,6 +242,7 @@ class SensapexManipulator(Manipulator):
     completion_margin_s = 4.0
     position_max_age_ms = 20
     lost_backoff_s = 2.0
+    probe_timeout_ms = 30
 
     def __init__(
         self,
@@ -252,10 +270,14 @@ class SensapexManipulator(Manipulator):
         self.device_id = device_id
         self.address = address
         self.group = group
-        self.timeout_ms = timeout_ms
         self._closed = False
-        self._lost_until_s = 0.0  # after a timeout, reads and moves fail fast until then
+        self._lost = False  # set by a timeout; cleared by any answer
+        self._lost_until_s = 0.0  # while lost: fail fast until then, then probe with a quick ping
         self._sdk = SensapexSdk.acquire(address, group, timeout_ms)
+        self.timeout_ms = self._sdk.timeout_ms  # the first channel on the SDK sets it for all
+        if self.timeout_ms != timeout_ms:
+            self.log.warning("the shared Sensapex SDK keeps the first channel's timeout",
+                             asked_ms=timeout_ms, timeout_ms=self.timeout_ms)
         try:
             self._sdk.claim_device(device_id, name)
             try:
@@ -277,6 +299,7 @@ class SensapexManipulator(Manipulator):
         that did not answer is left alone for ``lost_backoff_s`` (see ``_check_reachable``)."""
         errno = _errno_of(exc)
         if errno in (-3, -5):
+            self._lost = True
             self._lost_until_s = time.monotonic() + self.lost_backoff_s
         if errno == -3:
             return DeviceTimeout(
@@ -294,15 +317,24 @@ class SensapexManipulator(Manipulator):
         return DeviceError(f"{what}: {self._where()} failed: {exc}", channel=self.name)
 
     def _check_reachable(self, what: str) -> None:
-        """Fail fast while the device is in its back-off after a timeout: every request to a
-        dead device holds the SDK's one lock for ~0.6 s, which would delay the other channels."""
-        remaining_s = self._lost_until_s - time.monotonic()
+        """Keep a device that stopped answering from holding up the other channels: every
+        request to a dead device holds the SDK's one lock for ~0.6 s (three tries). After a
+        timeout, requests fail at once for ``lost_backoff_s``; after that, a quick ping (three
+        tries of ``probe_timeout_ms``) decides whether to ask the device again."""
+        if not self._lost:
+            return
+        now = time.monotonic()
+        remaining_s = self._lost_until_s - now
         if remaining_s > 0:
             raise DeviceTimeout(
                 f"{what}: {self._where()} did not answer a moment ago; not asked again for "
                 f"{remaining_s:.1f} s so that the other channels are not held up",
                 channel=self.name,
             )
+        if not self._sdk.probe(self.device_id, self.probe_timeout_ms):
+            self._lost_until_s = time.monotonic() + self.lost_backoff_s
+            raise DeviceTimeout(f"{what}: still no answer from {self._where()} to a ping", channel=self.name)
+        self._lost = False
 
     def _open_device(self) -> None:
         from sensapex import UMError
@@ -464,7 +496,7 @@ class SensapexManipulator(Manipulator):
                 request.finished = True
                 request.finished_event.set()
             raise self._error(exc, "stop") from None
-        self._lost_until_s = 0.0  # it answered the STOP: reachable again
+        self._lost = False  # it answered the STOP: reachable again
         self._verify_stopped()
 
     STOP_CHECK_S = 0.03

@@ -278,7 +278,7 @@ def test_garbage_datagrams_are_ignored(rig: SensapexRig) -> None:
 
 def test_a_dead_device_fails_fast_after_its_first_timeout_and_recovers(rig: SensapexRig) -> None:
     dead, alive = rig.open(2), rig.open(4)
-    dead.lost_backoff_s = 0.8
+    dead.lost_backoff_s = 0.5
     rig.sim.faults.silent_ids.add(2)
     time.sleep(0.05)
     with pytest.raises(DeviceTimeout, match="no answer"):
@@ -292,6 +292,14 @@ def test_a_dead_device_fails_fast_after_its_first_timeout_and_recovers(rig: Sens
     t1 = time.monotonic()
     alive.move_to(alive.position_um + np.array([10.0, 0, 0]), 1000.0).wait(5)
     assert time.monotonic() - t1 < 1.0
+    time.sleep(0.55)  # back-off over, still dead: a quick ping (3 x 30 ms), not a 0.6 s request
+    t2 = time.monotonic()
+    with pytest.raises(DeviceTimeout, match="still no answer.*ping"):
+        _ = dead.position_um
+    assert time.monotonic() - t2 < 0.3
     rig.sim.faults.silent_ids.clear()
-    time.sleep(0.85)
-    assert np.allclose(dead.position_um, rig.sim.position_um(2), atol=0.01)  # back after the back-off
+    time.sleep(0.55)
+    assert np.allclose(dead.position_um, rig.sim.position_um(2), atol=0.01)  # answered the ping: back
+    target = dead.position_um + np.array([5.0, 0, 0])
+    dead.move_to(target, 500.0).wait(5)
+    assert np.allclose(rig.sim.position_um(2), target, atol=0.01)

@@ -5,6 +5,7 @@ autouse leak fixture checks that closing the last channel leaves no thread or so
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +15,7 @@ from support_sensapex import free_group
 
 from manipulators.base import Limits
 from manipulators.sensapex import SensapexManipulator, SensapexSdk
-from rig.errors import Busy, DeviceError
+from rig.errors import Busy, DeviceError, DeviceTimeout
 from simulators.sensapex_device import SensapexSimulator
 
 GROUP = free_group(5)  # another safe group if this one is busy on the machine
@@ -111,3 +112,24 @@ def test_closing_the_last_channel_from_a_done_callback(sim: SensapexSimulator) -
 
     assert wait_until(lambda: sdk_threads() == [], 3.0), sdk_threads()
     assert UMP._single is None
+
+
+def test_timeout_ms_is_applied_to_the_sdk(sim: SensapexSimulator) -> None:
+    m = SensapexManipulator("a", LIMITS, 1000.0, device_id=1, address="127.0.0.1", group=GROUP, timeout_ms=50)
+    try:
+        assert m.describe()["timeout_ms"] == 50
+        assert m._sdk.ump.h.contents.timeout == 50
+        sim.faults.silent = True
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceTimeout, match="3 tries of 50 ms"):
+            _ = m.position_um
+        assert time.monotonic() - t0 < 0.45  # 3 tries of 50 ms (twice with the SDK's retry), not 0.6 s
+        sim.faults.silent = False
+        # a second channel asking for another timeout shares the first one's
+        b = SensapexManipulator("b", LIMITS, 1000.0, device_id=2, address="127.0.0.1", group=GROUP, timeout_ms=300)
+        assert b.timeout_ms == 50
+        b.close()
+    finally:
+        sim.faults.silent = False
+        m.close()

@@ -23,12 +23,20 @@ The SDK's quirks (protocols/sensapex-smcp.md) and how this driver copes with eac
   such speeds are rejected. libum itself refuses targets outside -1000..125000 µm: limits must
   lie inside that range.
 - **Stop sends STOP twice** (``ump.stop`` then ``MoveRequest.interrupt``); harmless.
-- **Timeouts.** Every ``UMError`` becomes a ``DeviceTimeout`` (-3) or ``DeviceError`` naming the
-  channel, the device id, address and group. The SDK's own retry warning (``UMP.call`` with
-  ``retries``) is handled the same way.
-
-All SDK calls go through the SDK's one lock, so a dead device can delay other channels' calls
-(by up to ~0.6 s per request: three tries of ``timeout_ms``).
+- **Stop that fails or is ignored.** If STOP is not acknowledged, the pending ``MoveRequest``
+  is taken from the SDK (else its poller would send the GOTO again). After a STOP the device
+  must report idle or stop changing position; STOP is re-sent up to 3 times, else
+  ``DeviceError`` ("kept moving").
+- **is_busy** reports a stale error when the drive status is "failed" (after a STOP), so the
+  drive status is read directly.
+- **Timeouts.** ``UMP.set_timeout`` has no effect (it assigns to the ctypes pointer), so
+  ``timeout_ms`` is written into libum's state directly. Every ``UMError`` becomes a
+  ``DeviceTimeout`` (-3, -5) or ``DeviceError`` naming the channel, the device id, address and
+  group. The SDK's own retry warning (``UMP.call`` with ``retries``) is handled the same way.
+- **A dead device holds the SDK's one lock** for ~0.6 s per request (three tries). After a
+  timeout the channel fails at once for ``lost_backoff_s``, then probes with a quick ping
+  (three tries of ``probe_timeout_ms``) before asking again, so the other channels on the SDK
+  are not held up.
 """
 
 from __future__ import annotations

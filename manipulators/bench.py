@@ -56,7 +56,11 @@ class Rig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    parser.description = (
+        "Command latency (median, p99) and position-poll rate of each manipulator backend, "
+        "through its real protocol path against its simulator: simulated (in-process), "
+        "sensapex (vendor SDK -> UDP loopback), scientifica (pyserial -> pty)."
+    )
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all)")
     parser.add_argument("--n", type=int, default=200, help="samples per measurement (default 200)")

@@ -43,3 +43,47 @@ def test_patchrig_sim_session_and_report(tmp_path: Path) -> None:
     assert 0 < data["total_seconds"] < 120
     assert (tmp_path / "out" / "sim-session.png").stat().st_size > 10_000
     assert "per-channel results" in proc.stdout and "final err" in proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_patchrig_sim_serve_until_shutdown(tmp_path: Path) -> None:
+    from rig.client import PatchrigClient
+    from rig.protocol import RpcError
+
+    cmd_ep, tel_ep = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    env = dict(os.environ)
+    env["PATCHRIG__CHANNELS__A__SENSAPEX__GROUP"] = "9"
+    env["PATCHRIG__CHANNELS__B__SENSAPEX__GROUP"] = "9"
+    env["PATCHRIG__SERVER__COMMAND_ENDPOINT"] = f'"{cmd_ep}"'
+    env["PATCHRIG__SERVER__TELEMETRY_ENDPOINT"] = f'"{tel_ep}"'
+    env["PATCHRIG__CALIBRATION__DIRECTORY"] = f'"{tmp_path / "cal"}"'
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rig.cli", "--log-level", "WARNING", "sim", "--serve", "--localiser", "oracle"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with PatchrigClient(cmd_ep, timeout_s=0.5, retries=60) as c:
+            try:
+                status = c.status()
+            except RpcError:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"daemon did not answer; rc={proc.returncode}\n{out[-2000:]}\n{err[-3000:]}") from None
+            assert set(status["channels"]) == {"A", "B", "C", "D"}
+            assert {ch["driver"] for ch in status["channels"].values()} == {"sensapex", "scientifica"}
+            assert len(c.get_position("A")) == 4  # the 4-axis uMp
+            assert c.shutdown() == {"shutting_down": True}
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err[-2000:]
+        assert f"commands {cmd_ep}" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -313,8 +313,9 @@ class SensapexSimulator:
         devices = self._targets(frame)
         if not devices:
             return
-        self._clients.add(addr)
-        self.request_counts[frame.type_name] += 1
+        with self._lock:  # _notify iterates the clients, also from other threads
+            self._clients.add(addr)
+            self.request_counts[frame.type_name] += 1
         for dev in devices:
             if self.faults.is_silent(dev.dev_id):
                 continue

@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baud", type=int, default=9600, choices=(9600, 38400),
                         help="Scientifica baud rate (default 9600)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="also write the results as JSON to FILE (atomically)")
+                        help="also write the results (with every sample) as JSON to FILE (atomically)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also draw the latency distributions per backend and operation to PNG")
 
 
 @contextmanager
@@ -113,13 +115,14 @@ def _open_backend(name: str, args: argparse.Namespace) -> Iterator[Rig]:
             raise PatchrigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 
-def _summary(samples_s: list[float]) -> dict[str, float | int]:
+def _summary(samples_s: list[float]) -> dict[str, Any]:
     ms = np.asarray(samples_s) * 1000.0
     return {
         "median_ms": float(np.median(ms)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(ms.mean()),
         "n": int(ms.size),
+        "samples_ms": [round(float(v), 4) for v in ms],
     }
 
 
@@ -175,6 +178,47 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Box plots (log scale) of every operation's latency, one colour per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = ("query", "read", "move_cmd", "move_done", "stop")
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    width = 0.8 / max(1, len(results))
+    for i, (name, r) in enumerate(results.items()):
+        data = [np.maximum(np.asarray(r[op]["samples_ms"]), 1e-3) for op in ops]
+        pos = [k + (i - (len(results) - 1) / 2) * width for k in range(len(ops))]
+        box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=True,
+                         flierprops={"markersize": 2}, medianprops={"color": "black"})
+        colour = f"C{i}"
+        for patch in box["boxes"]:
+            patch.set_facecolor(colour)
+            patch.set_alpha(0.6)
+        ax.plot([], [], color=colour, linewidth=6, alpha=0.6, label=f"{name}: {r['poll_hz']:.0f} polls/s")
+    ax.set_xticks(range(len(ops)), ops)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_title("patchrig bench manipulators")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     path = path.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,5 +268,8 @@ def run(args: argparse.Namespace) -> int:
         }
         _write_json_atomic(args.json, payload)
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        _plot(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

@@ -19,8 +19,9 @@ from rig.cli import main
 
 def test_bench_runs_every_backend_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench" / "manipulators.json"
+    png = tmp_path / "bench" / "manipulators.png"
     rc = main(["bench", "manipulators", "--n", "6", "--poll-seconds", "0.1", "--sensapex-group", str(free_group(4)),
-               "--json", str(out)])
+               "--json", str(out), "--plot", str(png)])
     assert rc == 0
     table = capsys.readouterr().out
     for name in ("simulated", "sensapex", "scientifica"):
@@ -32,10 +33,13 @@ def test_bench_runs_every_backend_and_writes_json(tmp_path: Path, capsys: pytest
         for op in ("query", "read", "move_cmd", "move_done", "stop"):
             assert r[op]["n"] >= 6
             assert 0 <= r[op]["median_ms"] <= r[op]["p99_ms"] < 5000
+            assert len(r[op]["samples_ms"]) == r[op]["n"]
+            assert r[op]["median_ms"] == pytest.approx(float(np.median(r[op]["samples_ms"])), abs=1e-3)
         assert r["poll_hz"] > 0
     # a 1 µm move cannot finish before its command returned
     assert data["results"]["sensapex"]["move_done"]["median_ms"] >= data["results"]["sensapex"]["move_cmd"]["median_ms"]
-    assert not list(out.parent.glob(".*.tmp"))
+    assert not list(out.parent.glob(".*.tmp")) and not list(out.parent.glob(".*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_rejects_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,10 +42,11 @@ class Assignment:
     missing: list[str] = field(default_factory=list)
 
     def as_dict(self, detections: list[TipDetection]) -> dict[str, Any]:
-        """JSON-able form (pixels of the frame, µm distances)."""
+        """JSON-able form (pixels of the frame, µm distances; ``index`` into the detections)."""
         return {
             "assigned": {
                 ch: {
+                    "index": a.index,
                     "x_px": float(a.detection.x_px),
                     "y_px": float(a.detection.y_px),
                     "score": float(a.detection.score),

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="localiser device: cpu, cuda, auto (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--drift-um-per-min", type=float, default=0.5)
+    parser.add_argument("--speed-um-s", type=float, default=500.0, help="manipulator speed (default 500 µm/s)")
+    parser.add_argument("--frame-rate-hz", type=float, default=30.0, help="simulated frame rate (default 30)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
 
 
@@ -67,7 +69,7 @@ def _build(seed: int, args: argparse.Namespace, localiser_model: Any):
     manipulators = {
         name: SimulatedManipulator(
             name, Limits((0.0,) * world.truth(name).n_axes, (20000.0,) * world.truth(name).n_axes),
-            max_speed_um_s=1000.0, default_speed_um_s=500.0, world=world,
+            max_speed_um_s=max(1000.0, args.speed_um_s), default_speed_um_s=args.speed_um_s, world=world,
         )
         for name in world.channel_names
     }
@@ -77,14 +79,14 @@ def _build(seed: int, args: argparse.Namespace, localiser_model: Any):
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         import support_calibration as sc  # the ORACLE double (test support)
 
-        frames = sc.OracleCamera(world, rate_hz=30.0)
+        frames = sc.OracleCamera(world, rate_hz=args.frame_rate_hz)
         localiser = sc.OracleLocaliser(frames, seed=seed)
         microscope = None
     else:
         from rig.frame_sources import SimulatedFrameSource
         from simulators.microscope import SimMicroscope
 
-        microscope = SimMicroscope(world, rate_hz=30.0, seed=seed)
+        microscope = SimMicroscope(world, rate_hz=args.frame_rate_hz, seed=seed)
         frames = SimulatedFrameSource(microscope)
         localiser = localiser_model
     frames.start()
@@ -255,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from rig.logs import configure_logging
+
+    tqdm.monitor_interval = 0  # no monitor thread: the bench leaves no thread behind
 
     configure_logging("WARNING")
     localiser_model = None

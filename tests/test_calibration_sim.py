@@ -301,3 +301,26 @@ def test_real_microscope_and_localiser():
         for m in manipulators.values():
             m.close()
         frames.close()
+
+
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    import argparse
+
+    from calibration import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        [
+            "--seeds", "1", "--trials", "1", "--assignment-frames", "3", "--correction-s", "0.5",
+            "--localiser", "oracle", "--frame-rate-hz", "200", "--speed-um-s", "3000", "--json", str(out),
+        ]
+    )
+    assert bench.run(args) == 0
+    import json
+
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["calibrations"] == 4 and summary["calibration_failures"] == 0
+    assert summary["calibration_true_error_median_um"] <= 1.0
+    assert "calibration_true_error_median_um" in capsys.readouterr().out

@@ -178,6 +178,13 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _readable(path: str) -> None:
+    """mkstemp makes 0600 files; give the result the usual permissions (0666 minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     """Box plots (log scale) of every operation's latency, one colour per backend."""
     import matplotlib
@@ -211,6 +218,7 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp)
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -228,6 +236,7 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
             json.dump(payload, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

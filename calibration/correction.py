@@ -16,12 +16,14 @@ when any gate fails:
 Accepted innovations enter a short window; once it holds ``min_votes`` of them, its median
 (when larger than ``deadband_um``) is applied to the offset and the window is re-expressed
 relative to the new offset. The median makes single bad detections harmless; the window
-length sets how quickly drift and jumps are followed.
+length sets how quickly drift and jumps are followed. Rejections are logged with their reason
+(each reason at most once a second per channel, with a count) and counted in ``counts``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -80,16 +82,30 @@ class OffsetCorrector:
         self._pending: list[np.ndarray] = []
         self.log = get_logger("patchrig.calibration.correction", channel=channel)
         self.counts: dict[str, int] = {}
+        self.log_interval_s = 1.0
+        self._logged_s: dict[str, float] = {}
+        self._logged_count: dict[str, int] = {}
 
     def reset(self) -> None:
         """Forget the history (after a calibration, a set-tip or a pipette change)."""
         self._history.clear()
         self._pending.clear()
 
-    def _reject(self, reason: str, e: np.ndarray, **extra: Any) -> CorrectionDecision:
+    def _reject(self, reason: str, e: np.ndarray) -> CorrectionDecision:
+        """Count and log a rejection (each reason at most once per ``log_interval_s``, with the
+        number of rejections for that reason since the last line)."""
         key = reason.split(":")[0]
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.log.info("correction rejected", reason=reason, innovation_xy_um=[round(float(v), 3) for v in e], **extra)
+        now = time.monotonic()
+        if now - self._logged_s.get(key, -math.inf) >= self.log_interval_s:
+            self.log.info(
+                "correction rejected",
+                reason=reason,
+                innovation_xy_um=[round(float(v), 3) for v in e],
+                rejected_since_last_line=self.counts[key] - self._logged_count.get(key, 0),
+            )
+            self._logged_s[key] = now
+            self._logged_count[key] = self.counts[key]
         return CorrectionDecision(False, reason, (float(e[0]), float(e[1])))
 
     def update(

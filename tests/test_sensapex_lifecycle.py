@@ -133,3 +133,25 @@ def test_timeout_ms_is_applied_to_the_sdk(sim: SensapexSimulator) -> None:
     finally:
         sim.faults.silent = False
         m.close()
+
+
+def test_a_second_simulator_on_the_same_group_is_a_clear_error(sim: SensapexSimulator) -> None:
+    other = SensapexSimulator(devices={3: "c"}, group=GROUP)
+    with pytest.raises(OSError, match=rf"cannot bind the Sensapex simulator to 127.0.0.1:{55555 + GROUP} \(group {GROUP}\)"):
+        other.start()
+    other.close()  # nothing to close, still fine
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"group": 11}, "group must be 0..10"),
+        ({"devices": {}}, "at least one device"),
+        ({"devices": {0: "a"}}, "outside 1..254"),
+        ({"devices": {1: "a"}, "n_axes": {1: 2}}, "3 or 4"),
+        ({"devices": {1: "a"}, "initial_position_um": {1: [0.0, 0.0]}}, "needs 3 axes"),
+    ],
+)
+def test_bad_simulator_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SensapexSimulator(**kwargs)

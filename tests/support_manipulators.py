@@ -128,6 +128,16 @@ class ManipulatorContract:
         assert summary["seconds"] > 0
         assert handle.finished_s is not None and handle.finished_s >= handle.started_s
 
+    def test_move_is_not_faster_than_the_requested_speed(self, manipulator: Manipulator) -> None:
+        """The speed limit holds: a move cannot arrive sooner than distance / speed (path speed,
+        so a diagonal move must not run each axis at full speed)."""
+        start = manipulator.position_um
+        target = target_inside(manipulator, self.slow_speed_um_s * 0.5)  # all axes: diagonal
+        handle = manipulator.move_to(target, self.slow_speed_um_s).wait(self.move_timeout_s)
+        assert handle.finished_s is not None
+        distance_um = float(np.linalg.norm(target - start))
+        assert handle.finished_s - handle.started_s >= 0.9 * distance_um / self.slow_speed_um_s
+
     def test_default_speed_is_used_when_none_given(self, manipulator: Manipulator) -> None:
         target = target_inside(manipulator, self.travel_um / 4)
         handle = manipulator.move_to(target)

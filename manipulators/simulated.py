@@ -48,6 +48,9 @@ class SimulatedManipulator(Manipulator):
         if not acceleration_um_s2 > 0:
             raise ValueError(f"channel {name!r}: acceleration_um_s2 must be positive")
         self._world = world if world is not None and name in world.channel_names else None
+        if world is not None and self._world is None:
+            self.log.warning("the simulated world has no such channel; positions stay private",
+                             world_channels=world.channel_names)
         if initial_position_um is not None:
             start = np.asarray(initial_position_um, float)
         elif self._world is not None:

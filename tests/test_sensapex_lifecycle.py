@@ -155,3 +155,17 @@ def test_a_second_simulator_on_the_same_group_is_a_clear_error(sim: SensapexSimu
 def test_bad_simulator_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SensapexSimulator(**kwargs)
+
+
+def test_broadcast_address_reaches_a_simulator_bound_to_all_interfaces() -> None:
+    """An SDK opened on 127.255.255.255 finds devices by broadcast (the way real rigs use
+    169.254.255.255); the simulator must then bind 0.0.0.0 (protocols/sensapex-smcp.md §6)."""
+    group = free_group(0)
+    with SensapexSimulator(devices={4: "d"}, n_axes={4: 3}, group=group, host="0.0.0.0") as bsim:
+        m = SensapexManipulator("bc", LIMITS, 1000.0, device_id=4, address="127.255.255.255", group=group)
+        try:
+            target = m.position_um + np.array([0.0, 12.0, 0.0])
+            m.move_to(target, 800.0).wait(5)
+            assert np.allclose(bsim.position_um(4), target, atol=0.01)
+        finally:
+            m.close()

@@ -306,6 +306,54 @@ class ManipulatorContract:
         assert winner.state is MoveState.DONE
         assert np.allclose(manipulator.position_um, winner.setpoint_um, atol=self.tolerance_um)
 
+    def test_moves_stops_and_reads_from_many_threads_never_deadlock(self, manipulator: Manipulator) -> None:
+        """One channel hammered for a second by a mover, a stopper and a reader: no deadlock,
+        no unexpected error, every handle finishes, and the channel ends idle and usable."""
+        targets = [target_inside(manipulator, d) for d in (5.0, 15.0, 25.0)]
+        handles: list[MoveHandle] = []
+        errors: list[BaseException] = []
+        stop_at = time.monotonic() + 1.0
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    while time.monotonic() < stop_at:
+                        fn()
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            return run
+
+        def move() -> None:
+            handles.append(manipulator.move_to(targets[len(handles) % len(targets)], self.speed_um_s))
+            time.sleep(0.02)
+
+        def stop() -> None:
+            manipulator.stop("hammer")
+            time.sleep(0.05)
+
+        def read() -> None:
+            assert manipulator.position_um.shape == (manipulator.n_axes,)
+            manipulator.is_busy()
+            time.sleep(0.005)
+
+        threads = [threading.Thread(target=guarded(f)) for f in (move, stop, read)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(self.move_timeout_s)
+        assert not any(th.is_alive() for th in threads), "deadlock"
+        assert errors == []
+        assert handles
+        manipulator.stop()
+        for h in handles:
+            h.wait(self.move_timeout_s, check=False)
+            assert h.state in (MoveState.DONE, MoveState.INTERRUPTED), (h.state, h.reason)
+        assert wait_until(lambda: not manipulator.is_busy(), 3.0)
+        target = target_inside(manipulator, 10.0)
+        manipulator.move_to(target, self.speed_um_s).wait(self.move_timeout_s)
+        assert np.allclose(manipulator.position_um, target, atol=self.tolerance_um)
+
     # -- several channels ------------------------------------------------------------------
     def test_four_channels_move_concurrently(self, make_manipulators: Callable[[int], list[Manipulator]]) -> None:
         channels = make_manipulators(4)

@@ -55,32 +55,40 @@ def test_finds_tips_on_fresh_synthetic_frames(localiser: TipLocaliser, frames: l
     assert o["mean_error_um"] < 4.0, o
 
 
-def _first_frame_with_tips(frames: list, localiser: TipLocaliser):  # noqa: ANN202
+@pytest.fixture(scope="module")
+def permissive() -> TipLocaliser:
+    """The shipped model with a low threshold: what a strong detection must still produce
+    after resampling or cropping."""
+    return TipLocaliser.load(threads=1, device="cpu", score_threshold=0.1)
+
+
+def _strong_detections(frames: list, localiser: TipLocaliser):  # noqa: ANN202
     for ex in frames:
-        dets = localiser.locate(ex.pixels, ex.um_per_px)
-        if len(dets) >= 1 and len(ex.tips_px) >= 1:
-            return ex, dets
-    raise AssertionError("no frame with a detected tip")
+        dets = [d for d in localiser.locate(ex.pixels, ex.um_per_px) if d.score >= 0.6]
+        if dets:
+            return ex, np.array([[d.x_px, d.y_px] for d in dets])
+    raise AssertionError("no frame with a confident detection")
 
 
-def test_resampled_input_gives_input_pixel_coordinates(localiser: TipLocaliser, frames: list) -> None:
-    ex, dets = _first_frame_with_tips(frames, localiser)
-    base = np.array([[d.x_px, d.y_px] for d in dets])
+def _nearest_um(points: list[TipDetection], p: np.ndarray, um_per_px: float) -> float:
+    got = np.array([[d.x_px, d.y_px] for d in points]).reshape(-1, 2)
+    return float(np.min(np.linalg.norm(got - p, axis=1)) * um_per_px) if len(got) else np.inf
+
+
+def test_resampled_input_gives_input_pixel_coordinates(
+    localiser: TipLocaliser, permissive: TipLocaliser, frames: list
+) -> None:
+    ex, base = _strong_detections(frames, localiser)
     # the same field of view at twice the pixel density: coordinates double (pixel-centre origin)
     big = cv2.resize(ex.pixels, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR)
-    dets2 = localiser.locate(big, ex.um_per_px / 2.0)
-    got = np.array([[d.x_px, d.y_px] for d in dets2])
-    expected = (base + 0.5) * 2.0 - 0.5
-    for p in expected:
-        assert np.min(np.linalg.norm(got - p, axis=1)) * (ex.um_per_px / 2.0) < 2.0
-    # a crop: coordinates stay in the crop's own pixels
+    dets2 = permissive.locate(big, ex.um_per_px / 2.0)
+    for p in base:
+        assert _nearest_um(dets2, (p + 0.5) * 2.0 - 0.5, ex.um_per_px / 2.0) < 3.0
+    # a crop: coordinates are in the crop's own pixels
     x0, y0 = 37, 21
-    crop = ex.pixels[y0:, x0:]
-    dets3 = localiser.locate(crop, ex.um_per_px)
-    got3 = np.array([[d.x_px, d.y_px] for d in dets3]).reshape(-1, 2)
-    inside = base[(base[:, 0] > x0 + 30) & (base[:, 1] > y0 + 30)]
-    for p in inside:
-        assert np.min(np.linalg.norm(got3 - (p - [x0, y0]), axis=1)) * ex.um_per_px < 3.0
+    dets3 = permissive.locate(ex.pixels[y0:, x0:], ex.um_per_px)
+    for p in base[(base[:, 0] > x0 + 40) & (base[:, 1] > y0 + 40)]:
+        assert _nearest_um(dets3, p - [x0, y0], ex.um_per_px) < 3.0
 
 
 def test_accepts_uint8_uint16_float_and_colour(localiser: TipLocaliser, frames: list) -> None:

@@ -95,6 +95,29 @@ def load_directory(cfg: LocaliserConfig, directory: str | Path, *, progress: boo
     return frames
 
 
+def resolve_denoiser(path: str | Path) -> Path:
+    """A denoiser file as given, else relative to the ``localisation`` package or the
+    repository root (so configurations can name the shipped ``checkpoints/...`` files)."""
+    p = Path(path)
+    package = Path(__file__).resolve().parent
+    for candidate in (p, package / p, package.parent / p):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"denoiser checkpoint not found: {path}")
+
+
+def denoise_frames(frames: Sequence[PreparedFrame], denoiser_path: str | Path, *, progress: bool = True) -> None:
+    """Run the CycleGAN denoiser once on every prepared frame, in place (the model then trains
+    on what it will see at inference, where the same denoiser runs first)."""
+    from localisation.models.cyclegan import Denoiser
+
+    den = Denoiser.load(resolve_denoiser(denoiser_path))
+    for f in bar(frames, enabled=progress, desc="denoise", unit="frame"):
+        x = torch.from_numpy(f.image_float())[None, None]
+        y = den.denoise(x)[0, 0].clamp(0, 1).numpy()
+        f.image = np.round(y * 255.0).astype(np.uint8)
+
+
 def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
     """Write prepared frames to one ``.npz`` atomically (no pickle)."""
     path = Path(path)

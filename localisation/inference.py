@@ -147,9 +147,10 @@ class TipLocaliser:
         den = None
         den_path = denoiser if denoiser is not None else cfg.denoiser
         if den_path:
+            from localisation.data import resolve_denoiser
             from localisation.models.cyclegan import Denoiser
 
-            den = Denoiser.load(den_path)
+            den = Denoiser.load(resolve_denoiser(den_path))
         return cls(model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold)
 
     def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:

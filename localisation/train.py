@@ -35,7 +35,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from localisation.checkpoint import load_weights, read_checkpoint, save_checkpoint, unwrap
 from localisation.configs import LocaliserConfig, build_model
-from localisation.data import PreparedFrame, TipTrainingSet, cached_synthetic, load_directory
+from localisation.data import (
+    PreparedFrame,
+    TipTrainingSet,
+    cached_synthetic,
+    denoise_frames,
+    load_directory,
+)
 from localisation.heatmaps import batch_heatmaps
 from localisation.inference import predict_prepared
 from localisation.matching import paper_total_loss
@@ -173,6 +179,9 @@ def load_frames(cfg: LocaliserConfig, opts: TrainOptions) -> tuple[list[Prepared
         val_frames, train_frames = train_frames[:n_val], train_frames[n_val:] or train_frames
     else:
         val_frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, opts.cache_dir, desc="render val")
+    if cfg.denoiser:
+        denoise_frames(train_frames, cfg.denoiser, progress=opts.progress)
+        denoise_frames(val_frames, cfg.denoiser, progress=opts.progress)
     return train_frames, val_frames
 
 

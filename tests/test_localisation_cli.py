@@ -157,3 +157,19 @@ def test_bench_reports_every_stage(tmp_path: Path, tiny_checkpoint: Path) -> Non
     assert row["b32_per_image_ms"] > 0.0
     assert np.isfinite(row["b1_total_ms"]["p95"])
     assert os.path.getsize(out) > 100
+
+
+def test_denoiser_runs_in_training_and_inference(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A configuration with a CycleGAN denoiser trains on denoised frames and runs the same
+    denoiser first at inference (the shipped reduced generator)."""
+    from localisation.inference import TipLocaliser
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fast-tiny", "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+                 "--no-progress", "--denoiser", "checkpoints/cyclegan-small.pt"]) == 0
+    loc = TipLocaliser.load(out / "last.pt", threads=1, device="cpu")
+    assert loc.denoiser is not None
+    loc.locate(np.random.default_rng(0).random((96, 96)), 0.5)
+    assert loc.last_timings_ms["denoiser"] > 0.0
+    assert main(["train", "--config", "fast-tiny", "--out", str(tmp_path / "r2"), "--data", str(tiny_dataset),
+                 "--no-progress", "--denoiser", "missing.pt"]) == 1

@@ -116,7 +116,7 @@ def test_a_lapsed_lease_stops_all_motion() -> None:
         t_silent = time.monotonic()  # rita now says nothing more (crashed, network gone)
         alarm = sub.wait_for(lambda t, m: m.get("kind") == "lease_lapsed", 3.0)
         assert alarm is not None and alarm[1]["level"] == "alarm" and alarm[1]["holder"] == "rita"
-        assert time.monotonic() - t_silent < 1.5
+        assert time.monotonic() - t_silent < 2.5  # lease 0.3 s; generous for a loaded machine
         assert wait_until(lambda: all(ctl.current is None for ctl in rig.daemon.controllers.values()), 1.0)
         frozen = rig.positions()
         time.sleep(0.2)

@@ -50,10 +50,9 @@ def test_move_wait_true_reaches_the_target(rig) -> None:
 def test_move_wait_false_replies_at_once_and_reports_on_the_op_topic(rig) -> None:
     sub = rig.subscriber(("op",))
     c = rig.client()
-    t0 = time.monotonic()
-    reply = c.move("B", [START_UM + 100.0, START_UM, START_UM], 500.0, wait=False)
-    assert time.monotonic() - t0 < 0.15  # the move itself takes 0.2 s
+    reply = c.move("B", [START_UM + 100.0, START_UM, START_UM], 100.0, wait=False)
     op_id = reply["op"]
+    assert rig.daemon.controllers["B"].current is not None  # replied while the 1 s move runs
     states = []
     final = None
     deadline = time.monotonic() + 5
@@ -66,6 +65,7 @@ def test_move_wait_false_replies_at_once_and_reports_on_the_op_topic(rig) -> Non
     assert final is not None and final["state"] == "done"
     assert states[0] == "queued" and "running" in states
     assert final["result"]["position_um"] == pytest.approx([START_UM + 100.0, START_UM, START_UM])
+    assert final["seconds"] > 0.9
 
 
 def test_error_codes_over_the_wire(rig) -> None:
@@ -131,12 +131,12 @@ def test_stop_interrupts_a_long_move_from_another_client(rig) -> None:
 
 def test_one_client_is_never_blocked_by_another_clients_operation(rig) -> None:
     mover, waiter, other = rig.client(), rig.client(), rig.client()
-    op = mover.move("A", [START_UM + 1500.0, START_UM, START_UM], 300.0, wait=False)["op"]
+    op = mover.move("A", [START_UM + 2400.0, START_UM, START_UM], 300.0, wait=False)["op"]
     codes: list[str] = []
 
     def wait_for_b() -> None:
         try:
-            waiter.move("B", [START_UM + 1500.0, START_UM, START_UM], 300.0, timeout_s=20)
+            waiter.move("B", [START_UM + 2400.0, START_UM, START_UM], 300.0, timeout_s=20)
         except RpcError as exc:
             codes.append(exc.code)
 
@@ -148,7 +148,7 @@ def test_one_client_is_never_blocked_by_another_clients_operation(rig) -> None:
         other.ping()
         other.get_position("A")
         other.status()
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 4.0  # generous: only catches waiting behind the 8 s moves
     assert rig.daemon.controllers["A"].current is not None  # still running
     other.stop_all()
     t.join(5.0)
@@ -166,7 +166,7 @@ def test_stop_all_while_operations_run_on_every_channel(rig) -> None:
     reply = estop.stop_all()
     elapsed = time.perf_counter() - t0
     assert reply["all_stopped"] is True and sorted(reply["stopped"]) == ["A", "B"]
-    assert elapsed < 0.5  # generous: only catches a stop queued behind the moves
+    assert elapsed < 1.0  # generous: only catches a stop queued behind the 10 s moves
     frozen = rig.positions()
     time.sleep(0.2)
     for name, pos in rig.positions().items():

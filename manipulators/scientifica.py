@@ -657,9 +657,12 @@ class ScientificaManipulator(Manipulator):
         with self._state_lock:
             self._stop_waiters.append((self._seq, reason, done, errors))
             self._stop_flag.set()
-        self._requests.put(None)  # wake the worker if it waits for work
-        if not done.wait(self.lost_after_s + 3 * self.timeout_s + 1.0):
-            raise DeviceTimeout(f"STOP not confirmed on port {self.port_name}", channel=self.name)
+        if threading.current_thread() is self._thread:
+            self._service_stop()  # called from a done-callback on the port thread: serve it here
+        else:
+            self._requests.put(None)  # wake the worker if it waits for work
+            if not done.wait(self.lost_after_s + 3 * self.timeout_s + 1.0):
+                raise DeviceTimeout(f"STOP not confirmed on port {self.port_name}", channel=self.name)
         if errors:
             raise errors[0]
 
@@ -717,7 +720,8 @@ class ScientificaManipulator(Manipulator):
                                 channel=self.name) from None
 
     def close(self) -> None:
-        """Stop motion, end the port thread, close the port. Idempotent."""
+        """Stop motion, end the port thread, close the port. Idempotent; safe from a move's
+        done-callback (which runs on the port thread: the thread then closes the port itself)."""
         if self._closed:
             return
         try:
@@ -727,7 +731,12 @@ class ScientificaManipulator(Manipulator):
         self._closed = True
         self._closing.set()
         self._requests.put(None)
+        if threading.current_thread() is self._thread:
+            return
         self._thread.join(self.lost_after_s + 5 * self.timeout_s + 2.0)
+        self._release_port()
+
+    def _release_port(self) -> None:
         with contextlib.suppress(*IO_ERRORS):
             self._serial.close()
         self._fail_pending(DeviceError(f"closed (port {self.port_name})", channel=self.name), "closed")
@@ -796,6 +805,8 @@ class ScientificaManipulator(Manipulator):
             self._fail_pending(self._failure, f"port thread failed: {exc}")
         finally:
             self._release_stop_waiters(DeviceError(f"closed (port {self.port_name})", channel=self.name))
+            if self._closing.is_set():
+                self._release_port()
 
     def _handle_request(self, req: _Request) -> None:
         try:

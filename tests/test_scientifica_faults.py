@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import serial
 
-from manipulators.base import Limits, MoveState
+from manipulators.base import Limits, MoveHandle, MoveState
 from manipulators.scientifica import ErrorReply, ScientificaManipulator, parse_int
 from rig.errors import DeviceError, DeviceTimeout, InvalidParams, Stopped
 from simulators.scientifica_device import ScientificaSimulator
@@ -213,6 +213,36 @@ def test_unplugged_controller_fails_the_move_and_closes_cleanly() -> None:
         assert time.monotonic() - t0 < BOUND_S
     finally:
         sim.close()
+
+
+# -- callbacks on the port thread -------------------------------------------------------------------------
+def test_stop_move_and_close_from_done_callbacks_do_not_deadlock() -> None:
+    with ScientificaSimulator() as sim:
+        m = ScientificaManipulator("C", LIMITS, 1000.0, port=sim.port, timeout_s=0.3)
+        events: list[str] = []
+        follow_up: list[object] = []
+
+        def close_on_done(_h: object) -> None:
+            m.close()  # also on the port thread
+            events.append("closed")
+
+        def on_first(_h: object) -> None:
+            m.stop("callback stop")  # runs on the port thread
+            events.append("stopped")
+            follow_up.append(m.move_to([20.0, 0.0, 0.0], 500.0))
+
+        t0 = time.monotonic()
+        m.move_to([10.0, 0.0, 0.0], 500.0).add_done_callback(on_first)
+        assert wait_for(lambda: len(follow_up) == 1, BOUND_S)
+        second = follow_up[0]
+        assert isinstance(second, MoveHandle)
+        second.add_done_callback(close_on_done)
+        assert wait_for(lambda: events == ["stopped", "closed"], BOUND_S)
+        assert time.monotonic() - t0 < 3.0
+        assert np.allclose(sim.physical_position_um(), [20.0, 0.0, 0.0], atol=0.5)
+        assert wait_for(lambda: not m._thread.is_alive(), BOUND_S)
+        assert not m._serial.is_open
+        m.close()  # idempotent from outside too
 
 
 # -- E replies and missed targets ----------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """``move_tip``: move a tip to a target in closed loop: move, look, correct, repeat.
 
+0. Before moving, the tip is looked at: if it is seen within ``max_pin_um`` of where the
+   calibration puts it, the offset is re-pinned there (drift since the last correction is
+   removed before the first move).
 1. The target (microscope µm) goes through the calibration's inverse to a manipulator
    position; a position outside the soft limits is rejected before anything moves
    (``OutOfBounds``, never clipped). The move uses the channel's speed limit (the default
@@ -10,6 +13,10 @@
    so a localiser that misses the tip on one frame costs a frame, not the operation.
 3. The error target - seen is measured; the calibration's offset is re-pinned to what was
    seen (so the next iteration aims right); within ``tolerance_um`` it is done.
+   Follow check: after every move the tip must appear where the calibration pinned at the
+   previous observation predicts it, within ``follow_tolerance_um`` plus ``follow_fraction``
+   of the move; a detection that does not follow the pipette (clutter, another tip) ends the
+   loop rather than being chased.
 4. A tip not found after a move may have left focus (the Z row of a calibration is assumed,
    not measured, so long moves can drift in Z): the loop then steps the target's Z by
    ``focus_steps_um`` (XY held through the calibration) until the tip is seen again, and
@@ -90,6 +97,9 @@ def move_tip(
     focus_steps_um: tuple[float, ...] = (3.0, -3.0, 6.0, -6.0),
     looks_per_stop: int = 2,
     max_looks: int = 4,
+    max_pin_um: float = 10.0,
+    follow_tolerance_um: float = 3.0,
+    follow_fraction: float = 0.05,
 ) -> MoveTipResult:
     """Bring the tip of ``manipulator`` to ``target_um`` (microscope X, Y, Z µm) within
     ``tolerance_um`` in X, Y. Returns the result with the corrected calibration."""
@@ -120,6 +130,18 @@ def move_tip(
             back = f"could NOT return to the start position: {exc}"
         return MoveTipFailed(f"{reason}; {back}, calibration unchanged", channel=channel)
 
+    # look before moving: re-pin the offset to the tip seen now (if it is seen, and near where
+    # the calibration expects it), and keep it as the reference of the follow check
+    pinned_at: np.ndarray | None = None
+    detection, look, position = _observe(
+        manipulator, eye, cal, find_tip, eye.clock() - eye.settle_s, cancel, looks_per_stop, max_looks
+    )
+    if detection is not None:
+        seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
+            cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
+            pinned_at = position
+
     for iteration in range(1, max_iterations + 1):
         position = manipulator.position_um
         goal = cal.to_manipulator_um(target, position)
@@ -136,6 +158,15 @@ def move_tip(
             focus_searches += 1
             log.info("tip found again by a focus search", iteration=iteration)
         seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        if pinned_at is not None:  # follow check: did the detection move as the pipette did?
+            moved_um = float(np.linalg.norm(cal.matrix[:2] @ (position - pinned_at)))
+            off_um = float(np.linalg.norm(seen - cal.to_microscope_um(position)[:2]))
+            if off_um > follow_tolerance_um + follow_fraction * moved_um:
+                raise fail(
+                    f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
+                    f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
+                )
+        pinned_at = position
         error = float(np.linalg.norm(target[:2] - seen))
         errors.append(error)
         cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))

@@ -89,7 +89,7 @@ class OracleCamera:
 class OracleLocaliser:
     """ORACLE localiser: true tips of the frame + N(0, noise_um) per coordinate; with
     probability ``outlier_p`` a tip is displaced by ``outlier_um``; ``false_tips`` random
-    false detections per frame with ``false_score``."""
+    false detections per frame with ``false_score``; ``clutter_px`` static false detections."""
 
     camera: OracleCamera
     noise_um: float = 0.3
@@ -99,6 +99,7 @@ class OracleLocaliser:
     false_score: float = 0.9
     score: float = 0.95
     seed: int = 0
+    clutter_px: list[tuple[float, float]] | None = None  # static false detections (pixels)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -116,6 +117,8 @@ class OracleLocaliser:
                 angle = self.rng.uniform(0, 2 * np.pi)
                 xy = xy + self.outlier_um / um_per_px * np.array([np.cos(angle), np.sin(angle)])
             out.append(TipDetection(float(xy[0]), float(xy[1]), self.score))
+        for x, y in self.clutter_px or []:
+            out.append(TipDetection(float(x), float(y), self.false_score))
         for _ in range(self.false_tips):
             out.append(TipDetection(float(self.rng.uniform(0, w - 1)), float(self.rng.uniform(0, h - 1)), self.false_score))
         return sorted(out, key=lambda d: -d.score)

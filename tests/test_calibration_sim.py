@@ -324,3 +324,16 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert summary["calibrations"] == 4 and summary["calibration_failures"] == 0
     assert summary["calibration_true_error_median_um"] <= 1.0
     assert "calibration_true_error_median_um" in capsys.readouterr().out
+
+
+def test_move_tip_does_not_chase_a_detection_that_does_not_follow_the_pipette():
+    with Rig(15, 1) as rig:
+        rig.service.calibrate("A")
+        m = rig.manipulators["A"]
+        start = m.position_um.copy()
+        tip_px = rig.world.true_tip_px("A")
+        rig.world.set_visible("A", False)  # the tip is lost; static clutter sits next to it
+        rig.localiser.clutter_px = [(float(tip_px[0]) + 3.0, float(tip_px[1]))]
+        with pytest.raises(MoveTipFailed, match="did not follow the pipette"):
+            rig.service.move_tip("A", target_px=(tip_px + np.array([10.0, 0.0])).tolist())
+        np.testing.assert_allclose(m.position_um, start, atol=1e-6)

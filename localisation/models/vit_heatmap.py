@@ -26,14 +26,22 @@ class HeatmapHead(nn.Module):
     they commute. ``forward`` therefore applies the 1x1 conv *before* the upsampling, which
     gives the same heatmap as the paper's order (``forward_paper_order``, checked in tests)
     with 256x fewer operations at full resolution.
+
+    Initialisation (not in the paper, which starts from ImageNet weights): the output bias
+    starts at logit(``prior``) = logit(0.01), so the untrained heatmap is sparse rather than
+    0.5 everywhere. Trained from scratch with Dice alone, the 0.5 start drifts to a saturated
+    all-ones map (measured; see docs/readme/localiser-paper.md). ``prior=None``: PyTorch's
+    default initialisation.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 256, scale: int = 16) -> None:
+    def __init__(self, in_dim: int, hidden: int = 256, scale: int = 16, prior: float | None = 0.01) -> None:
         super().__init__()
         self.conv3x3 = nn.Conv2d(in_dim, hidden, kernel_size=3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         self.upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
         self.conv1x1 = nn.Conv2d(hidden, 1, kernel_size=1)
+        if prior is not None:  # start with a sparse heatmap (RetinaNet prior), see the class doc
+            nn.init.constant_(self.conv1x1.bias, math.log(prior / (1 - prior)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, d, h, w) token map -> (B, 1, 16h, 16w) heatmap logits."""

@@ -7,7 +7,7 @@ Two layers, one concept each:
   scale, and the ``TOP``/``ACC`` conversions. Single-threaded; no motion logic.
 - ``ScientificaManipulator``: the ``Manipulator`` backend. ONE worker thread owns the port: it
   runs queued requests (moves, settings), polls ``S`` and the position (20 Hz while a move runs,
-  5 Hz when idle) into a read-back cache, and finishes move handles. ``stop()`` never queues:
+  10 Hz when idle) into a read-back cache, and finishes move handles. ``stop()`` never queues:
   it raises a flag that the worker services before anything else; the exchange in flight, if
   any, is bounded by the per-reply timeout, and queued moves older than the stop are dropped.
 
@@ -71,7 +71,7 @@ TOP_RANGE = {2: (1000, 50000), 3: (1, 5000)}
 ACC_RANGE = {2: (10, 1000), 3: (1, 100000)}
 BAUD_RATES = (9600, 38400)
 POLL_MOVING_S = 0.05
-POLL_IDLE_S = 0.2
+POLL_IDLE_S = 0.1  # keeps the idle read-back within 100 ms (~30 % of a 9600-baud line)
 RECHECK_S = 0.1
 STEP_S = 0.1  # pacing of stepwise (slow) moves
 

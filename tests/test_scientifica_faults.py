@@ -89,8 +89,8 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         results: list[object] = []
         workers = [
             threading.Thread(target=lambda: results.append(m.call(lambda p: p.exchange("VER", parse_int), 30)))
-            for _ in range(8)
-        ]  # about 1.2 s of queued work
+            for _ in range(6)
+        ]  # 0.9 s of queued work; stop itself needs STOP, S and POS: 0.45 s + the exchange in flight
         for w in workers:
             w.start()
         time.sleep(0.05)
@@ -98,13 +98,13 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         m.stop()
         stop_s = time.monotonic() - t0
         assert handle.state is MoveState.INTERRUPTED
-        assert stop_s < 1.0, f"stop took {stop_s:.2f} s"
+        assert stop_s < 1.0, f"stop took {stop_s:.2f} s"  # behind the queue it would be >= 1.35 s
         for w in workers:
             w.join(BOUND_S)
-        assert results == [2] * 8  # the queued work still ran, after the stop
+        assert results == [2] * 6  # the queued work still ran, after the stop
         heard = list(sim.commands_received)
         first_stop = heard.index("STOP")
-        assert heard[first_stop:].count("VER") >= 6, "STOP was not sent before the queued commands"
+        assert heard[first_stop:].count("VER") >= 4, "STOP was not sent before the queued commands"
         sim.faults.reply_delay_s = 0.0
 
 
@@ -151,7 +151,7 @@ def test_a_garbled_line_fails_the_move_then_recovers_when_clean() -> None:
 
 # -- silence -------------------------------------------------------------------------------------------
 def test_silence_mid_move_is_a_clear_timeout_and_the_driver_recovers() -> None:
-    with rig(lost_after_s=1.0) as (sim, m):
+    with rig(timeout_s=0.2, lost_after_s=0.8) as (sim, m):
         handle = m.move_to([200.0, 0.0, 0.0], 400.0)
         time.sleep(0.1)
         sim.faults.silent = True
@@ -288,7 +288,10 @@ def test_early_idle_status_is_rechecked_not_taken_as_arrival() -> None:
 
 
 # -- ports and baud rates --------------------------------------------------------------------------------
-@pytest.mark.parametrize(("device_baud", "driver_baud"), [(38400, 9600), (9600, 38400)])
+# the other direction (device at 38400, driver at 9600) is covered byte by byte in
+# test_scientifica_protocol.py; this is the common case: the controller fell back to 9600
+# after a power cycle while the configuration says 38400
+@pytest.mark.parametrize(("device_baud", "driver_baud"), [(9600, 38400)])
 def test_wrong_baud_is_a_clear_error_saying_the_right_rate(device_baud: int, driver_baud: int) -> None:
     with ScientificaSimulator(version=2, baud=device_baud) as sim:
         t0 = time.monotonic()

@@ -541,6 +541,7 @@ class _ActiveMove:
     idle_position_um: np.ndarray | None = None
     final_issued: bool = True
     next_step_s: float = 0.0
+    last_step_ticks: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -620,6 +621,10 @@ class ScientificaManipulator(Manipulator):
         self._cache = _Readback(position_um=position, status=status)
         self._last_ok_s = time.monotonic()
         self._poll_failures = 0
+        if self.default_speed_um_s > self.info.max_speed_um_s:
+            self.log.warning("default speed above what this controller can do; moves at the default "
+                             "speed will be refused", default_speed_um_s=self.default_speed_um_s,
+                             device_max_um_s=self.info.max_speed_um_s)
         self._thread = threading.Thread(target=self._run, name=f"scientifica-{name}", daemon=True)
         self._thread.start()
 
@@ -711,6 +716,8 @@ class ScientificaManipulator(Manipulator):
     def call(self, fn: Callable[[ScientificaProtocol], T], timeout_s: float = 5.0) -> T:
         """Run ``fn(protocol)`` on the port thread (for settings and diagnostics); return its result."""
         self._check_usable()
+        if threading.current_thread() is self._thread:  # e.g. from a done-callback
+            return fn(self._proto)
         future: Future[T] = Future()
         self._submit(_Request(seq=0, kind="call", call=fn, future=future))
         try:
@@ -856,17 +863,21 @@ class ScientificaManipulator(Manipulator):
             move.issued_s = time.monotonic()
 
     def _step(self, move: _ActiveMove, now: float) -> None:
-        """Issue the next short ``ABS`` of a stepwise move (paced to the requested speed)."""
+        """Issue the next short ``ABS`` of a stepwise move: to where the requested speed says the
+        pipette should be by now, so that it is never ahead of that schedule."""
         length = float(np.linalg.norm(move.target_um - move.start_um))
-        travelled = move.speed_um_s * (now - move.started_s + STEP_S)
-        if travelled >= length or length == 0:
+        travelled = move.speed_um_s * (now - move.started_s)
+        move.next_step_s = now + STEP_S
+        if travelled >= length:
             ticks, move.final_issued = move.ticks, True
         else:
             point = move.start_um + (move.target_um - move.start_um) * (travelled / length)
             ticks = self._proto.ticks_for(point, self.limits)
+            if ticks == move.last_step_ticks:
+                return
+        move.last_step_ticks = ticks
         self._proto.send_move(ticks, move.top)
         move.issued_s = time.monotonic()
-        move.next_step_s = now + STEP_S
 
     def _poll(self) -> None:
         try:
@@ -967,9 +978,7 @@ class ScientificaManipulator(Manipulator):
             self._proto.stop()
         except PatchrigError as exc:
             error = exc
-        if self._active is not None:
-            self._active.handle.finish(MoveState.INTERRUPTED, position_um=self._cache.position_um, reason=reason)
-            self._active = None
+        interrupted, self._active = self._active, None
         keep: list[_Request] = []
         while True:
             try:
@@ -989,6 +998,8 @@ class ScientificaManipulator(Manipulator):
                 if self._proto.top_dirty:
                     self._proto.restore_top()
                 self._refresh_after_stop()
+        if interrupted is not None:
+            interrupted.handle.finish(MoveState.INTERRUPTED, position_um=self._cache.position_um, reason=reason)
         for _seq, _reason, done, errors in waiters:
             if error is not None:
                 errors.append(error)

@@ -40,13 +40,19 @@ from rig.watchdog import Lease, Watchdog
 
 MAX_QUERIES = 32
 SWITCH_INTERVAL_S = 0.001
+MEMORY_POSITION_DRIVERS = frozenset({"simulated", "scientifica"})
+"""Drivers whose position read-back is served from memory without waiting on the device (the
+Scientifica driver's port thread keeps a polled cache): ``get_position`` on them is answered
+in the server loop. Others (the Sensapex SDK may query the device under its lock) go to the
+query pool so that a dead device never stalls the loop."""
 MOVE_TIMEOUT_MARGIN_S = 10.0
 
 
 class Daemon:
     """The assembled daemon. Build it, ``start()`` it, ``close()`` it (idempotent).
 
-    ``manipulators``: channel name -> Manipulator (the daemon closes them when ``owns_devices``).
+    ``manipulators``: channel name -> Manipulator (the daemon closes them, the frame source and
+    the localiser when ``owns_devices``).
     ``frames``: a FrameSource (or None: ``locate``/closed-loop methods answer ``no_frame``).
     ``localiser``: anything with ``locate(pixels, um_per_px)``. ``calibration``: ``"auto"``
     (default) builds a ``calibration.service.CalibrationService`` on the frames and the
@@ -270,6 +276,8 @@ class Daemon:
             if self.owns_devices:
                 if self.frames is not None and hasattr(self.frames, "close"):
                     self.frames.close()
+                if self.localiser is not None and hasattr(self.localiser, "close"):
+                    self.localiser.close()
                 for m in self.manipulators.values():
                     try:
                         m.close()
@@ -418,7 +426,10 @@ class Daemon:
             responder.ok(self.closed_loop.get_calibration(p.channel))  # type: ignore[attr-defined]
         elif method == "get_position":
             ctl = self.controller(p.channel)  # type: ignore[attr-defined]
-            self._query(responder, lambda: self._get_position(ctl))
+            if ctl.manipulator.driver_name in MEMORY_POSITION_DRIVERS:
+                responder.ok(self._get_position(ctl))
+            else:
+                self._query(responder, lambda: self._get_position(ctl))
         elif method == "locate":
             self._query(responder, self._locate)
         elif method == "set_tip":

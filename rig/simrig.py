@@ -154,8 +154,9 @@ class SimulatedRig:
 
 def load_localiser(cfg: RigConfig, kind: str = "model", microscope: Any = None) -> tuple[Any, str]:
     """The localiser to run: ``model`` (the checkpoint the config names, or the shipped default,
-    on ``cfg.localiser.device``), ``classical`` (no learning) or ``oracle`` (simulation truth).
-    Returns (localiser, device description)."""
+    on ``cfg.localiser.device``, in a child process: ``rig.localiser_process``), ``classical``
+    (no learning) or ``oracle`` (simulation truth). Returns (localiser, device description).
+    The daemon closes it when it closes."""
     if kind == "oracle":
         if microscope is None:
             raise ConfigError("the oracle localiser needs the simulated microscope")
@@ -166,14 +167,11 @@ def load_localiser(cfg: RigConfig, kind: str = "model", microscope: Any = None) 
         from localisation.classical import ClassicalTipDetector
 
         return ClassicalTipDetector(), "cpu (classical)"
-    from localisation.inference import TipLocaliser
+    from rig.localiser_process import ProcessLocaliser
 
-    try:
-        localiser = TipLocaliser.load(cfg.localiser.checkpoint, device=cfg.localiser.device, threads=cfg.localiser.threads)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"localiser checkpoint not found: {exc}") from None
-    device = str(getattr(localiser, "device", cfg.localiser.device))
-    return localiser, device
+    checkpoint = None if cfg.localiser.checkpoint is None else str(cfg.localiser.checkpoint)
+    localiser = ProcessLocaliser.start(checkpoint, device=cfg.localiser.device, threads=cfg.localiser.threads)
+    return localiser, localiser.device
 
 
 def build_daemon(

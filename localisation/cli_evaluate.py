@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["no-offset"],
         help="no-offset: the fast model without its sub-cell offset head (tips at heatmap cell centres)",
     )
+    parser.add_argument("--threshold", type=float, help="score threshold (default: each checkpoint's own)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the configuration's)")
@@ -79,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     specs = args.checkpoint or ["default"]
     results = []
     for spec in specs:
-        name, loc = load_localiser(spec, device=args.device, threads=args.threads, expect_config=args.config)
+        name, loc = load_localiser(
+            spec, device=args.device, threads=args.threads, expect_config=args.config, score_threshold=args.threshold
+        )
         if args.ablation == "no-offset":
             if not hasattr(getattr(loc, "model", None), "use_offset"):
                 raise DataError(f"{spec}: --ablation no-offset needs a fast-family checkpoint")

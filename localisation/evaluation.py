@@ -36,13 +36,26 @@ class EvaluatedModel:
     heatmaps: list[np.ndarray | None] = field(repr=False)
 
 
-def load_localiser(spec: str, *, device: str = "auto", threads: int | None = None, expect_config: str | None = None) -> tuple[str, Any]:
+def load_localiser(
+    spec: str,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    expect_config: str | None = None,
+    score_threshold: float | None = None,
+) -> tuple[str, Any]:
     """(display name, object with ``locate``) for a spec (see the module docstring)."""
     if spec == "classical":
         from localisation.classical import ClassicalTipDetector
 
         return "classical", ClassicalTipDetector()
-    loc = TipLocaliser.load(None if spec == "default" else spec, device=device, threads=threads, expect_config=expect_config)
+    loc = TipLocaliser.load(
+        None if spec == "default" else spec,
+        device=device,
+        threads=threads,
+        expect_config=expect_config,
+        score_threshold=score_threshold,
+    )
     return f"{loc.cfg.name} ({Path(loc.checkpoint).name})", loc
 
 

@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stops", type=int, default=20, help="stop_all trials (default: %(default)s)")
     parser.add_argument("--localiser", choices=["model", "classical", "oracle"], default="model",
                         help="localiser for part 1 (default: the shipped model, on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of the localiser process (default: 1; on a small shared "
+                        "machine two intra-op threads contend with the daemon and everything else)")
     parser.add_argument("--sensapex-group", type=int, default=None,
                         help="Sensapex SDK group for part 3 (default: config/sim.toml's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")

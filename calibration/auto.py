@@ -23,7 +23,7 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
    ``looks_per_stop`` of them (their mean is used): a localiser that misses a tip on one frame
    costs a frame, not a move. Identification merges the detections of ``identify_looks`` frames.
 4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
-   last time. The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
+   last time. On failure the tip also returns to ``p0`` (the error message says so). The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
    be identified, the move budget (``max_moves``, default 20) runs out, or the fit is poor
    (residual above ``max_residual_um``, too many outliers, or x and y do not span the image).
 
@@ -46,7 +46,7 @@ from calibration.fit import XYFit, build_calibration
 from calibration.observe import Eye, Look, move_and_settle
 from calibration.transform import ChannelCalibration, px_to_um
 from manipulators.base import Manipulator
-from rig.errors import NotCalibrated, OutOfBounds
+from rig.errors import NotCalibrated, OutOfBounds, PatchrigError, Stopped
 from rig.logs import get_logger
 
 Progress = Callable[..., None]
@@ -302,8 +302,28 @@ class AutoCalibrator:
 
     # -- the routine ----------------------------------------------------------------------
     def run(self) -> AutoCalibrationResult:
+        """Calibrate; on failure (NotCalibrated, NoFrame, OutOfBounds) the pipette is moved
+        back to where it started and the error says so. Stopped propagates without moving."""
         check_start(self.m)
         self.p0 = self.m.position_um.copy()
+        try:
+            return self._run()
+        except Stopped:
+            raise
+        except PatchrigError as exc:
+            if self.moves == 0:
+                raise
+            try:
+                move_and_settle(self.m, self.p0, speed_um_s=self.s.speed_um_s, cancel=self.cancel)
+                back = "returned to the start position"
+            except Stopped:
+                raise
+            except PatchrigError as again:
+                back = f"could NOT return to the start position: {again}"
+            self.log.warning("calibration failed", reason=str(exc), moves=self.moves)
+            raise type(exc)(f"{_strip_channel(exc)}; {back}", channel=self.channel) from exc
+
+    def _run(self) -> AutoCalibrationResult:
         self._report("looking")
         tips0, look0 = self._merged_tips(self.eye.clock() - self.eye.settle_s, self.s.identify_looks)
         if len(tips0) == 0:
@@ -521,3 +541,10 @@ def check_start(manipulator: Manipulator) -> None:
     position = manipulator.position_um
     if not manipulator.limits.contains(position.tolist()):
         raise OutOfBounds("the manipulator is outside its limits; move it inside first", channel=manipulator.name)
+
+
+def _strip_channel(exc: PatchrigError) -> str:
+    """The message of ``exc`` without the "channel 'X': " prefix PatchrigError adds."""
+    text = str(exc)
+    prefix = f"channel {exc.channel!r}: "
+    return text[len(prefix) :] if exc.channel is not None and text.startswith(prefix) else text

@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-um-s", type=float, default=500.0, help="manipulator speed (default 500 µm/s)")
     parser.add_argument("--frame-rate-hz", type=float, default=30.0, help="simulated frame rate (default 30)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the error distributions here")
 
 
 def _build(seed: int, args: argparse.Namespace, localiser_model: Any):
@@ -282,7 +283,42 @@ def run(args: argparse.Namespace) -> int:
         target = TARGETS.get(key)
         text = f"{value:.3f}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {text}" + (f"   (target {target})" if target is not None else ""))
+    if args.plot is not None:
+        plot(results, summary, args.plot)
+        print(f"wrote {args.plot}")
     if args.json is not None:
         args.json.write_text(json.dumps({"summary": summary, "targets": TARGETS, "seeds": results}, indent=1, default=float))
         print(f"wrote {args.json}")
     return 0
+
+
+def plot(seeds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Three panels: calibration true error, move_tip final true error, correction after a jump."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cal = [r["true_error_um"] for s in seeds for r in s["calibration"] if r["ok"]]
+    mt = [r["true_error_um"] for s in seeds for r in s["move_tip"]]
+    cor = [s["correction"] for s in seeds if s["correction"]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    ax.hist(np.clip(cal, 0, 3), bins=np.linspace(0, 3, 31), color="tab:blue")
+    ax.axvline(1.0, color="k", ls="--", lw=1, label="target median 1 µm")
+    ax.set(title=f"calibration: true error (n={len(cal)}, {summary['calibration_failures']} failed)", xlabel="µm (clipped at 3)", ylabel="channels")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.hist(np.clip(mt, 0, 5), bins=np.linspace(0, 5, 41), color="tab:green")
+    ax.axvline(2.0, color="k", ls="--", lw=1, label="tolerance 2 µm")
+    ax.set(title=f"move_tip: final true error (n={len(mt)})", xlabel="µm (clipped at 5)", ylabel="trials")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for c in cor:
+        ax.plot([0, 1], [c["true_error_before_um"], c["true_error_after_um"]], "o-", color="tab:red", alpha=0.6)
+    ax.set_xticks([0, 1], ["after the jump", "after correction"])
+    ax.set(title="continuous correction of a 6 µm jump", ylabel="true error, µm")
+    fig.suptitle(f"patchrig bench calibration: localiser {summary.get('localiser', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

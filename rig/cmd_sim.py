@@ -188,7 +188,13 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
         bar.update(1)
 
     ready = [ch for ch in names if rows[ch]["error"] is None]
-    located = client.locate()
+    try:
+        located = client.locate()
+    except PatchrigError as exc:
+        for ch in ready:
+            rows[ch]["error"] = f"locate before move_tip: {exc}"
+        bar.update(len(names))
+        return [rows[ch] for ch in names]
     tips = {t["channel"]: np.array([t["x_px"], t["y_px"]]) for t in located["tips"] if t.get("channel") in ready}
     for ch in ready:
         if ch not in tips:  # not seen on this frame: use the calibration's prediction

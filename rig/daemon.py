@@ -301,7 +301,7 @@ class Daemon:
 
         def finished(errors: dict[str, str | None]) -> None:
             failed = {k: v for k, v in errors.items() if v}
-            level = "alarm" if failed else "warning"
+            level = "alarm" if failed else ("info" if reason == "shutdown" else "warning")
             self.telemetry.event(level, "e-stop", f"all manipulators stopped ({reason})", reason=reason, errors=failed)
             if done is not None:
                 done(errors)

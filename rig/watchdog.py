@@ -105,6 +105,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._frames_stale = False
         self._silent: set[str] = set()
+        self._stopped_ops: set[str] = set()  # operations already stopped for stale frames (alarm once)
         self.alarms: list[dict[str, Any]] = []
         self.log = get_logger("patchrig.watchdog")
         self._thread = threading.Thread(target=self._run, name="patchrig-watchdog", daemon=True)
@@ -141,7 +142,8 @@ class Watchdog:
         if stale:
             for name, ctl in self._controllers.items():
                 op = ctl.current
-                if op is not None and op.method in CLOSED_LOOP and not op.finished:
+                if op is not None and op.method in CLOSED_LOOP and not op.finished and op.id not in self._stopped_ops:
+                    self._stopped_ops = {*list(self._stopped_ops)[-63:], op.id}
                     ctl.stop("stale frames", failure=NoFrame(
                         f"no fresh frame for {'ever' if age is None else f'{age:.2f} s'}: stopped by the watchdog",
                         channel=name,

@@ -162,8 +162,8 @@ class ScientificaSimulator:
         self._angle_deg = 0.0
         self._motion = MotionAxis(start, acceleration_um_s2=self._physical_acceleration())
         self._move_clamped = np.zeros(3, bool)
-        # the last commands heard, newest last (for tests and debugging)
-        self.commands_received: collections.deque[str] = collections.deque(maxlen=1000)
+        self._heard: collections.deque[str] = collections.deque(maxlen=10000)
+        self._heard_total = 0
         self._master: int | None = None
         self._slave: int | None = None
         self._path: str | None = None
@@ -231,6 +231,20 @@ class ScientificaSimulator:
         with self._lock:
             return self._readback_um(time.monotonic())
 
+    def heard(self, since: int = 0) -> list[str]:
+        """The command lines heard (newest last; the last 10000 at most), from the ``since``-th
+        on (a ``heard_count`` taken earlier). For tests and debugging."""
+        with self._lock:
+            new = self._heard_total - since
+            items = list(self._heard)
+        return items[len(items) - min(max(new, 0), len(items)):]
+
+    @property
+    def heard_count(self) -> int:
+        """How many command lines have been heard so far."""
+        with self._lock:
+            return self._heard_total
+
     def is_moving(self) -> bool:
         with self._lock:
             return self._motion.is_moving(time.monotonic())
@@ -291,7 +305,9 @@ class ScientificaSimulator:
             self._send(_wrong_baud_bytes(b"E,1"))
             return
         text = raw.decode("ascii", errors="replace").strip()
-        self.commands_received.append(text)
+        with self._lock:
+            self._heard.append(text)
+            self._heard_total += 1
         tokens = text.upper().split()
         if tokens[:1] == ["BAUD"] and len(tokens) == 2 and tokens[1] in ("96", "38"):
             # switches the rate at once and answers nothing (the host reopens the port)

@@ -102,7 +102,7 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         for w in workers:
             w.join(BOUND_S)
         assert results == [2] * 6  # the queued work still ran, after the stop
-        heard = list(sim.commands_received)
+        heard = sim.heard()
         first_stop = heard.index("STOP")
         assert heard[first_stop:].count("VER") >= 4, "STOP was not sent before the queued commands"
         sim.faults.reply_delay_s = 0.0
@@ -264,7 +264,7 @@ def test_missed_targets_are_retried() -> None:
         handle = m.move_to([100.0, 0.0, 0.0], 800.0).wait(BOUND_S)
         assert handle.state is MoveState.DONE and handle.position_um is not None
         assert np.allclose(handle.position_um, [100.0, 0.0, 0.0], atol=0.5)
-        assert list(sim.commands_received).count("ABS 1000 0 0") == 3
+        assert sim.heard().count("ABS 1000 0 0") == 3
 
 
 def test_a_target_missed_every_time_fails_after_limited_retries() -> None:
@@ -273,7 +273,7 @@ def test_a_target_missed_every_time_fails_after_limited_retries() -> None:
         handle = m.move_to([100.0, 0.0, 0.0], 800.0)
         with pytest.raises(DeviceError, match="from the target after 2 retries"):
             handle.wait(BOUND_S)
-        assert list(sim.commands_received).count("ABS 1000 0 0") == 3
+        assert sim.heard().count("ABS 1000 0 0") == 3
         sim.faults.miss_next_moves = 0
 
 
@@ -346,13 +346,13 @@ def test_not_a_scientifica_device_is_refused() -> None:
 def test_speed_above_the_controller_maximum_is_rejected_before_anything_is_sent() -> None:
     with rig() as (sim, m):  # v2, |UU| 6.4: at most 3906 µm/s; the channel allows 2000
         m.max_speed_um_s = 5000.0
-        before = len(sim.commands_received)
+        before = sim.heard_count
         previous = m.current_move
         with pytest.raises(InvalidParams, match="above what this controller can do"):
             m.move_to([10.0, 0.0, 0.0], 4000.0)
         assert m.current_move is previous
         time.sleep(0.1)
-        assert not any(c.startswith(("TOP ", "ABS")) for c in list(sim.commands_received)[before:])
+        assert not any(c.startswith(("TOP ", "ABS")) for c in sim.heard(since=before))
 
 
 def test_slow_move_below_the_controller_minimum_is_stepwise_at_the_requested_mean_speed() -> None:
@@ -368,17 +368,17 @@ def test_slow_move_below_the_controller_minimum_is_stepwise_at_the_requested_mea
         assert handle.state is MoveState.DONE
         assert elapsed_s >= 10.0 / 20.0
         assert len(ahead_um) > 20 and max(ahead_um) <= 0.05
-        steps = [c for c in sim.commands_received if c.startswith("ABS")]
+        steps = [c for c in sim.heard() if c.startswith("ABS")]
         assert len(steps) >= 3
-        assert all(c.startswith("TOP 1000") for c in sim.commands_received if c.startswith("TOP ") and c != "TOP 30000")
+        assert all(c.startswith("TOP 1000") for c in sim.heard() if c.startswith("TOP ") and c != "TOP 30000")
 
 
 def test_acceleration_is_sent_in_device_units() -> None:
     with rig(acceleration_um_s2=10000.0) as (sim, m):
-        assert "ACC 256" in sim.commands_received
+        assert "ACC 256" in sim.heard()
         assert m.describe()["acceleration_um_s2"] == pytest.approx(10000.0)
         m.set_acceleration_um_s2(5000.0)
-        assert "ACC 128" in sim.commands_received
+        assert "ACC 128" in sim.heard()
         with pytest.raises(InvalidParams):
             m.set_acceleration_um_s2(-1.0)
 

@@ -361,6 +361,17 @@ def test_missed_target_and_early_idle(v2: tuple[ScientificaSimulator, Line]) -> 
     assert line.ask("PX") == "1000"
 
 
+def test_heard_lists_commands_since_a_mark(v2: tuple[ScientificaSimulator, Line]) -> None:
+    sim, line = v2
+    line.ask("VER")
+    mark = sim.heard_count
+    line.ask("desc")
+    line.ask("S")
+    assert sim.heard(since=mark) == ["desc", "S"]
+    assert sim.heard()[-3:] == ["VER", "desc", "S"]
+    assert sim.heard(since=sim.heard_count) == []
+
+
 def test_close_is_idempotent_and_releases_the_pty() -> None:
     sim = ScientificaSimulator()
     path = sim.start()

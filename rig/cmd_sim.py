@@ -275,7 +275,25 @@ def draw_picture(path: Path, frame: Any, rows: list[dict[str, Any]], paths: dict
         label = f"{ch} ({r['driver']})" + ("" if err is None else f": {err:.2f} µm")
         ax.annotate(label, (true_px[0], true_px[1]), xytext=(10, 10 + 14 * (i % 2)), textcoords="offset points",
                     color=colour, fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "lw": 0})
-    ax.set_title("patchrig sim: tip paths (lines, from the tips topic), targets (circles: tolerance),\n"
+    # zoom on where the tips worked (paths, targets, true tips) with a margin, plus a scale bar
+    points = [sim.world.true_tip_px(r["name"]) for r in rows]
+    points += [np.asarray(r["target_px"]) for r in rows if r.get("target_px") is not None]
+    points += [p for p in paths.values() if len(p)]
+    xy = np.vstack([np.atleast_2d(p) for p in points])
+    h, w = frame.shape
+    margin = 60.0
+    half = max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1])) / 2 + margin
+    cx, cy = xy[:, 0].min() + np.ptp(xy[:, 0]) / 2, xy[:, 1].min() + np.ptp(xy[:, 1]) / 2
+    x0, x1 = max(-0.5, cx - half), min(w - 0.5, cx + half)
+    y0, y1 = max(-0.5, cy - half), min(h - 0.5, cy + half)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    bar_px = 10.0 / frame.um_per_px
+    bx, by = x0 + 0.05 * (x1 - x0), y1 - 0.05 * (y1 - y0)
+    ax.plot([bx, bx + bar_px], [by, by], "-", color="white", lw=3)
+    ax.annotate("10 µm", (bx + bar_px / 2, by), xytext=(0, 6), textcoords="offset points", color="white",
+                ha="center", fontsize=9)
+    ax.set_title("patchrig sim: tip paths (lines, from the tips topic; o = start), targets (circles: tolerance),\n"
                  "true final tips (x)", fontsize=10)
     ax.set_axis_off()
     fig.tight_layout()

@@ -1,16 +1,27 @@
 """structlog set-up: readable console lines on a terminal, JSON lines otherwise.
 
-Standard-library logging of other libraries is routed through the same processors, so one
-stream carries everything. Bind ``channel=`` and ``op=`` on loggers where they apply.
+Standard-library logging of other libraries (pyzmq, the sensapex wrapper, matplotlib, ...) is
+routed through the same processors, so one stream carries everything, in one format.
+
+Where they apply, lines carry ``channel=`` (the manipulator channel) and ``op=`` (the operation):
+bind them on a logger (``get_logger(name, channel="A")``) or, for everything logged by the
+current thread or task inside a block, including stdlib lines of other libraries, use
+``with operation("move_tip", channel="A"): ...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
+
+from rig.errors import ConfigError
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _configured = False
 
@@ -34,8 +45,13 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
     """Configure structlog and stdlib logging once per process.
 
     ``json_lines=None`` picks console output when stderr is a terminal, JSON lines otherwise.
+    ``level`` is one of ``LEVELS`` (any case); anything else raises ``ConfigError`` and changes
+    nothing.
     """
     global _configured
+    level_name = str(level).strip().upper()
+    if level_name not in LEVELS:
+        raise ConfigError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     shared: list[Any] = [
@@ -71,10 +87,23 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
             root.removeHandler(old)
     handler._patchrig = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    root.setLevel(level_name)
     _configured = True
 
 
 def get_logger(name: str, **bound: Any) -> Any:
-    """A structlog logger named ``name`` with ``bound`` key/values (e.g. channel="A")."""
-    return structlog.get_logger(name).bind(**bound)
+    """A structlog logger named ``name`` with ``bound`` key/values (e.g. channel="A").
+
+    The logger is lazy: it is assembled from the configuration in force when a line is logged,
+    so a module-level logger made at import time (before ``configure_logging``) still follows
+    the console/JSON choice of the process. (Calling ``.bind()`` on it assembles it then.)
+    """
+    return structlog.get_logger(name, **bound)
+
+
+@contextlib.contextmanager
+def operation(op: str, **bound: Any) -> Iterator[None]:
+    """Within the block, every log line of this thread (or asyncio task) carries ``op=op`` and
+    ``bound`` (e.g. ``channel="A"``), including stdlib lines of other libraries."""
+    with structlog.contextvars.bound_contextvars(op=op, **bound):
+        yield

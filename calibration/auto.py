@@ -67,6 +67,7 @@ class AutoCalibrationSettings:
     fov_margin_px: float = 24.0
     static_gate_um: float = 2.0
     track_gate_um: float = 5.0
+    isolation_um: float = 15.0
     extrapolation_gate: float = 0.08
     max_residual_um: float = 1.5
     min_inlier_fraction: float = 0.6
@@ -142,6 +143,7 @@ class AutoCalibrator:
         self.lost = 0
         self.samples: list[Sample] = []
         self.p0 = np.zeros(manipulator.n_axes)
+        self.base = np.zeros(manipulator.n_axes)
         self.t0 = np.zeros(2)
         self.gains: dict[int, np.ndarray] = {}
         self.others_um: np.ndarray = np.zeros((0, 2))
@@ -293,8 +295,23 @@ class AutoCalibrator:
         d = target_um[axis] - self.p0[axis]
         return float(max(d - max(measured), min(measured) - d, 0.0))
 
+    def _choose_base(self) -> None:
+        """Where the z and approach axes step from: p0, unless this channel's tip there sits
+        within ``isolation_um`` of another tip (a localiser may merge two close tips); then the
+        stop so far whose tip is furthest from every other tip."""
+        if len(self.others_um) == 0:
+            return
+        def isolation(tip: np.ndarray) -> float:
+            return float(np.min(np.linalg.norm(self.others_um - tip, axis=1)))
+        if isolation(self.t0) >= self.s.isolation_um:
+            return
+        best = max(self.samples, key=lambda smp: isolation(smp.tip_xy_um))
+        if isolation(best.tip_xy_um) > isolation(self.t0):
+            self.base = best.position_um.copy()
+            self.log.info("stepping z from a stop where the tip stands apart", base_um=[round(float(v), 1) for v in self.base])
+
     def _step_target(self, axis: int, step_um: float, z_comp: float = 0.0) -> np.ndarray:
-        target = self.p0.copy()
+        target = self.base.copy()
         target[axis] += step_um
         if z_comp:
             target[2] += z_comp * step_um
@@ -306,6 +323,7 @@ class AutoCalibrator:
         back to where it started and the error says so. Stopped propagates without moving."""
         check_start(self.m)
         self.p0 = self.m.position_um.copy()
+        self.base = self.p0.copy()
         try:
             return self._run()
         except Stopped:
@@ -337,6 +355,7 @@ class AutoCalibrator:
             elif axis == 1:
                 self._horizontal_axis(1, first_done=False)
             elif axis == 2:
+                self._choose_base()
                 self._z_axis()
             else:
                 self._approach_axis()

@@ -53,6 +53,7 @@ Methods (every returned dict is JSON-able; units are in the key names):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -336,7 +337,7 @@ class CalibrationService:
             settings = self.settings
             sign = self.z_up_signs.get(channel)
             if sign is not None:
-                settings = AutoCalibrationSettings(**{**settings.__dict__, "z_up_sign": float(sign)})
+                settings = dataclasses.replace(settings, z_up_sign=float(sign))
             result = AutoCalibrator(m, self.eye, settings, progress=progress, cancel=cancel).run()
             self._install(channel, result.calibration, "calibrate")
             self.log.info("calibration saved", channel=channel, moves=result.moves, residual_um=round(result.fit.residual_um, 3))

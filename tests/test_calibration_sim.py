@@ -340,3 +340,12 @@ def test_move_tip_does_not_chase_a_detection_that_does_not_follow_the_pipette():
         with pytest.raises(MoveTipFailed, match="did not follow the pipette"):
             rig.service.move_tip("A", target_px=(tip_px + np.array([10.0, 0.0])).tolist())
         np.testing.assert_allclose(m.position_um, start, atol=1e-6)
+
+
+def test_configured_z_sign_is_used_for_3_axis_channels():
+    with Rig(16, 1) as rig:
+        service = rig.new_service(z_up_signs={"A": -1.0})
+        service.calibrate("A")
+        cal = service._calibration("A")
+        assert cal.z_up_sign == -1.0 and cal.matrix[2, 2] < 0
+        assert "down" in cal.z_model

@@ -39,6 +39,10 @@ log = get_logger("simulators.microscope")
 
 FrameCallback = Callable[[Frame], None]
 
+# what the command line accepts (the renderer's optics are tuned for this range)
+UM_PER_PX_RANGE = (0.1, 5.0)
+SIZE_PX_RANGE = (32, 4096)
+
 
 class SimMicroscope:
     """A two-photon microscope looking at ``world`` (pixel size, frame size and focal plane
@@ -60,6 +64,10 @@ class SimMicroscope:
             raise ValueError(f"rate_hz must be in (0, 1000], got {rate_hz}")
         if bit_depth not in (8, 16):
             raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        if not (math.isfinite(world.um_per_px) and world.um_per_px > 0):
+            raise ValueError(f"the world's um_per_px must be positive and finite, got {world.um_per_px}")
+        if min(world.image_size_px) < 8:
+            raise ValueError(f"the world's image size must be at least 8x8 pixels, got {world.image_size_px}")
         self.world = world
         self.rate_hz = float(rate_hz)
         self.seed = seed
@@ -244,30 +252,54 @@ class SimMicroscope:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5560", help="PUB endpoint to bind")
-    parser.add_argument("--rate", type=float, default=30.0, help="frames per second (default 30)")
-    parser.add_argument("--channels", type=int, default=4, help="number of pipettes (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="world and noise seed")
-    parser.add_argument("--um-per-px", type=float, default=0.62, help="pixel size (default 0.62)")
-    parser.add_argument("--size", type=int, default=512, help="frame size in pixels (default 512)")
-    parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=16)
+    parser.description = (
+        "Render the simulated two-photon microscope at --rate and publish every frame as "
+        "patchrig-frame/1 on a ZeroMQ PUB socket, until Ctrl-C (or --duration). The pipettes "
+        "circle slowly unless --still, so a subscriber sees tips move."
+    )
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5560",
+                        help="PUB endpoint to bind (default tcp://127.0.0.1:5560; tcp://127.0.0.1:* picks a port)")
+    parser.add_argument("--rate", type=float, default=30.0, help="frames per second, 0-200 (default 30)")
+    parser.add_argument("--channels", type=int, default=4, help="number of pipettes, 1-8 (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="world and noise seed, >= 0 (default 0)")
+    parser.add_argument("--um-per-px", type=float, default=0.62,
+                        help=f"pixel size in µm, {UM_PER_PX_RANGE[0]:g}-{UM_PER_PX_RANGE[1]:g} (default 0.62)")
+    parser.add_argument("--size", type=int, default=512,
+                        help=f"frame size in pixels, {SIZE_PX_RANGE[0]}-{SIZE_PX_RANGE[1]} (default 512)")
+    parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=16, help="pixel depth (default 16)")
     parser.add_argument(
         "--still", action="store_true",
         help="keep the pipettes still (default: they circle slowly, 20 µm wide)",
     )
-    parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    parser.add_argument("--duration", type=float, default=None, help="stop after S seconds (default: run until Ctrl-C)")
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    import zmq
-
-    from rig.errors import ConfigError, InvalidParams
-    from rig.frame_sender import FrameSender
+def _check_cli_arguments(args: argparse.Namespace) -> None:
+    from rig.errors import InvalidParams
 
     if not 1 <= args.channels <= 8:
         raise InvalidParams(f"--channels must be 1..8, got {args.channels}")
     if not 0 < args.rate <= 200:
         raise InvalidParams(f"--rate must be in (0, 200], got {args.rate}")
+    lo, hi = UM_PER_PX_RANGE
+    if not lo <= args.um_per_px <= hi:
+        raise InvalidParams(f"--um-per-px must be in [{lo:g}, {hi:g}] µm, got {args.um_per_px}")
+    lo_px, hi_px = SIZE_PX_RANGE
+    if not lo_px <= args.size <= hi_px:
+        raise InvalidParams(f"--size must be in [{lo_px}, {hi_px}] pixels, got {args.size}")
+    if args.seed < 0:
+        raise InvalidParams(f"--seed must be >= 0, got {args.seed}")
+    if args.duration is not None and not 0 <= args.duration < math.inf:
+        raise InvalidParams(f"--duration must be a finite number of seconds >= 0, got {args.duration}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import zmq
+
+    from rig.errors import ConfigError
+    from rig.frame_sender import FrameSender
+
+    _check_cli_arguments(args)
     world = SimWorld(
         seed=args.seed, um_per_px=args.um_per_px, image_size_px=(args.size, args.size),
         drift_um_per_min=0.5,
@@ -289,6 +321,13 @@ def run_cli(args: argparse.Namespace) -> int:
     last_report, last_count = t0, 0
     microscope.start()
     try:
+        print(
+            f"Simulated microscope publishing patchrig-frame/1 on {sender.endpoint}: "
+            f"{args.size}x{args.size} px, {args.um_per_px:g} µm/px, {args.bit_depth}-bit, "
+            f"{len(names)} pipettes, {args.rate:g} Hz. "
+            + ("Ctrl-C stops." if args.duration is None else f"Stops after {args.duration:g} s."),
+            flush=True,
+        )
         while args.duration is None or time.monotonic() - t0 < args.duration:
             time.sleep(0.05)
             now = time.monotonic()
@@ -303,7 +342,10 @@ def run_cli(args: argparse.Namespace) -> int:
                 n = microscope.frames_rendered
                 log.info("frames", fps=round((n - last_count) / (now - last_report), 1), total=n)
                 last_report, last_count = now, n
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how this command normally ends
     finally:
         microscope.close()
         sender.close()
+    print(f"Simulated microscope stopped after {microscope.frames_rendered} frames", flush=True)
     return 0

@@ -169,3 +169,61 @@ def test_cli_simulate_microscope_rejects_bad_arguments_in_one_line(capsys: pytes
     assert main(["simulate", "microscope", "--endpoint", "nonsense://x", "--duration", "0.1"]) == 1
     assert "cannot publish on nonsense://x" in capsys.readouterr().err
     assert main(["simulate", "microscope", "--channels", "9"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--um-per-px", "0", "--um-per-px must be in"),
+        ("--um-per-px", "nan", "--um-per-px must be in"),
+        ("--size", "0", "--size must be in"),
+        ("--seed", "-1", "--seed must be >= 0"),
+        ("--duration", "-1", "--duration must be a finite number"),
+        ("--rate", "nan", "--rate must be in"),
+    ],
+)
+def test_cli_simulate_microscope_bad_numbers_are_one_line_errors(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rig.cli import main
+
+    assert main(["simulate", "microscope", "--duration", "0.1", option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_cli_simulate_microscope_runs_for_its_duration_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    from rig.cli import main
+
+    assert main(["simulate", "microscope", "--duration", "0.3", "--size", "64", "--channels", "2",
+                 "--endpoint", "tcp://127.0.0.1:*"]) == 0
+    out = capsys.readouterr().out
+    assert "Stops after 0.3 s" in out and "stopped after" in out
+
+
+def test_microscope_rejects_a_world_without_a_usable_pixel_size() -> None:
+    with pytest.raises(ValueError, match="um_per_px"):
+        SimMicroscope(SimWorld(seed=0, um_per_px=0.0, image_size_px=(64, 64)))
+
+
+def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c() -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rig.cli", "simulate", "microscope", "--endpoint", "tcp://127.0.0.1:*",
+         "--size", "64", "--channels", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "publishing patchrig-frame/1 on tcp://127.0.0.1:" in first and "Ctrl-C stops" in first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "stopped after" in out
+    assert "Traceback" not in err

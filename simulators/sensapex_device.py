@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import select
 import socket
 import threading
@@ -43,6 +44,7 @@ from simulators.world import SimWorld
 
 BASE_PORT = 55555
 DEFAULT_START_UM = 10000.0  # middle of a 20 mm uMp axis
+MAX_WIRE_UM = 2_000_000.0  # positions travel as INT32 nm (and 0x7FFFFFFF means "undefined")
 FIRMWARE_VERSION = (1, 504, 0, 0, 0)
 
 
@@ -152,6 +154,11 @@ class SensapexSimulator:
                 start = np.full(axes, DEFAULT_START_UM)
             if start.shape != (axes,):
                 raise ValueError(f"device {dev_id}: start position needs {axes} axes")
+            if not np.all(np.isfinite(start)) or np.any(np.abs(start) > MAX_WIRE_UM):
+                raise ValueError(
+                    f"device {dev_id}: start position {start.tolist()} µm must be finite and within "
+                    f"±{MAX_WIRE_UM:g} µm (SMCP sends INT32 nm)"
+                )
             self._devices[dev_id] = _Device(dev_id, channel, axes, start, acceleration_um_s2)
         self._sock: socket.socket | None = None
         self._wake_r: socket.socket | None = None
@@ -484,6 +491,16 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _parse_start_um(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--start-um must be a number of µm, got {text!r}") from None
+    if not (math.isfinite(value) and abs(value) <= MAX_WIRE_UM):
+        raise argparse.ArgumentTypeError(f"--start-um must be finite and within ±{MAX_WIRE_UM:g} µm, got {text!r}")
+    return value
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", type=int, default=0, choices=range(0, 11), metavar="G",
                         help="SDK group 0..10; the simulator listens on UDP port 55555+G (default 0)")
@@ -492,7 +509,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="axes per device: 4 for a uMp-4 with its diagonal axis (default 4)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; use 0.0.0.0 for an SDK opened on 127.255.255.255)")
-    parser.add_argument("--start-um", type=float, default=DEFAULT_START_UM,
+    parser.add_argument("--start-um", type=_parse_start_um, default=DEFAULT_START_UM,
                         help=f"start position of every axis in µm (default {DEFAULT_START_UM:g})")
 
 

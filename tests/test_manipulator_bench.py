@@ -93,3 +93,20 @@ def test_simulate_sensapex_rejects_bad_ids(ids: str) -> None:
     assert proc.returncode == 2
     assert "--ids" in proc.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("start_um", ["nan", "inf", "-inf", "3e6", "ten"])
+def test_simulate_sensapex_rejects_bad_start_positions(start_um: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from rig.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "sensapex", f"--start-um={start_um}"])
+    assert exit_info.value.code == 2
+    assert "--start-um must be" in capsys.readouterr().err
+
+
+def test_sensapex_simulator_rejects_non_finite_start_positions() -> None:
+    from simulators.sensapex_device import SensapexSimulator
+
+    with pytest.raises(ValueError, match="must be finite"):
+        SensapexSimulator(devices={1: "1"}, n_axes={1: 3}, initial_position_um={1: [0.0, float("nan"), 0.0]})

@@ -330,7 +330,7 @@ class ScientificaProtocol:
         """``scientifica`` -> ``Y519``; retried once with a longer wait. On failure, probe the
         other baud rate so that the error can say what the device is set to."""
         garbled = False
-        for wait_s in (self.timeout_s, max(1.0, 2 * self.timeout_s)):
+        for wait_s in (self.timeout_s, 2 * self.timeout_s):
             try:
                 reply = self.exchange(IDENTITY_COMMAND, parse_text, timeout_s=wait_s, retries=0,
                                       abortable=False)

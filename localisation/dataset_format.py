@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -325,12 +326,17 @@ def import_coco(
     kept (and 1, "labelled but occluded", with ``include_occluded``); 0 means not labelled.
     COCO measures from the top-left CORNER of the image (pixel centres at +0.5), so 0.5 is
     subtracted unless ``coco_corner_origin=False``. Images are converted to greyscale PNG in
-    ``out_dir/images``; images without annotations are kept with no tips. Raises DataError
-    naming the file on malformed input or missing images; nothing is written then.
+    ``out_dir/images``; images without annotations are kept with no tips. ``out_dir`` must not
+    exist or be empty (an existing dataset is never overwritten); the dataset is written into a
+    temporary directory beside it and renamed into place when complete. Raises DataError naming
+    the file on malformed input or missing images; nothing is written then.
     """
     coco_path = Path(coco_json)
+    out = Path(out_dir)
     if not _finite_number(um_per_px) or um_per_px <= 0:
         raise DataError(f"um_per_px must be a positive number, got {um_per_px!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
     try:
         doc = json.loads(coco_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -392,7 +398,17 @@ def import_coco(
         used.add(name)
         extra = {"source": str(im["file_name"]), "coco_id": image_id}
         loaded.append((name, pixels, float(um_per_px), np.asarray(tips[image_id], float), extra))
-    return write_dataset(out_dir, loaded, meta={"imported_from": str(coco_path)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_dataset(tmp, loaded, meta={"imported_from": str(coco_path)})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_dataset(out)
 
 
 def _coco_tip_indices(

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "show",
         help="draw a contact sheet of a dataset with its labels",
         description="Draw up to --max images of a patchrig-tips/1 dataset in a grid, contrast-"
-        "stretched, with labelled tips circled in red.",
+        "stretched, with labelled tips circled in red and tips labelled not visible (out of "
+        "frame or focus) marked with yellow crosses.",
     )
     p.add_argument("dataset", type=Path, help="dataset directory (with labels.json)")
     p.add_argument("--out", required=True, type=Path, help="output PNG")
@@ -118,11 +119,13 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise InvalidParams(f"--n must be at least 1, got {args.n}")
     if args.size < 32:
         raise InvalidParams(f"--size must be at least 32, got {args.size}")
+    if args.workers < 1:
+        raise InvalidParams(f"--workers must be at least 1, got {args.workers}")
     lo_um, hi_um = args.um_per_px
     if not (0 < lo_um <= hi_um):
         raise InvalidParams(f"--um-per-px must be 0 < MIN <= MAX, got {lo_um}-{hi_um}")
     ds = synthesise_dataset(
-        args.out, args.n, args.seed, args.domain, args.tips, max(1, args.workers),
+        args.out, args.n, args.seed, args.domain, args.tips, args.workers,
         um_per_px=(lo_um, hi_um), size_px=args.size,
     )
     n_tips = sum(len(r.tips_px) for r in ds)
@@ -133,11 +136,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_show(args: argparse.Namespace) -> int:
     from localisation.dataset_format import load_image, read_dataset
 
+    _check_sheet_layout(args.tile, max_images=args.max, cols=args.cols)
     ds = read_dataset(args.dataset)
     if len(ds) == 0:
         raise DataError(f"{args.dataset}: dataset has no images")
     items = []
-    for record in ds.records[: max(1, args.max)]:
+    for record in ds.records[: args.max]:
         hidden = [
             (t["x"], t["y"]) for t in record.extra.get("all_tips", [])
             if isinstance(t, dict) and not t.get("visible", True)
@@ -155,7 +159,10 @@ def _run_show(args: argparse.Namespace) -> int:
 def _run_figure(args: argparse.Namespace) -> int:
     from simulators.synth import example_seed, sample_example
 
-    rows = max(2, args.rows)
+    if args.rows < 2:
+        raise InvalidParams(f"--rows must be at least 2 (the last row is ex vivo), got {args.rows}")
+    _check_sheet_layout(args.tile)
+    rows = args.rows
     items = []
     for i in range(4 * rows):
         domain = "ex_vivo" if i >= 4 * (rows - 1) else "in_vivo"
@@ -169,6 +176,15 @@ def _run_figure(args: argparse.Namespace) -> int:
         raise DataError(f"{args.out}: cannot write the figure")
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_sheet_layout(tile_px: int, *, max_images: int = 1, cols: int = 1) -> None:
+    if not 32 <= tile_px <= 2048:
+        raise InvalidParams(f"--tile must be 32..2048 pixels, got {tile_px}")
+    if max_images < 1:
+        raise InvalidParams(f"--max must be at least 1, got {max_images}")
+    if cols < 1:
+        raise InvalidParams(f"--cols must be at least 1, got {cols}")
 
 
 def _run_import(args: argparse.Namespace) -> int:

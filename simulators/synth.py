@@ -41,6 +41,8 @@ class SyntheticExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+MAX_TIPS = 32  # pipettes per synthetic image (a real rig holds at most 4-8)
+
 def sample_example(
     seed: int,
     *,
@@ -142,8 +144,8 @@ def synthesise_dataset(
     if n < 1:
         raise DataError(f"n must be at least 1, got {n}")
     lo, hi = int(tips_range[0]), int(tips_range[1])
-    if lo < 0 or hi < lo:
-        raise DataError(f"tips range must be MIN-MAX with 0 <= MIN <= MAX, got {lo}-{hi}")
+    if lo < 0 or hi < lo or hi > MAX_TIPS:
+        raise DataError(f"tips range must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_TIPS}, got {lo}-{hi}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)

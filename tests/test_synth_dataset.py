@@ -196,3 +196,45 @@ def test_coco_import_rejects_missing_or_mismatched_images(tmp_path: Path) -> Non
     assert not (tmp_path / "y" / "labels.json").exists()
     with pytest.raises(DataError, match="no keypoint 'apex'"):
         import_coco(coco, images, tmp_path / "z", um_per_px=0.7, keypoint_name="apex")
+
+
+def test_coco_import_never_overwrites_an_existing_dataset(tmp_path: Path) -> None:
+    coco, images = _coco(tmp_path)
+    out = tmp_path / "imported"
+    import_coco(coco, images, out, um_per_px=0.7)
+    before = (out / "labels.json").read_bytes()
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        import_coco(coco, images, out, um_per_px=0.5)
+    assert (out / "labels.json").read_bytes() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert len(import_coco(coco, images, empty, um_per_px=0.7)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["synth", "--n", "2", "--workers", "0"], "--workers must be at least 1"),
+        (["synth", "--n", "2", "--tips", "0-1000"], "MAX <= 32"),
+        (["synth", "--n", "0"], "--n must be at least 1"),
+        (["synth", "--n", "2", "--um-per-px", "nan-1"], "--um-per-px must be"),
+        (["show", "DATASET", "--max", "0"], "--max must be at least 1"),
+        (["show", "DATASET", "--cols", "0"], "--cols must be at least 1"),
+        (["show", "DATASET", "--tile", "-1"], "--tile must be 32..2048"),
+        (["show", "NO_SUCH_DIR"], "no labels file"),
+        (["figure", "--rows", "1"], "--rows must be at least 2"),
+        (["figure", "--tile", "0"], "--tile must be 32..2048"),
+    ],
+)
+def test_cli_data_bad_numbers_and_paths_are_one_line_errors_that_write_nothing(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = tmp_path / "ds"
+    write_dataset(dataset, [("images/a.png", np.zeros((40, 40), np.uint8), 0.5, np.zeros((0, 2)))])
+    out = tmp_path / "out.png" if argv[0] != "synth" else tmp_path / "new"
+    argv = [str(dataset) if a == "DATASET" else str(tmp_path / "missing") if a == "NO_SUCH_DIR" else a for a in argv]
+    assert main(["data", *argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -227,3 +227,15 @@ def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c() -> None:
     assert proc.returncode == 0, err
     assert "stopped after" in out
     assert "Traceback" not in err
+
+
+def test_bench_microscope_reports_cpu_and_wall_time_per_frame(capsys: pytest.CaptureFixture[str]) -> None:
+    from rig.cli import main
+
+    assert main(["bench", "microscope", "--frames", "10", "--size", "64", "--pipettes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "microscope 64px, 2 pipettes" in out and "sample_example ex_vivo 64px" in out
+    assert "cpu med" in out and "wall med" in out
+    assert "microscope sustains 30 Hz on one core: yes" in out
+    assert main(["bench", "microscope", "--frames", "3"]) == 1
+    assert "--frames must be at least 10" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def _config(names: list[str], frames_endpoint: str, threads: int | None) -> Any:
     from config.loader import config_from_mapping
 
     channels = [{"name": n, "driver": "simulated", "limits": {"min_um": [0.0] * 3, "max_um": [5000.0] * 3}} for n in names]
-    loc = {"device": "cpu"}
+    loc: dict[str, Any] = {"device": "cpu"}
     if threads is not None:
         loc["threads"] = threads
     return config_from_mapping({"channels": channels, "frames": {"source": "zmq", "zmq_endpoint": frames_endpoint},

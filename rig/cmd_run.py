@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def install_signal_handlers(daemon: Any) -> dict[int, Any]:
     """SIGINT and SIGTERM begin a graceful shutdown; returns the previous handlers."""
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, lambda signum, _frame: daemon.request_shutdown(signal.Signals(signum).name))
     return previous

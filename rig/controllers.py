@@ -356,9 +356,11 @@ class ChannelController:
             with self._cond:
                 while self._pending is None and not self._closed:
                     self._cond.wait()
-                if self._closed and self._pending is None:
+                pending = self._pending
+                if pending is None:  # closed with nothing pending
                     return
-                op, self._pending = self._pending, None
+                op = pending
+                self._pending = None
                 self._current = op
             if self._closed:
                 op._drop("refused: shutting down")
@@ -429,4 +431,8 @@ def halt_all(controllers: list[ChannelController], reason: str, done: Callable[[
     for ctl in controllers:
         ctl.cancel_ops(reason)
     for ctl in controllers:
-        ctl.halt_async(reason, lambda error, name=ctl.name: one_done(name, error))
+
+        def callback(error: str | None, name: str = ctl.name) -> None:
+            one_done(name, error)
+
+        ctl.halt_async(reason, callback)

@@ -116,7 +116,7 @@ class Daemon:
             if keys is not None:
                 keys.apply(self._pub)
             self._pub.bind(normalise_endpoint(telemetry_endpoint))
-            self.telemetry_endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.telemetry_endpoint: str = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.telemetry = TelemetryPublisher(
                 self._pub, heartbeat=self._heartbeat, heartbeat_hz=cfg.server.heartbeat_hz
             )

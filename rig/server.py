@@ -120,7 +120,7 @@ class CommandServer:
         if curve_keys is not None:
             curve_keys.apply(self._router)
         self._router.bind(normalise_endpoint(endpoint))
-        self.endpoint: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         inproc = f"inproc://patchrig-replies-{id(self)}-{next(_ids)}"
         self._pull = context.socket(zmq.PULL)
         self._pull.linger = 0

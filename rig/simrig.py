@@ -117,11 +117,11 @@ class SimulatedRig:
                 if ch.driver == "scientifica" and sc is not None and sc.port == SIMULATED_PORT:
                     from simulators.scientifica_device import ScientificaSimulator
 
-                    sim = ScientificaSimulator(
+                    pty_device = ScientificaSimulator(
                         world=self.world, channel=ch.name, version=sc.expected_version or 2, baud=sc.baud
                     )
-                    data["channels"][i]["scientifica"]["port"] = sim.start()
-                    self.scientifica[ch.name] = sim
+                    data["channels"][i]["scientifica"]["port"] = pty_device.start()
+                    self.scientifica[ch.name] = pty_device
             self.microscope = SimMicroscope(self.world, rate_hz=self.frame_rate_hz, seed=self.seed)
             return RigConfig.model_validate(data)
         except BaseException:

@@ -68,10 +68,24 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     return data
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _location(loc: tuple[Any, ...], data: Mapping[str, Any] | None) -> str:
+    """``channels.0.max_speed_um_s`` -> ``channels[A].max_speed_um_s`` when channel 0 is named A."""
+    parts = [str(p) for p in loc]
+    if data is not None and len(loc) >= 2 and loc[0] == "channels" and isinstance(loc[1], int):
+        channels = data.get("channels")
+        if isinstance(channels, list) and 0 <= loc[1] < len(channels):
+            entry = channels[loc[1]]
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                parts[0:2] = [f"channels[{entry['name']}]"]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_validation_error(
+    exc: ValidationError, source: str, data: Mapping[str, Any] | None = None
+) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = _location(tuple(err["loc"]), data)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -80,11 +94,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> RigConfig:
-    """Validate an already parsed mapping; errors name the key and ``source``."""
+    """Validate an already parsed mapping; errors name the key (channels by name) and ``source``."""
     try:
         return RigConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, source, data)) from None
 
 
 def load_config(
@@ -100,5 +114,8 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    apply_env_overrides(data, os.environ if environ is None else environ)
-    return config_from_mapping(data, str(file))
+    environ = os.environ if environ is None else environ
+    apply_env_overrides(data, environ)
+    overrides = sorted(var for var in environ if var.startswith(ENV_PREFIX))
+    source = str(file) if not overrides else f"{file} (with environment overrides {', '.join(overrides)})"
+    return config_from_mapping(data, source)

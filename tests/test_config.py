@@ -47,7 +47,7 @@ def test_inverted_limits_rejected(tmp_path: Path) -> None:
         "min_um = [0.0, 0.0, 0.0], max_um = [20000.0, 20000.0, 20000.0]",
         "min_um = [0.0, 0.0, 0.0], max_um = [20000.0, -5.0, 20000.0]",
     )
-    with pytest.raises(ConfigError, match="channels.1.limits"):
+    with pytest.raises(ConfigError, match=r"channels\[B\]\.limits"):
         load_config(_write(tmp_path, text), environ={})
 
 
@@ -86,3 +86,20 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nonsense" in err
+
+
+def test_env_override_errors_name_the_variable_and_the_channel() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"PATCHRIG__CHANNELS__A__BOGUS": "1"})
+    text = str(info.value)
+    assert "PATCHRIG__CHANNELS__A__BOGUS" in text and "sim.toml" in text
+    assert "channels[A].bogus: unknown key" in text
+
+
+def test_check_config_prints_one_line_per_outcome(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(CONFIG_DIR / "sim.toml")]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    bad = _write(tmp_path, default_config_path().read_text().replace("[server]", "[server]\nbogus_key = 1"))
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "server.bogus_key: unknown key" in err[0] and str(bad) in err[0]

@@ -202,6 +202,7 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
             tips[ch] = np.asarray(cal["tip_um"], float)[:2] / located["um_per_px"] + (np.asarray(located["shape"][::-1]) - 1) / 2
     targets = choose_targets(tips, float(located["um_per_px"]))
     bar.set_description("moving tips")
+    bar.write(f"  moving {', '.join(ready)} to their targets at once (move_tip, wait: false)")
     started: dict[str, tuple[str, float]] = {}
     for ch in ready:
         try:
@@ -215,9 +216,12 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
         rows[ch]["seconds"] += float(msg.get("seconds", time.monotonic() - t0))
         if msg.get("state") == "done":
             rows[ch]["iterations"] = int(msg["result"]["iterations"])
+            bar.write(f"  {ch}: move_tip done in {rows[ch]['iterations']} iteration(s), "
+                      f"error seen by the daemon {msg['result']['error_um']:.2f} µm")
         else:
             err = msg.get("error", {})
             rows[ch]["error"] = f"move_tip {msg.get('state')}: {err.get('code', '')} {err.get('message', '')}".strip()
+            bar.write(f"  {ch}: {rows[ch]['error']}")
         rows[ch]["target_px"] = targets[ch].tolist()
         rows[ch]["final_true_error_um"] = sim.true_error_um(ch, targets[ch])
         bar.update(1)

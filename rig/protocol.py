@@ -139,7 +139,9 @@ class LeaseParams(Params):
 
     ``acquire`` takes the lease for ``holder`` (``busy`` if another holder has it), ``renew``
     extends it, ``release`` gives it back. While a lease is held and not renewed within
-    ``lease_s`` seconds, the watchdog stops every manipulator and raises an alarm.
+    ``lease_s`` seconds, the watchdog stops every manipulator and raises an alarm. The lease does
+    not lock other clients out of commands (a second console may still stop or move); it makes
+    sure that motion never outlives the controlling program.
     """
 
     action: Literal["acquire", "renew", "release"]

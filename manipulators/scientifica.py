@@ -53,7 +53,7 @@ import numpy as np
 import serial
 
 from manipulators.base import Limits, Manipulator, MoveHandle, MoveState
-from rig.errors import DeviceError, DeviceTimeout, InvalidParams, PatchrigError
+from rig.errors import DeviceError, DeviceTimeout, InvalidParams, OutOfBounds, PatchrigError
 from rig.logs import get_logger
 
 T = TypeVar("T")
@@ -432,16 +432,23 @@ class ScientificaProtocol:
 
     def ticks_for(self, target_um: np.ndarray, limits: Limits | None = None) -> tuple[int, int, int]:
         """Round a target in µm to ticks, toward the inside of ``limits`` when rounding would
-        leave them."""
+        leave them. Raises ``OutOfBounds`` if an axis's limits hold no tick at all."""
         tpu = self._need_info().ticks_per_um
         ticks = []
         for axis, value in enumerate(np.asarray(target_um, float)):
             t = round(value * tpu)
             if limits is not None:
-                if t / tpu > limits.max_um[axis]:
-                    t = math.floor(limits.max_um[axis] * tpu)
-                if t / tpu < limits.min_um[axis]:
-                    t = math.ceil(limits.min_um[axis] * tpu)
+                lo, hi = limits.min_um[axis], limits.max_um[axis]
+                if t / tpu > hi:
+                    t = math.floor(hi * tpu)
+                    t -= 1 if t / tpu > hi else 0  # float rounding of hi * tpu
+                if t / tpu < lo:
+                    t = math.ceil(lo * tpu)
+                    t += 1 if t / tpu < lo else 0
+                if not lo <= t / tpu <= hi:
+                    raise OutOfBounds(
+                        f"axis {axis}: no {1 / tpu:g} µm device step lies within the limits "
+                        f"[{lo:.3f}, {hi:.3f}] µm; rejected, nothing moved", channel=self.channel)
             ticks.append(int(t))
         return ticks[0], ticks[1], ticks[2]
 
@@ -648,6 +655,7 @@ class ScientificaManipulator(Manipulator):
 
     def _do_move_to(self, target_um: np.ndarray, speed_um_s: float, handle: MoveHandle) -> None:
         self._check_usable()
+        self._proto.ticks_for(target_um, self.limits)  # OutOfBounds here, before anything is queued
         self._submit(_Request(seq=0, kind="move", handle=handle, target_um=target_um.copy(),
                               speed_um_s=speed_um_s))
 

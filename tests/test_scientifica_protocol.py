@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from manipulators.base import Limits
 from manipulators.scientifica import (
@@ -22,7 +24,7 @@ from manipulators.scientifica import (
     StopRequested,
     parse_position_ticks,
 )
-from rig.errors import DeviceError, DeviceTimeout, InvalidParams
+from rig.errors import DeviceError, DeviceTimeout, InvalidParams, OutOfBounds
 
 PORT = "/dev/ttyUSB7"
 
@@ -162,7 +164,7 @@ def test_handshake_retries_once_with_a_longer_wait() -> None:
     port.assert_finished()
     first, second = port.read_timeouts
     assert first == pytest.approx(0.05)
-    assert second == pytest.approx(2 * first)  # 1 s with the default 0.5 s timeout, as ACQ4 waits
+    assert second == pytest.approx(0.1)  # twice the timeout: 1 s with the default 0.5 s, as ACQ4 waits
 
 
 def test_handshake_recovers_from_a_garbled_first_answer() -> None:
@@ -252,6 +254,34 @@ def test_ticks_round_toward_the_inside_of_the_limits() -> None:
     limits_tight = Limits((0.0, 0.0, -10.06), (10.06, 10.0, 10.0))
     assert proto.ticks_for(np.array([10.06, 0.0, -10.06]), limits_tight) == (100, 0, -100)
     assert proto.ticks_for(np.array([-3.26, 0.0, 0.0])) == (-33, 0, 0)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    version=st.sampled_from([2, 3]),
+    lo=st.floats(-20000, 19000, allow_nan=False),
+    width=st.floats(0.001, 1000, allow_nan=False),
+    fraction=st.floats(0, 1),
+)
+def test_rounded_targets_never_leave_the_limits(version: int, lo: float, width: float, fraction: float) -> None:
+    """Any target inside the limits becomes ticks inside the limits, within one tick of the
+    target; limits narrower than a tick with no tick inside are refused, never left."""
+    proto, _ = identified(version, (6.4,) * 3 if version == 2 else (1600.0,) * 3, [])
+    tpu = 10.0 if version == 2 else 100.0
+    hi = lo + width
+    target = lo + fraction * (hi - lo)
+    limits = Limits((lo, -1.0, -1.0), (hi, 1.0, 1.0))
+    has_tick_inside = any(
+        lo <= k / tpu <= hi for k in range(int(np.ceil(lo * tpu)) - 1, int(np.floor(hi * tpu)) + 2)
+    )
+    if not has_tick_inside:
+        with pytest.raises(OutOfBounds, match="no .* device step lies within the limits"):
+            proto.ticks_for(np.array([target, 0.0, 0.0]), limits)
+        return
+    ticks = proto.ticks_for(np.array([target, 0.0, 0.0]), limits)
+    value = ticks[0] / tpu
+    assert lo <= value <= hi
+    assert abs(value - target) <= 1.0 / tpu + 1e-9
 
 
 # -- speed (TOP) and acceleration (ACC) conversions -------------------------------------------------

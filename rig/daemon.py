@@ -500,11 +500,20 @@ class Daemon:
             body = self.closed_loop.calibrate_body(ctl)
             halt = True
         op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish, halt_on_cancel=halt)
+        op.add_finish_callback(self._report_failure)
         if wait:
             op.add_finish_callback(lambda o: responder.error(o.error) if o.error is not None else responder.ok(o.result))
         ctl.submit(op)
         if not wait:
             responder.ok({"op": op.id, "channel": ctl.name, "method": request.method})
+
+    def _report_failure(self, op: Operation) -> None:
+        """A failed operation (not a stop) also goes out as a warning ``event``."""
+        if op.state == "failed" and op.error is not None:
+            from rig.protocol import error_code_of
+
+            self.telemetry.event("warning", "op_failed", f"{op.method} {op.id} failed: {op.error}",
+                                 channel=op.channel, op=op.id, code=error_code_of(op.error))
 
     def _move_body(self, ctl: ChannelController, target: Any, speed: float):
         manipulator = ctl.manipulator

@@ -318,3 +318,25 @@ def test_tips_topic_carries_every_localised_frame(loop_rig) -> None:
     ids = [m["frame_id"] for m in msgs]
     assert ids == sorted(ids)
     assert all(len(m["tips"]) == 2 and m["latency_ms"] >= 0 for m in msgs)
+
+
+def test_a_bug_behind_a_method_is_internal_and_the_server_stays_up(rig) -> None:
+    class BrokenService:
+        """Stands in for a calibration service with a bug (an unexpected exception type)."""
+
+        def is_calibrated(self, channel: str) -> bool:
+            return False
+
+        def calibrate(self, channel: str, **kwargs: object) -> dict:
+            raise ZeroDivisionError("a bug")
+
+        def close(self) -> None:
+            pass
+
+    rig.daemon.closed_loop.service = BrokenService()
+    c = rig.client()
+    with pytest.raises(RpcError) as info:
+        c.calibrate("A")
+    assert info.value.code == "internal" and "ZeroDivisionError" in str(info.value)
+    assert c.ping()["pong"] is True
+    assert c.move("A", [START_UM + 1.0, START_UM, START_UM], 1000.0)["position_um"][0] == pytest.approx(START_UM + 1.0)

@@ -361,6 +361,30 @@ def test_missed_target_and_early_idle(v2: tuple[ScientificaSimulator, Line]) -> 
     assert line.ask("PX") == "1000"
 
 
+def test_random_command_lines_each_get_exactly_one_reply(v2: tuple[ScientificaSimulator, Line]) -> None:
+    """A seeded fuzz of the command table: every line gets one CR-terminated reply, the device
+    never stops answering, and nothing moves beyond its travel."""
+    sim, line = v2
+    rng = np.random.default_rng(7)
+    names = ["scientifica", "DESC", "DATE", "VER", "TYPE", "P", "POS", "PX", "PY", "PZ", "ABS", "ABSZ",
+             "REL", "RELZ", "STOP", "S", "TOP", "FIRST", "ACC", "UUX", "UUY", "UUZ", "USTEP", "ZERO",
+             "LIMITS", "ANGLE", "XYZZY", "P0", "?", "E,1"]
+    args = ["", "0", "-1", "7", "1e3", "x", "Y", "A", "99999999999999999999", "1.5", "-", "\t"]
+    for _ in range(300):
+        name = str(rng.choice(names))
+        name = name.lower() if rng.random() < 0.3 else name
+        words = [name] + [str(rng.choice(args)) for _ in range(int(rng.integers(0, 4)))]
+        reply = line.raw(" ".join(words))
+        assert reply.endswith(b"\r") and b"\r" not in reply[:-1], (words, reply)
+        assert all(32 <= b < 127 or b in (9, 13) for b in reply), (words, reply)
+    line.ask("STOP")
+    for axis in "XYZ":
+        line.ask(f"UU{axis} 6.4")
+    assert line.ask("scientifica") == "Y519"
+    travel = np.abs(sim.physical_position_um())
+    assert np.all(travel <= 25000.0 + 1e-6)
+
+
 def test_heard_lists_commands_since_a_mark(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     line.ask("VER")

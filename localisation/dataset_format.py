@@ -161,7 +161,8 @@ def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
 
 
 def load_image(record: TipRecord | str | Path) -> np.ndarray:
-    """The image as an (h, w) uint8 or uint16 array; colour is converted to grey.
+    """The image as an (h, w) uint8 or uint16 array; colour is converted to grey, and signed
+    16-bit pixels (as ScanImage saves them) become uint16 with negative values set to 0.
 
     Raises DataError naming the file if it is missing, unreadable, or not 8/16-bit.
     """
@@ -194,6 +195,8 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
         image = image[:, :, 0]
     if image.ndim != 2:
         raise DataError(f"{path}: expected a 2D greyscale or colour image, got shape {image.shape}")
+    if image.dtype == np.int16:  # ScanImage TIFFs: signed, negative values are noise around 0
+        image = np.maximum(image, 0).astype(np.uint16)
     if image.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: expected 8- or 16-bit pixels, got {image.dtype}")
     return np.ascontiguousarray(image)

@@ -35,6 +35,10 @@ SCHEMA = "patchrig-frame/1"
 _DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
 
 
+# what a replayed TIFF stack may hold (int16, as ScanImage saves, is clipped at 0 to uint16)
+_REPLAY_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
+
+
 class FrameRejected(ValueError):
     """A frame was malformed or did not match the stream's geometry."""
 
@@ -357,7 +361,9 @@ class ZmqFrameSource(FrameSource):
 
 class ReplayFrameSource(FrameSource):
     """Replays a multi-page TIFF stack, or a folder of PNG/TIFF images (sorted by name), at
-    ``rate_hz``, looping by default. Images are read lazily; colour is converted to grey.
+    ``rate_hz``, looping by default. Images are read lazily; colour is converted to grey;
+    signed 16-bit pixels (ScanImage) become uint16 with negative values set to 0. A stack whose
+    pixels are not 8/16-bit integers (float, 32-bit) is refused when the source is made.
     An unreadable image or page is rejected, counted and logged, and replay goes on."""
 
     name = "replay"
@@ -398,6 +404,9 @@ class ReplayFrameSource(FrameSource):
                 self.n_frames = len(self._tiff.pages)
                 if self.n_frames == 0:
                     raise DataError("no readable pages")
+                page_dtype = np.dtype(self._tiff.pages[0].dtype)
+                if page_dtype not in _REPLAY_DTYPES:
+                    raise DataError(f"pixels are {page_dtype}; replay needs 8- or 16-bit integer frames")
             except Exception as exc:
                 if self._tiff is not None:
                     self._tiff.close()
@@ -420,6 +429,8 @@ class ReplayFrameSource(FrameSource):
                 image = np.asarray(self._tiff.pages[index].asarray())
             except Exception as exc:
                 raise DataError(f"{self.path}: page {index} unreadable ({exc})") from exc
+        if image.dtype == np.int16:  # ScanImage saves int16: negative values are noise around 0
+            image = np.maximum(image, 0).astype(np.uint16)
         if image.ndim == 3 and image.shape[-1] in (3, 4):
             image = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
             image = np.clip(image + 0.5, 0, 65535).astype(np.uint16)

@@ -244,3 +244,29 @@ def test_build_frame_source_follows_the_config(tmp_path: Path) -> None:
     replay = build_frame_source(replay_cfg, um_per_px=0.7)
     assert isinstance(replay, ReplayFrameSource) and replay.um_per_px == 0.7 and replay.rate_hz == 5.0
     replay.close()
+
+
+def test_replay_of_a_scanimage_int16_stack_and_folder(tmp_path: Path) -> None:
+    """ScanImage saves signed 16-bit frames with small negative noise: replayed as uint16,
+    negatives set to 0."""
+    stack = np.stack([np.full((16, 20), v, np.int16) for v in (-7, 300, 1200)])
+    stack[1, 0, 0] = -3
+    tifffile.imwrite(tmp_path / "scanimage.tif", stack, photometric="minisblack")
+    with ReplayFrameSource(tmp_path / "scanimage.tif", rate_hz=100.0, um_per_px=0.5, loop=False) as source:
+        frames = collect(source)
+    assert source.stats["received"] == 3 and source.stats["rejected"] == 0
+    by_id = {f.frame_id: f.pixels for f in frames}
+    assert all(p.dtype == np.uint16 for p in by_id.values())
+    assert by_id[2][5, 5] == 1200 and by_id[1][0, 0] == 0
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", stack[1])
+    with ReplayFrameSource(folder, rate_hz=100.0, um_per_px=0.5, loop=False) as source:
+        (frame,) = collect(source)
+    assert frame.pixels.dtype == np.uint16 and frame.pixels[0, 0] == 0 and frame.pixels[3, 3] == 300
+
+
+def test_replay_refuses_a_stack_without_integer_pixels_up_front(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "float.tif", np.zeros((3, 16, 16), np.float32), photometric="minisblack")
+    with pytest.raises(ConfigError, match=r"float\.tif.*float32.*8- or 16-bit"):
+        ReplayFrameSource(tmp_path / "float.tif", rate_hz=10, um_per_px=0.5)

@@ -421,9 +421,9 @@ class Daemon:
             result = self.lease.apply(p.action, p.holder, p.lease_s)  # type: ignore[attr-defined]
             self.telemetry.event("info", "lease", f"lease {p.action} by {p.holder!r}", **result)  # type: ignore[attr-defined]
             responder.ok(result)
-        elif method == "get_calibration":
+        elif method == "get_calibration":  # reads the device position: not in the loop
             self.controller(p.channel)  # type: ignore[attr-defined]
-            responder.ok(self.closed_loop.get_calibration(p.channel))  # type: ignore[attr-defined]
+            self._query(responder, lambda: self.closed_loop.get_calibration(p.channel))  # type: ignore[attr-defined]
         elif method == "get_position":
             ctl = self.controller(p.channel)  # type: ignore[attr-defined]
             if ctl.manipulator.driver_name in MEMORY_POSITION_DRIVERS:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from support_manipulators import ManipulatorContract
 
-from manipulators.base import Limits, Manipulator
+from manipulators.base import Limits, Manipulator, MoveState, stop_all
 from manipulators.scientifica import ScientificaManipulator
 from simulators.scientifica_device import ScientificaSimulator
 from simulators.world import SimWorld
@@ -109,3 +109,18 @@ def test_moves_and_stop_at_real_line_speed(version: int, baud: int) -> None:
             assert np.allclose(sim.physical_position_um(), stopped, atol=0.5)
         finally:
             m.close()
+
+
+def test_stop_all_halts_four_moving_scientifica_channels(
+    make_manipulators: Callable[[int], list[Manipulator]],
+) -> None:
+    channels = make_manipulators(4)
+    handles = [m.move_to(m.position_um + 500.0, 300.0) for m in channels]
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    results = stop_all(channels)
+    assert time.monotonic() - t0 < 2.0
+    assert results == {m.name: None for m in channels}
+    for m, h in zip(channels, handles, strict=True):
+        assert h.state is MoveState.INTERRUPTED and h.reason == "stop_all"
+        assert not m.is_busy()

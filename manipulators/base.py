@@ -194,9 +194,13 @@ class Manipulator(ABC):
     def validate_target(self, position_um: PositionLike) -> np.ndarray:
         """Return the target as an array, or raise (InvalidParams/OutOfBounds). Sends nothing."""
         try:
-            target = np.asarray(position_um, dtype=float).reshape(-1)
+            raw = np.asarray(position_um)
         except (TypeError, ValueError):
-            raise InvalidParams(f"target {position_um!r} is not a list of numbers", channel=self.name) from None
+            raw = np.asarray([None])
+        has_bool = isinstance(position_um, list | tuple) and any(isinstance(v, bool | np.bool_) for v in position_um)
+        if raw.dtype.kind not in "iuf" or has_bool:  # bools, strings ("12"), None, ragged lists
+            raise InvalidParams(f"target {position_um!r} is not a list of numbers", channel=self.name)
+        target = raw.astype(float).reshape(-1)
         if target.shape != (self.n_axes,):
             raise InvalidParams(
                 f"target has {target.size} axes, this device has {self.n_axes}", channel=self.name
@@ -210,6 +214,8 @@ class Manipulator(ABC):
         """Return the speed to use (default when None), or raise InvalidParams."""
         if speed_um_s is None:
             return self.default_speed_um_s
+        if isinstance(speed_um_s, bool | str | bytes):
+            raise InvalidParams(f"speed {speed_um_s!r} is not a number", channel=self.name)
         try:
             speed = float(speed_um_s)
         except (TypeError, ValueError):

@@ -198,3 +198,35 @@ def test_stop_all_many_times_from_many_threads_is_safe() -> None:
     finally:
         for m in chans:
             m.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [[True, 1.0, 2.0], ["1", "2", "3"], [1.0, None, 2.0], [[1.0, 2.0], [3.0]], "123", None],
+    ids=["bool", "numeric_strings", "none", "ragged", "string", "nothing"],
+)
+def test_targets_that_are_not_numbers_are_rejected_before_anything_moves(target: object) -> None:
+    from rig.errors import InvalidParams
+
+    m = SimulatedManipulator("Q", Limits((-100.0,) * 3, (100.0,) * 3), 500.0)
+    try:
+        with pytest.raises(InvalidParams, match="channel 'Q'"):
+            m.move_to(target, 100.0)  # type: ignore[arg-type]
+        assert m.current_move is None
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("speed", [True, "100", b"100"])
+def test_speeds_that_are_not_numbers_are_rejected(speed: object) -> None:
+    from rig.errors import InvalidParams
+
+    m = SimulatedManipulator("Q", Limits((-100.0,) * 3, (100.0,) * 3), 500.0)
+    try:
+        with pytest.raises(InvalidParams, match="not a number"):
+            m.move_to([1.0, 2.0, 3.0], speed)  # type: ignore[arg-type]
+        assert m.current_move is None
+        m.move_to([1.0, 2.0, 3.0], np.float32(100.0)).wait(5)  # numpy numbers are numbers
+        m.move_to(np.array([2, 3, 4]), 50).wait(5)  # integer targets and speeds too
+    finally:
+        m.close()

@@ -39,10 +39,12 @@ import numpy as np
 from tqdm import tqdm
 
 from config.loader import default_config_path, load_config
+from rig.client import RpcTimeout
 from rig.errors import PatchrigError
 from rig.logs import get_logger
 
 TARGET_SHIFT_UM = 20.0
+SESSION_BUDGET_S = 100.0  # the scripted session's steps; start-up and the picture come on top
 MIN_SPACING_UM = 15.0
 TOLERANCE_UM = 1.5
 PICTURE = "sim-session.png"
@@ -159,9 +161,13 @@ def choose_targets(tips_px: dict[str, np.ndarray], um_per_px: float) -> dict[str
     return targets
 
 
-def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: tqdm) -> list[dict[str, Any]]:
+def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: tqdm,
+                deadline: float | None = None) -> list[dict[str, Any]]:
     """Calibrate every channel, then move every tip to its target; return the per-channel rows
-    (with the true errors from the simulated world)."""
+    (with the true errors from the simulated world). ``deadline`` (time.monotonic()): no new
+    step starts after it, and the daemon is told to stop what still runs, so that the whole
+    session keeps its time budget."""
+    deadline = deadline if deadline is not None else time.monotonic() + SESSION_BUDGET_S
     names = [c.name for c in cfg.channels]
     rows: dict[str, dict[str, Any]] = {
         c.name: {"name": c.name, "driver": c.driver, "calibration_residual_um": None,
@@ -172,8 +178,12 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
     for ch in names:
         bar.set_description(f"calibrating {ch}")
         t0 = time.monotonic()
+        if t0 > deadline:
+            rows[ch]["error"] = "calibrate: not started, the session's time budget is spent"
+            bar.update(1)
+            continue
         try:
-            result = client.calibrate(ch, timeout_s=120.0)
+            result = client.calibrate(ch, timeout_s=max(5.0, deadline - t0))
             rows[ch]["calibration_residual_um"] = float(result["residual_um"])
             cal = client.get_calibration(ch)
             predicted = np.asarray(cal["tip_um"], float)[:2]
@@ -182,6 +192,8 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
             bar.write(f"  {ch}: calibrated in {result['moves']} moves, residual {result['residual_um']:.2f} µm "
                       f"({time.monotonic() - t0:.1f} s)")
         except PatchrigError as exc:
+            if isinstance(exc, RpcTimeout):  # no answer in time: make sure it does not go on
+                client.stop(ch)
             rows[ch]["error"] = f"calibrate: {exc}"
             bar.write(f"  {ch}: calibration failed: {exc}")
         rows[ch]["seconds"] += time.monotonic() - t0
@@ -210,7 +222,9 @@ def run_session(client: Any, watcher: SessionWatcher, sim: Any, cfg: Any, bar: t
             started[op["op"]] = (ch, time.monotonic())
         except PatchrigError as exc:
             rows[ch]["error"] = f"move_tip: {exc}"
-    finals = watcher.wait_ops(list(started), timeout_s=90.0)
+    finals = watcher.wait_ops(list(started), timeout_s=max(5.0, deadline - time.monotonic()))
+    if any(m.get("state") == "timeout" for m in finals.values()):
+        client.stop_all()  # over budget: stop what still runs (reported as not finished)
     for op_id, msg in finals.items():
         ch, t0 = started[op_id]
         rows[ch]["seconds"] += float(msg.get("seconds", time.monotonic() - t0))
@@ -356,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
                        disable=not sys.stderr.isatty())
             watcher = SessionWatcher(daemon.telemetry_endpoint, bar)
             try:
-                with PatchrigClient(daemon.command_endpoint, timeout_s=10.0) as client:
+                # no resends: a repeated calibrate would start the routine again
+                with PatchrigClient(daemon.command_endpoint, timeout_s=10.0, retries=0) as client:
                     deadline = time.monotonic() + 20.0
                     while daemon.localiser_worker is not None and daemon.localiser_worker.latest is None:
                         if time.monotonic() > deadline:

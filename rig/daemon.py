@@ -115,7 +115,11 @@ class Daemon:
             self._pub.sndhwm = 10000
             if keys is not None:
                 keys.apply(self._pub)
-            self._pub.bind(normalise_endpoint(telemetry_endpoint))
+            try:
+                self._pub.bind(normalise_endpoint(telemetry_endpoint))
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind the telemetry socket to {telemetry_endpoint}: {exc} "
+                                  "(is another patchrig daemon running there?)") from None
             self.telemetry_endpoint: str = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.telemetry = TelemetryPublisher(
                 self._pub, heartbeat=self._heartbeat, heartbeat_hz=cfg.server.heartbeat_hz

@@ -119,7 +119,12 @@ class CommandServer:
         self._router.sndhwm = 10000
         if curve_keys is not None:
             curve_keys.apply(self._router)
-        self._router.bind(normalise_endpoint(endpoint))
+        try:
+            self._router.bind(normalise_endpoint(endpoint))
+        except zmq.ZMQError as exc:
+            self._router.close(linger=0)
+            raise ConfigError(f"cannot bind the command socket to {endpoint}: {exc} "
+                              "(is another patchrig daemon running there?)") from None
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         inproc = f"inproc://patchrig-replies-{id(self)}-{next(_ids)}"
         self._pull = context.socket(zmq.PULL)

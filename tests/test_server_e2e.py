@@ -340,3 +340,27 @@ def test_a_bug_behind_a_method_is_internal_and_the_server_stays_up(rig) -> None:
     assert info.value.code == "internal" and "ZeroDivisionError" in str(info.value)
     assert c.ping()["pong"] is True
     assert c.move("A", [START_UM + 1.0, START_UM, START_UM], 1000.0)["position_um"][0] == pytest.approx(START_UM + 1.0)
+
+
+def test_an_endpoint_in_use_is_a_clear_error_and_leaves_nothing_running() -> None:
+    from support_daemon import make_config, make_manipulators, make_world
+
+    from rig.daemon import Daemon
+    from rig.errors import ConfigError
+
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.REP)
+    squatter.linger = 0
+    port = squatter.bind_to_random_port("tcp://127.0.0.1")
+    cfg = make_config(["A"])
+    devices = make_manipulators(cfg, make_world(["A"]))
+    try:
+        for kwargs in ({"command_endpoint": f"tcp://127.0.0.1:{port}", "telemetry_endpoint": "tcp://127.0.0.1:0"},
+                       {"command_endpoint": "tcp://127.0.0.1:0", "telemetry_endpoint": f"tcp://127.0.0.1:{port}"}):
+            with pytest.raises(ConfigError, match="another patchrig daemon"):
+                Daemon(cfg, devices, **kwargs)
+    finally:
+        for m in devices.values():
+            m.close()
+        squatter.close()
+        ctx.term()

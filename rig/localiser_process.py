@@ -33,6 +33,9 @@ CALL_TIMEOUT_S = 30.0
 
 def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) -> None:
     """Child process main: load the model, then localise frames until told to stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     try:
         import torch
 

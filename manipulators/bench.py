@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from manipulators.base import Limits, Manipulator
-from rig.errors import PatchrigError
+from rig.errors import InvalidParams, PatchrigError
 
 BACKENDS = ("simulated", "sensapex", "scientifica")
 PATHS = {
@@ -248,8 +248,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
         raise PatchrigError(f"unknown backend(s) {unknown or names}; choose from {', '.join(BACKENDS)}")
-    if args.n < 2 or args.poll_seconds <= 0:
-        raise PatchrigError("--n must be at least 2 and --poll-seconds positive")
+    if args.n < 2:
+        raise InvalidParams(f"--n must be at least 2, got {args.n}")
+    if not 0 < args.poll_seconds <= 60:
+        raise InvalidParams(f"--poll-seconds must be in (0, 60] s, got {args.poll_seconds}")
     results: dict[str, dict[str, Any]] = {}
     quiet = logging.getLogger("patchrig")  # one log line per benchmark move would drown the table
     level = quiet.level

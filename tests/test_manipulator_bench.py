@@ -97,7 +97,6 @@ def test_simulate_sensapex_rejects_bad_ids(ids: str) -> None:
 
 @pytest.mark.parametrize("start_um", ["nan", "inf", "-inf", "3e6", "ten"])
 def test_simulate_sensapex_rejects_bad_start_positions(start_um: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from rig.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "sensapex", f"--start-um={start_um}"])
@@ -110,3 +109,16 @@ def test_sensapex_simulator_rejects_non_finite_start_positions() -> None:
 
     with pytest.raises(ValueError, match="must be finite"):
         SensapexSimulator(devices={1: "1"}, n_axes={1: 3}, initial_position_um={1: [0.0, float("nan"), 0.0]})
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--n", "1", "--n must be at least 2"), ("--poll-seconds", "nan", "--poll-seconds must be"),
+     ("--poll-seconds", "-1", "--poll-seconds must be"), ("--poll-seconds", "inf", "--poll-seconds must be")],
+)
+def test_bench_rejects_bad_numbers_in_one_line(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "manipulators", "--backends", "simulated", option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -97,7 +97,6 @@ def test_simulate_sensapex_rejects_bad_ids(ids: str) -> None:
 
 @pytest.mark.parametrize("start_um", ["nan", "inf", "-inf", "3e6", "ten"])
 def test_simulate_sensapex_rejects_bad_start_positions(start_um: str, capsys: pytest.CaptureFixture[str]) -> None:
-
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "sensapex", f"--start-um={start_um}"])
     assert exit_info.value.code == 2

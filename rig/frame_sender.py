@@ -46,8 +46,10 @@ def encode_frame(
     image = np.asarray(pixels)
     if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"frames must be 2D uint8 or uint16, got {image.dtype} {image.shape}")
-    if not um_per_px > 0:
-        raise ValueError(f"um_per_px must be positive, got {um_per_px}")
+    if not 0 < um_per_px < float("inf"):
+        raise ValueError(f"um_per_px must be positive and finite, got {um_per_px}")
+    if z_um is not None and not abs(z_um) < float("inf"):
+        raise ValueError(f"z_um must be finite or None, got {z_um}")
     image = np.ascontiguousarray(image.astype(image.dtype.newbyteorder("<"), copy=False))
     header = {
         "schema": SCHEMA,
@@ -106,7 +108,9 @@ class FrameSender:
         fid = self._next_id if frame_id is None else int(frame_id)
         parts = encode_frame(pixels, frame_id=fid, um_per_px=um_per_px, z_um=z_um, t=t)
         with contextlib.suppress(zmq.Again):  # no room: PUB semantics, the frame is dropped
-            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            # copy=True: a frame is a few hundred kB, so copying costs ~0.1 ms, and zero-copy
+            # sends would start pyzmq's garbage-collector thread in the acquisition program
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
         self._next_id = fid + 1
         return fid
 
@@ -126,12 +130,44 @@ class FrameSender:
         self.close()
 
 
-if __name__ == "__main__":  # a 10 s test pattern: python frame_sender.py [ENDPOINT]
-    endpoint = sys.argv[1] if len(sys.argv) > 1 else "tcp://127.0.0.1:5560"
+def main(argv: list[str] | None = None) -> int:
+    """``python frame_sender.py [ENDPOINT] [--seconds S] [--rate HZ]``: a moving test pattern."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="frame_sender.py",
+        description="Publish a moving 512x512 uint16 test pattern in patchrig-frame/1 (Ctrl-C stops).",
+    )
+    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5560",
+                        help="endpoint to bind (default tcp://127.0.0.1:5560)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to publish (default 10)")
+    parser.add_argument("--rate", type=float, default=30.0, help="frames per second (default 30)")
+    parser.add_argument("--um-per-px", type=float, default=0.62, help="pixel size in the header (default 0.62)")
+    args = parser.parse_args(argv)
+    if not (0 < args.rate <= 1000 and 0 <= args.seconds < float("inf") and 0 < args.um_per_px < float("inf")):
+        parser.error("--rate must be in (0, 1000], --seconds finite and >= 0, --um-per-px positive")
+    try:
+        sender = FrameSender(args.endpoint)
+    except zmq.ZMQError as exc:
+        print(f"frame_sender.py: error: cannot bind {args.endpoint}: {exc}", file=sys.stderr)
+        return 1
     yy, xx = np.mgrid[0:512, 0:512]
-    with FrameSender(endpoint) as sender:
-        print(f"publishing a test pattern on {sender.endpoint} for 10 s")
-        for i in range(300):
-            frame = ((xx + 3 * i) % 256 * 200 + yy).astype(np.uint16)
-            sender.send(frame, um_per_px=0.62)
-            time.sleep(1 / 30)
+    n = 0
+    try:
+        print(f"publishing a test pattern on {sender.endpoint} for {args.seconds:g} s at {args.rate:g} Hz", flush=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < args.seconds:
+            frame = ((xx + 3 * n) % 256 * 200 + yy).astype(np.uint16)
+            sender.send(frame, um_per_px=args.um_per_px)
+            n += 1
+            time.sleep(max(0.0, t0 + n / args.rate - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sender.close()
+    print(f"sent {n} frames", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

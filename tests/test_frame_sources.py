@@ -5,6 +5,7 @@ folder replay, the simulated source, and the factory."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -270,3 +271,43 @@ def test_replay_refuses_a_stack_without_integer_pixels_up_front(tmp_path: Path) 
     tifffile.imwrite(tmp_path / "float.tif", np.zeros((3, 16, 16), np.float32), photometric="minisblack")
     with pytest.raises(ConfigError, match=r"float\.tif.*float32.*8- or 16-bit"):
         ReplayFrameSource(tmp_path / "float.tif", rate_hz=10, um_per_px=0.5)
+
+
+def test_the_copyable_sender_script_publishes_a_pattern_the_daemon_receives(tmp_path: Path) -> None:
+    import socket as _socket
+
+    from rig import frame_sender
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    result: list[int] = []
+    sender = threading.Thread(
+        target=lambda: result.append(frame_sender.main([endpoint, "--seconds", "3", "--rate", "50"])),
+    )
+    with ZmqFrameSource(endpoint) as source:
+        sender.start()
+        try:
+            first = source.wait_for_frame(None, 10.0)
+            assert first is not None and first.shape == (512, 512) and first.pixels.dtype == np.uint16
+            later = source.wait_for_frame(first.frame_id, 10.0)
+            assert later is not None and not np.array_equal(first.pixels, later.pixels)
+        finally:
+            sender.join(20)
+    assert result == [0]
+    assert source.stats["rejected"] == 0
+
+
+def test_the_sender_script_and_encoder_refuse_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from rig import frame_sender
+
+    assert frame_sender.main(["nonsense://x", "--seconds", "0"]) == 1
+    assert "cannot bind nonsense://x" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        frame_sender.main(["--rate", "0"])
+    pixels = np.zeros((4, 4), np.uint16)
+    with pytest.raises(ValueError, match="um_per_px"):
+        frame_sender.encode_frame(pixels, frame_id=0, um_per_px=float("inf"))
+    with pytest.raises(ValueError, match="z_um"):
+        frame_sender.encode_frame(pixels, frame_id=0, um_per_px=0.5, z_um=float("nan"))

@@ -401,8 +401,11 @@ def import_coco(
         used.add(name)
         extra = {"source": str(im["file_name"]), "coco_id": image_id}
         loaded.append((name, pixels, float(um_per_px), np.asarray(tips[image_id], float), extra))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the dataset directory here ({exc.strerror or exc})") from None
     try:
         write_dataset(tmp, loaded, meta={"imported_from": str(coco_path)})
         if out.exists():

@@ -148,8 +148,11 @@ def synthesise_dataset(
         raise DataError(f"tips range must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_TIPS}, got {lo}-{hi}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the dataset directory here ({exc.strerror or exc})") from None
     try:
         (tmp / "images").mkdir()
         jobs = [

@@ -238,3 +238,11 @@ def test_cli_data_bad_numbers_and_paths_are_one_line_errors_that_write_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_an_unwritable_output_place_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["data", "synth", "--out", str(blocker / "ds"), "--n", "2", "--size", "64"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create the dataset directory" in err[0] and str(blocker / "ds") in err[0]

@@ -14,10 +14,12 @@ The daemon sees only frames. The truth of the last frame (``last_truth``) is for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -293,6 +295,23 @@ def _check_cli_arguments(args: argparse.Namespace) -> None:
         raise InvalidParams(f"--duration must be a finite number of seconds >= 0, got {args.duration}")
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While running on its own, stop on SIGTERM (a supervisor's stop) as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import zmq
 
@@ -318,7 +337,6 @@ def run_cli(args: argparse.Namespace) -> int:
     microscope.subscribe(publish)
     log.info("publishing", endpoint=sender.endpoint, rate_hz=args.rate, channels=len(names))
     t0 = time.monotonic()
-    last_report, last_count = t0, 0
     microscope.start()
     try:
         print(
@@ -328,24 +346,34 @@ def run_cli(args: argparse.Namespace) -> int:
             + ("Ctrl-C stops." if args.duration is None else f"Stops after {args.duration:g} s."),
             flush=True,
         )
-        while args.duration is None or time.monotonic() - t0 < args.duration:
-            time.sleep(0.05)
-            now = time.monotonic()
-            if not args.still:
-                for i, name in enumerate(names):
-                    phase = 2 * math.pi * (now - t0) / 20.0 + i
-                    pos = start[name].copy()
-                    pos[0] += 10.0 * math.cos(phase)
-                    pos[1] += 10.0 * math.sin(phase)
-                    world.set_manipulator_position_um(name, pos)
-            if now - last_report >= 5.0:
-                n = microscope.frames_rendered
-                log.info("frames", fps=round((n - last_count) / (now - last_report), 1), total=n)
-                last_report, last_count = now, n
+        with _sigterm_as_ctrl_c():
+            _publish_until_done(args, world, microscope, names, start, t0)
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how this command normally ends
+        pass  # Ctrl-C (or SIGTERM) is how this command normally ends
     finally:
         microscope.close()
         sender.close()
     print(f"Simulated microscope stopped after {microscope.frames_rendered} frames", flush=True)
     return 0
+
+
+def _publish_until_done(
+    args: argparse.Namespace, world: SimWorld, microscope: SimMicroscope, names: list[str],
+    start: dict[str, np.ndarray], t0: float,
+) -> None:
+    """Move the pipettes (unless --still) and log the frame rate until --duration passes."""
+    last_report, last_count = t0, 0
+    while args.duration is None or time.monotonic() - t0 < args.duration:
+        time.sleep(0.05)
+        now = time.monotonic()
+        if not args.still:
+            for i, name in enumerate(names):
+                phase = 2 * math.pi * (now - t0) / 20.0 + i
+                pos = start[name].copy()
+                pos[0] += 10.0 * math.cos(phase)
+                pos[1] += 10.0 * math.sin(phase)
+                world.set_manipulator_position_um(name, pos)
+        if now - last_report >= 5.0:
+            n = microscope.frames_rendered
+            log.info("frames", fps=round((n - last_count) / (now - last_report), 1), total=n)
+            last_report, last_count = now, n

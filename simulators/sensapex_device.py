@@ -26,11 +26,12 @@ import argparse
 import contextlib
 import math
 import select
+import signal
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -513,6 +514,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"start position of every axis in µm (default {DEFAULT_START_UM:g})")
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While running on its own, stop on SIGTERM (a supervisor's stop) as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     ids: list[int] = args.ids
     sim = SensapexSimulator(
@@ -532,8 +550,9 @@ def run_cli(args: argparse.Namespace) -> int:
             f"Open the SDK with UMP.get_ump(address=b'{sdk_address}', group={args.group}). Ctrl-C stops.",
             flush=True,
         )
-        while True:
-            time.sleep(1.0)
+        with _sigterm_as_ctrl_c():
+            while True:
+                time.sleep(1.0)
     except KeyboardInterrupt:
         print("Sensapex simulator stopped", flush=True)
         return 0

@@ -121,3 +121,22 @@ def test_bench_rejects_bad_numbers_in_one_line(
     assert main(["bench", "manipulators", "--backends", "simulated", option, value]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_simulate_sensapex_stops_cleanly_on_sigterm() -> None:
+    group = free_group(4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rig.cli", "simulate", "sensapex", "--group", str(group)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        assert proc.stdout is not None
+        assert "Sensapex simulator on udp" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err

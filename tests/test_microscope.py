@@ -206,7 +206,8 @@ def test_microscope_rejects_a_world_without_a_usable_pixel_size() -> None:
         SimMicroscope(SimWorld(seed=0, um_per_px=0.0, image_size_px=(64, 64)))
 
 
-def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c() -> None:
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c_or_sigterm(signal_name: str) -> None:
     import signal
 
     proc = subprocess.Popen(
@@ -218,7 +219,7 @@ def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c() -> None:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert "publishing patchrig-frame/1 on tcp://127.0.0.1:" in first and "Ctrl-C stops" in first
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signal_name))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

@@ -12,7 +12,9 @@ current thread or task inside a block, including stdlib lines of other libraries
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +43,17 @@ class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def _json_default(value: Any) -> Any:
+    """JSON for what log lines often carry: numpy scalars and arrays, paths, enums, others by repr."""
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return repr(value)
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     """Configure structlog and stdlib logging once per process.
 
@@ -61,7 +74,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(default=_json_default)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )

@@ -284,7 +284,7 @@ def test_the_copyable_sender_script_publishes_a_pattern_the_daemon_receives(tmp_
     endpoint = f"tcp://127.0.0.1:{port}"
     result: list[int] = []
     sender = threading.Thread(
-        target=lambda: result.append(frame_sender.main([endpoint, "--seconds", "3", "--rate", "50"])),
+        target=lambda: result.append(frame_sender.main([endpoint, "--seconds", "2", "--rate", "50"])),
     )
     with ZmqFrameSource(endpoint) as source:
         sender.start()

@@ -155,3 +155,15 @@ def test_cli_writes_json_lines_to_a_pipe() -> None:
     assert lines, proc.stderr
     assert all({"event", "level", "logger", "timestamp"} <= set(line) for line in lines)
     assert any(line["event"] == "publishing" for line in lines)
+
+
+def test_json_lines_carry_numpy_values_and_paths_as_plain_json(monkeypatch, restore_logging) -> None:
+    import numpy as np
+
+    stream = _configure(monkeypatch, tty=False)
+    get_logger("patchrig.x", channel="A").info(
+        "read", position_um=np.array([1.5, 2.0]), n=np.int64(3), gain=np.float32(0.5), path=Path("/tmp/a")
+    )
+    (line,) = _json_lines(stream)
+    assert line["position_um"] == [1.5, 2.0] and line["n"] == 3 and line["gain"] == 0.5
+    assert line["path"] == "/tmp/a"

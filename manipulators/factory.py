@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from manipulators.base import Limits, Manipulator
-from rig.errors import ConfigError, PatchrigError
+from rig.errors import ConfigError
 from rig.logs import get_logger
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def build_manipulators(cfg: RigConfig, *, world: SimWorld | None = None) -> dict
         for m in reversed(list(built.values())):
             try:
                 m.close()
-            except PatchrigError as exc:
+            except Exception as exc:  # report and go on: the original error is the one to raise
                 _log().warning("close after failed start failed", channel=m.name, error=str(exc))
         raise
     return built

@@ -131,3 +131,26 @@ def test_the_shipped_sim_profile_needs_patchrig_sim_for_its_serial_ports() -> No
     assert scientifica, "sim.toml has Scientifica channels"
     with pytest.raises(ConfigError, match="<simulated>"):
         build_manipulator(scientifica[0])
+
+
+def test_a_failing_close_during_cleanup_does_not_hide_the_original_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[str] = []
+    real_close = SimulatedManipulator.close
+
+    def broken_close(self: SimulatedManipulator) -> None:
+        real_close(self)
+        closed.append(self.name)
+        raise RuntimeError("close exploded")
+
+    monkeypatch.setattr(SimulatedManipulator, "close", broken_close)
+    cfg = RigConfig.model_validate(
+        {
+            "channels": [
+                channel(name="first").model_dump(),
+                channel(name="second", driver="scientifica", scientifica={"port": "<simulated>"}).model_dump(),
+            ]
+        }
+    )
+    with pytest.raises(ConfigError, match="'second'"):
+        build_manipulators(cfg)
+    assert closed == ["first"]

@@ -61,7 +61,7 @@ def test_authenticated_client_works_and_others_are_refused(tmp_path) -> None:
             assert good.ping()["pong"] is True
             assert good.get_position("A") == pytest.approx(world.manipulator_position_um("A").tolist())
         with TelemetrySubscriber(f"tcp://127.0.0.1:{tport}", ("heartbeat",), curve_dir=keys) as sub:
-            assert sub.recv(3.0) is not None
+            assert sub.recv(6.0) is not None  # CURVE handshake, then the next 1 Hz heartbeat
         for kwargs in ({}, {"curve_dir": stranger_keys}):
             with PatchrigClient(endpoint, timeout_s=0.5, retries=1, **kwargs) as bad:
                 with pytest.raises(RpcError) as info:

@@ -137,6 +137,7 @@ def _run_show(args: argparse.Namespace) -> int:
     from localisation.dataset_format import load_image, read_dataset
 
     _check_sheet_layout(args.tile, max_images=args.max, cols=args.cols)
+    _check_picture_path(args.out)
     ds = read_dataset(args.dataset)
     if len(ds) == 0:
         raise DataError(f"{args.dataset}: dataset has no images")
@@ -149,9 +150,7 @@ def _run_show(args: argparse.Namespace) -> int:
         caption = f"{Path(record.file).name}  {len(record.tips_px)} tips  {record.um_per_px:.2f} um/px"
         items.append((load_image(record), record.tips_px, hidden, caption))
     sheet = contact_sheet(items, cols=args.cols, tile_px=args.tile)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(args.out), sheet):
-        raise DataError(f"{args.out}: cannot write the contact sheet")
+    write_picture(args.out, sheet)
     print(f"wrote {args.out} ({len(items)} images)")
     return 0
 
@@ -162,6 +161,7 @@ def _run_figure(args: argparse.Namespace) -> int:
     if args.rows < 2:
         raise InvalidParams(f"--rows must be at least 2 (the last row is ex vivo), got {args.rows}")
     _check_sheet_layout(args.tile)
+    _check_picture_path(args.out)
     rows = args.rows
     items = []
     for i in range(4 * rows):
@@ -171,9 +171,7 @@ def _run_figure(args: argparse.Namespace) -> int:
         caption = f"{domain.replace('_', ' ')}  {ex.um_per_px:.2f} um/px  {ex.meta['bit_depth']}-bit"
         items.append((ex.pixels, ex.tips_px, hidden, caption))
     sheet = contact_sheet(items, cols=4, tile_px=args.tile)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(args.out), sheet):
-        raise DataError(f"{args.out}: cannot write the figure")
+    write_picture(args.out, sheet)
     print(f"wrote {args.out}")
     return 0
 
@@ -185,6 +183,38 @@ def _check_sheet_layout(tile_px: int, *, max_images: int = 1, cols: int = 1) -> 
         raise InvalidParams(f"--max must be at least 1, got {max_images}")
     if cols < 1:
         raise InvalidParams(f"--cols must be at least 1, got {cols}")
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _check_picture_path(path: Path) -> None:
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        raise InvalidParams(f"{path}: --out must end in {', '.join(PICTURE_SUFFIXES)}")
+
+
+def write_picture(path: Path, image: np.ndarray) -> None:
+    """Encode ``image`` by ``path``'s suffix and write it atomically (temp file, rename)."""
+    import os
+    import tempfile
+
+    _check_picture_path(path)
+    ok, buf = cv2.imencode(path.suffix.lower(), image)
+    if not ok:
+        raise DataError(f"{path}: cannot encode the picture")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.tobytes())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _run_import(args: argparse.Namespace) -> int:

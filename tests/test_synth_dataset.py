@@ -225,6 +225,8 @@ def test_coco_import_never_overwrites_an_existing_dataset(tmp_path: Path) -> Non
         (["show", "NO_SUCH_DIR"], "no labels file"),
         (["figure", "--rows", "1"], "--rows must be at least 2"),
         (["figure", "--tile", "0"], "--tile must be 32..2048"),
+        (["show", "DATASET", "--out", "SHEET_NO_SUFFIX"], "--out must end in .png"),
+        (["figure", "--out", "SHEET_NO_SUFFIX"], "--out must end in .png"),
     ],
 )
 def test_cli_data_bad_numbers_and_paths_are_one_line_errors_that_write_nothing(
@@ -233,6 +235,9 @@ def test_cli_data_bad_numbers_and_paths_are_one_line_errors_that_write_nothing(
     dataset = tmp_path / "ds"
     write_dataset(dataset, [("images/a.png", np.zeros((40, 40), np.uint8), 0.5, np.zeros((0, 2)))])
     out = tmp_path / "out.png" if argv[0] != "synth" else tmp_path / "new"
+    if "SHEET_NO_SUFFIX" in argv:
+        out = tmp_path / "sheet"
+        argv = argv[: argv.index("--out")]
     argv = [str(dataset) if a == "DATASET" else str(tmp_path / "missing") if a == "NO_SUCH_DIR" else a for a in argv]
     assert main(["data", *argv, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -25,7 +25,8 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
 4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
    last time. On failure the tip also returns to ``p0`` (the error message says so). The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
    be identified, the move budget (``max_moves``, default 20) runs out, or the fit is poor
-   (residual above ``max_residual_um``, too many outliers, or x and y do not span the image).
+   (residual above ``max_residual_um``, too many outliers, x and y do not span the image, or
+   the tip was seen at fewer than 3 positions along an in-plane axis).
 
 Frames: positions in device µm, tips in microscope µm (X, Y) computed from the frame's own
 pixel size and shape. Stop/stop-all raise ``Stopped`` (propagated); ``cancel`` is honoured
@@ -519,6 +520,16 @@ class AutoCalibrator:
 
     def _fit(self) -> AutoCalibrationResult:
         positions = np.array([s.position_um for s in self.samples])
+        # every in-plane axis needs the tip seen at >= 3 distinct positions along it, so that
+        # one wrong detection cannot define an axis on its own (it would fit with no residual)
+        for axis in [0, 1] + ([3] if self.m.n_axes == 4 else []):
+            distinct = len(np.unique(np.round(positions[:, axis], 3)))
+            if distinct < 3:
+                raise NotCalibrated(
+                    f"the tip was seen at only {distinct} positions along axis {axis} (3 needed); "
+                    "check that it is visible and apart from other tips",
+                    channel=self.channel,
+                )
         tips = np.array([s.tip_xy_um for s in self.samples])
         focal = np.array([s.focal_z_um for s in self.samples])
         # the stops with z compensation are not "along one axis", but the fit is global

@@ -145,3 +145,13 @@ def test_train_cyclegan_writes_log_checkpoint_and_denoiser_and_resumes(tmp_path)
     other = GanConfig(ngf=8, n_blocks=1, ndf=4, batch_size=2, steps_constant=1, steps_decay=1)
     with pytest.raises(DataError, match="another CycleGAN configuration"):
         train_cyclegan(other, tmp_path, crops=crops, progress=False)
+
+
+def test_denoiser_treats_each_image_of_a_batch_on_its_own() -> None:
+    torch.manual_seed(1)
+    gen = ResnetGenerator(ngf=4, n_blocks=1)
+    batch = torch.rand(3, 1, 96, 120)
+    for den in (Denoiser(gen, GeneratorSpec(4, 1)), Denoiser(gen, GeneratorSpec(4, 1), tile=80, overlap=16)):
+        together = den.denoise(batch)
+        alone = torch.cat([den.denoise(batch[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)

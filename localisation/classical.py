@@ -101,7 +101,6 @@ class ClassicalTipDetector:
         """(x, y, score) in working pixels: per part, the pixel farthest from where it enters."""
         p = self.params
         n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        h, w = mask.shape
         edge = np.zeros(mask.shape, dtype=bool)
         edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
         found: list[tuple[float, float, float]] = []

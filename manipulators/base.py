@@ -244,7 +244,7 @@ class Manipulator(ABC):
                 previous, self._current = self._current, handle
             if previous is not None and not previous.done:
                 previous.finish(MoveState.INTERRUPTED, reason="superseded")
-            self.log.info("move", target_um=[round(v, 3) for v in target], speed_um_s=speed)
+            self.log.info("move", target_um=[round(float(v), 3) for v in target], speed_um_s=speed)
             try:
                 self._do_move_to(target, speed, handle)
             except PatchrigError as exc:

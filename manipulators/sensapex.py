@@ -489,6 +489,7 @@ class SensapexManipulator(Manipulator):
     def _do_stop(self, reason: str) -> None:
         from sensapex import UMError
 
+        move_at_stop = self.current_move  # a move started after this one supersedes the stop
         self._sdk.unwatch(self.device_id)
         ump = self._sdk.ump
         try:
@@ -505,26 +506,36 @@ class SensapexManipulator(Manipulator):
                 request.finished_event.set()
             raise self._error(exc, "stop") from None
         self._lost = False  # it answered the STOP: reachable again
-        self._verify_stopped()
+        self._verify_stopped(move_at_stop)
 
     STOP_CHECK_S = 0.03
     STOP_TRIES = 3
 
-    def _verify_stopped(self) -> None:
+    def _verify_stopped(self, move_at_stop: MoveHandle | None = None) -> None:
         """Make sure the device obeyed the STOP. If it already reports idle, done. Otherwise
         read the position twice ``STOP_CHECK_S`` apart; while it still changes, send STOP again
-        (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``."""
+        (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``.
+
+        A move started (from another thread) after the STOP is newer than it and wins: the
+        check ends at once, and no further STOP is sent that would cut that move short."""
         from sensapex import UMError
 
-        if not self._do_is_busy():
+        def superseded() -> bool:
+            return self.current_move is not move_at_stop
+
+        if superseded() or not self._do_is_busy():
             return
         previous = np.asarray(self._read_fresh_um())
         for attempt in range(1, self.STOP_TRIES + 1):
             time.sleep(self.STOP_CHECK_S)
+            if superseded():
+                return
             now = np.asarray(self._read_fresh_um())
             if float(np.max(np.abs(now - previous))) < 0.5:
                 return
             previous = now
+            if superseded():
+                return
             if attempt < self.STOP_TRIES:
                 self.log.warning("device still moving after STOP; sending STOP again", attempt=attempt)
                 try:

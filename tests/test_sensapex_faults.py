@@ -303,3 +303,44 @@ def test_a_dead_device_fails_fast_after_its_first_timeout_and_recovers(rig: Sens
     target = dead.position_um + np.array([5.0, 0, 0])
     dead.move_to(target, 500.0).wait(5)
     assert np.allclose(rig.sim.position_um(2), target, atol=0.01)
+
+
+def test_a_move_started_while_a_stop_is_being_verified_wins(rig: SensapexRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop (device ignoring STOP) and a newer move from another thread: the newer move owns the
+    device, so the stop neither fails nor sends the STOP again that would cut that move short."""
+    import threading
+
+    m = rig.open(2)
+    start = m.position_um
+    m.move_to(start + np.array([400.0, 0, 0]), 400.0)
+    time.sleep(0.1)
+    rig.sim.faults.error_types.add(smcp.CMD_STOP)
+    verifying, newer_started = threading.Event(), threading.Event()
+    real_verify = m._verify_stopped
+
+    def verify_after_the_newer_move(move_at_stop):  # type: ignore[no-untyped-def]
+        verifying.set()
+        assert newer_started.wait(5.0)
+        real_verify(move_at_stop)
+
+    monkeypatch.setattr(m, "_verify_stopped", verify_after_the_newer_move)
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            m.stop("operator")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    assert verifying.wait(5.0)
+    before = counts(rig)
+    target = start + np.array([0.0, 60.0, 0.0])
+    newer = m.move_to(target, 400.0)
+    newer_started.set()
+    stopper.join(5.0)
+    assert not stopper.is_alive() and errors == [], errors
+    assert delta(rig, before, "STOP") == 0  # no STOP after the newer move began
+    newer.wait(10.0)
+    assert np.allclose(m.position_um, target, atol=1.0)

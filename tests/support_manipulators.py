@@ -343,7 +343,7 @@ class ManipulatorContract:
         for th in threads:
             th.join(self.move_timeout_s)
         assert not any(th.is_alive() for th in threads), "deadlock"
-        assert errors == []
+        assert errors == [], [repr(e) for e in errors]
         assert handles
         manipulator.stop()
         for h in handles:

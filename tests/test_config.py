@@ -103,3 +103,26 @@ def test_check_config_prints_one_line_per_outcome(tmp_path: Path, capsys: pytest
     assert main(["check-config", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "server.bogus_key: unknown key" in err[0] and str(bad) in err[0]
+
+
+def test_check_config_warns_about_paths_that_do_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATCHRIG__FRAMES__SOURCE", "replay")
+    monkeypatch.setenv("PATCHRIG__FRAMES__REPLAY_PATH", f'"{tmp_path / "missing.tif"}"')
+    monkeypatch.setenv("PATCHRIG__LOCALISER__CHECKPOINT", f'"{tmp_path / "missing.pt"}"')
+    assert main(["check-config", str(CONFIG_DIR / "sim.toml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("OK (4 channels: A=sensapex, B=sensapex, C=scientifica, D=scientifica)")
+    assert any("warning: frames.replay_path" in line and "missing.tif" in line for line in out)
+    assert any("warning: localiser.checkpoint" in line and "missing.pt" in line for line in out)
+    (tmp_path / "missing.tif").write_bytes(b"")
+    (tmp_path / "missing.pt").write_bytes(b"")
+    assert main(["check-config", str(CONFIG_DIR / "sim.toml")]) == 0
+    assert "warning" not in capsys.readouterr().out  # simulated serial ports are not checked
+
+
+def test_check_config_names_a_missing_serial_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (CONFIG_DIR / "example-rig.toml").read_text()
+    assert main(["check-config", str(_write(tmp_path, text.replace("/dev/ttyUSB0", str(tmp_path / "ttyNONE"))))]) == 0
+    assert f"serial port {tmp_path / 'ttyNONE'} does not exist" in capsys.readouterr().out

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from config.loader import load_config
 from config.models import RigConfig
-
-SIMULATED_PORT = "<simulated>"  # filled in by `patchrig sim` (see manipulators.factory)
+from manipulators.factory import SIMULATED_PORT_PLACEHOLDER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def missing_paths(cfg: RigConfig) -> list[str]:
             notes.append(f"localiser.checkpoint {path} does not exist")
     for channel in cfg.channels:
         sc = channel.scientifica
-        if channel.driver != "scientifica" or sc is None or sc.port == SIMULATED_PORT:
+        if channel.driver != "scientifica" or sc is None or sc.port == SIMULATED_PORT_PLACEHOLDER:
             continue
         is_url = sc.port.startswith(("socket://", "rfc2217://", "loop://"))  # pyserial URLs
         if not is_url and not Path(sc.port).exists():

@@ -471,8 +471,9 @@ def tip_contrast_to_noise(
     sqrt(sum(d_lambda**2 / var)) of the frame with versus without pipettes, over a disc of
     ``radius_px`` around the tip, in photons. ``var`` is the Poisson and read noise plus the
     background clutter (the variance of the tissue's fine texture in that disc, smooth gradients
-    removed), since texture hides a faint tip as well as noise does. Used to label tips that are
-    drawn but lost as not visible.
+    removed), since texture hides a faint tip as well as noise does. Both images are clipped at
+    the detector's full scale first, so contrast lost to saturation does not count. Used to
+    label tips that are drawn but lost as not visible.
     """
     h, w = expected.shape
     r = int(math.ceil(radius_px))
@@ -484,11 +485,16 @@ def tip_contrast_to_noise(
     yy, xx = np.mgrid[y0:y1, x0:x1]
     disc = (xx - x_px) ** 2 + (yy - y_px) ** 2 <= radius_px**2
     k = sensor.photons_per_unit
-    ref_win = np.ascontiguousarray(reference[y0:y1, x0:x1], dtype=np.float32)
+    # the detector saturates: contrast above full scale is lost (a tip in a saturated dye
+    # cloud is not visible however strong its expected contrast)
+    top = 255.0 if sensor.bit_depth == 8 else 65535.0
+    full_scale = max(top - sensor.offset_adu, 1.0) / max(k * sensor.gain_adu, 1e-12)
+    ref_win = np.minimum(reference[y0:y1, x0:x1], np.float32(full_scale)).astype(np.float32)
+    exp_win = np.minimum(expected[y0:y1, x0:x1], np.float32(full_scale)).astype(np.float32)
     fine = ref_win - cv2.GaussianBlur(ref_win, (0, 0), max(radius_px / 2, 1.0), borderType=cv2.BORDER_REFLECT)
     clutter = float((fine[disc].astype(np.float64) * k).var())
     ref = ref_win[disc].astype(np.float64) * k
-    diff = (expected[y0:y1, x0:x1][disc] - reference[y0:y1, x0:x1][disc]) * k
+    diff = (exp_win[disc].astype(np.float64) - ref_win[disc]) * k
     var = np.maximum(ref, 0.0) + (sensor.read_noise_adu / max(sensor.gain_adu, 1e-9)) ** 2 + clutter + 1e-6
     return float(math.sqrt(float((diff * diff / var).sum())))
 

@@ -238,6 +238,15 @@ def sample_scene(
     return _sample_in_vivo(rng, int(rng.integers(lo, hi + 1)), upx, size)
 
 
+MIN_TIP_SEPARATION_UM = 8.0
+"""Two glass tips (1-2 µm wide, tapering at 3-8°) are never closer than this in a frame:
+closer, they would touch; rigs keep them at least a cell body apart."""
+
+
+def _far_from_others(tip: tuple[float, float, float], others: list[tuple[float, float, float]]) -> bool:
+    return all(math.hypot(tip[0] - o[0], tip[1] - o[1]) >= MIN_TIP_SEPARATION_UM for o in others)
+
+
 def _place_tip(
     rng: np.random.Generator, optics: Optics, p_outside: float, p_defocus: float
 ) -> tuple[float, float, float]:
@@ -309,10 +318,15 @@ def _sample_in_vivo(
     converge = n >= 2 and rng.random() < 0.3
     h, w = size
     target = (rng.uniform(-0.35, 0.35) * w * upx, rng.uniform(-0.35, 0.35) * h * upx)
+    placed: list[tuple[float, float, float]] = []
     for az in _azimuths(rng, n):
-        tip = _place_tip(rng, optics, p_outside=0.1, p_defocus=0.1)
-        if converge and abs(tip[2]) <= 0.5 * optics.visible_defocus_um and rng.random() < 0.8:
-            tip = (target[0] + rng.normal(0, 12.0), target[1] + rng.normal(0, 12.0), tip[2])
+        for _attempt in range(50):
+            tip = _place_tip(rng, optics, p_outside=0.1, p_defocus=0.1)
+            if converge and abs(tip[2]) <= 0.5 * optics.visible_defocus_um and rng.random() < 0.8:
+                tip = (target[0] + rng.normal(0, 12.0), target[1] + rng.normal(0, 12.0), tip[2])
+            if _far_from_others(tip, placed):
+                break
+        placed.append(tip)
         if _outside(tip, optics):
             az = _aim_into_frame(rng, tip, optics)
         kind = style if style != "mixed" else str(rng.choice(["shadow", "bright"]))

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -35,6 +35,7 @@ from localisation.dataset_format import TipRecord, load_image, read_dataset, wri
 from localisation.evaluation import EvaluatedModel, evaluate
 from localisation.inference import TipLocaliser
 from localisation.models.cyclegan import Denoiser
+from localisation.models.paper import PaperModel
 from localisation.preprocess import Resampling, normalise, prepare
 from localisation.progress import bar
 from rig.logs import get_logger
@@ -97,7 +98,7 @@ class CoarseOnly(nn.Module):
     """Table IV "coarse learner without finer learner": the encoder's heatmap alone (tips are
     its local maxima, see postprocess.py)."""
 
-    def __init__(self, paper_model: nn.Module) -> None:
+    def __init__(self, paper_model: PaperModel) -> None:
         super().__init__()
         self.encoder = paper_model.encoder
 
@@ -128,7 +129,7 @@ def study_config(plan: StudyPlan, base: str) -> LocaliserConfig:
     cfg = get_config(base)
     if base == "paper-small":
         e1, e2, e3 = plan.paper_stages
-        stages = (
+        stages: tuple[Stage, ...] = (
             Stage("encoder", e1, cfg.stages[0].lr, ("encoder",)),
             Stage("decoder", e2, cfg.stages[1].lr, ("decoder",)),
             Stage("joint", e3, cfg.stages[2].lr, None),
@@ -283,18 +284,18 @@ def run_study(plan: StudyPlan, out_dir: Path, denoiser_path: Path, *, progress: 
         log.info("study_model", name=name, **{k: ev.metrics["overall"][k] for k in ("acc_5um", "acc_10um", "precision")})
     # Table IV: the coarse learner alone (heatmap peaks of the trained paper model)
     paper_gan, cfg = models["paper-small+gan"]
-    extra = [
-        ("paper-small+gan coarse only", StudyLocaliser(CoarseOnly(paper_gan), cfg, denoiser=den)),
+    extra: list[tuple[str, Any]] = [
+        ("paper-small+gan coarse only", StudyLocaliser(CoarseOnly(cast(PaperModel, paper_gan)), cfg, denoiser=den)),
         ("paper-small+gan, tiled denoiser", StudyLocaliser(paper_gan, cfg, denoiser=Denoiser.load(denoiser_path, tile=80, overlap=16))),
         ("classical", None),
         ("classical+gan", DenoisedClassical(den)),
     ]
-    for name, loc in extra:
-        if loc is None:
+    for name, localiser in extra:
+        if localiser is None:
             from localisation.classical import ClassicalTipDetector
 
-            loc = ClassicalTipDetector()
-        ev = evaluate(name, loc, records, progress=progress, keep_heatmaps=False)
+            localiser = ClassicalTipDetector()
+        ev = evaluate(name, localiser, records, progress=progress, keep_heatmaps=False)
         evaluated.append(ev)
         results["models"][name] = {"metrics": ev.metrics, "latency_ms": ev.latency_ms}
     results["denoiser_ablation"] = denoiser_ablation(denoiser_path, records)

@@ -39,7 +39,7 @@ class HeatmapHead(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.upsample = nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
         self.conv1x1 = nn.Conv2d(hidden, 1, kernel_size=1)
-        if prior is not None:  # start with a sparse heatmap (RetinaNet prior), see the class doc
+        if prior is not None and self.conv1x1.bias is not None:  # sparse start, see the class doc
             nn.init.constant_(self.conv1x1.bias, math.log(prior / (1 - prior)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,8 @@ def one_channel_patch_embedding(dim: int, patch_size: int) -> nn.Conv2d:
     conv = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
     fan_in = patch_size * patch_size
     nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / fan_in))
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
     return conv
 
 

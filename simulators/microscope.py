@@ -336,23 +336,23 @@ def run_cli(args: argparse.Namespace) -> int:
 
     microscope.subscribe(publish)
     log.info("publishing", endpoint=sender.endpoint, rate_hz=args.rate, channels=len(names))
-    t0 = time.monotonic()
-    microscope.start()
-    try:
-        print(
-            f"Simulated microscope publishing patchrig-frame/1 on {sender.endpoint}: "
-            f"{args.size}x{args.size} px, {args.um_per_px:g} µm/px, {args.bit_depth}-bit, "
-            f"{len(names)} pipettes, {args.rate:g} Hz. "
-            + ("Ctrl-C stops." if args.duration is None else f"Stops after {args.duration:g} s."),
-            flush=True,
-        )
-        with _sigterm_as_ctrl_c():
+    with _sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
+        t0 = time.monotonic()
+        try:
+            microscope.start()
+            print(
+                f"Simulated microscope publishing patchrig-frame/1 on {sender.endpoint}: "
+                f"{args.size}x{args.size} px, {args.um_per_px:g} µm/px, {args.bit_depth}-bit, "
+                f"{len(names)} pipettes, {args.rate:g} Hz. "
+                + ("Ctrl-C stops." if args.duration is None else f"Stops after {args.duration:g} s."),
+                flush=True,
+            )
             _publish_until_done(args, world, microscope, names, start, t0)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C (or SIGTERM) is how this command normally ends
-    finally:
-        microscope.close()
-        sender.close()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C (or SIGTERM) is how this command normally ends
+        finally:
+            microscope.close()
+            sender.close()
     print(f"Simulated microscope stopped after {microscope.frames_rendered} frames", flush=True)
     return 0
 

@@ -540,21 +540,21 @@ def run_cli(args: argparse.Namespace) -> int:
         host=args.host,
         initial_position_um={i: [args.start_um] * args.axes for i in ids},
     )
-    sim.start()
-    try:
-        sdk_address = "127.0.0.1" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-        print(f"Sensapex simulator on udp {args.host}:{sim.port} (group {args.group})", flush=True)
-        for i in ids:
-            print(f"  device {i}: {args.axes} axes at {sim.position_um(i).round(3).tolist()} µm", flush=True)
-        print(
-            f"Open the SDK with UMP.get_ump(address=b'{sdk_address}', group={args.group}). Ctrl-C stops.",
-            flush=True,
-        )
-        with _sigterm_as_ctrl_c():
+    with _sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
+        sim.start()
+        try:
+            sdk_address = "127.0.0.1" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+            print(f"Sensapex simulator on udp {args.host}:{sim.port} (group {args.group})", flush=True)
+            for i in ids:
+                print(f"  device {i}: {args.axes} axes at {sim.position_um(i).round(3).tolist()} µm", flush=True)
+            print(
+                f"Open the SDK with UMP.get_ump(address=b'{sdk_address}', group={args.group}). Ctrl-C stops.",
+                flush=True,
+            )
             while True:
                 time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("Sensapex simulator stopped", flush=True)
-        return 0
-    finally:
-        sim.close()
+        except KeyboardInterrupt:
+            print("Sensapex simulator stopped", flush=True)
+            return 0
+        finally:
+            sim.close()

@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed-loop control daemon for robot-assisted two-photon multi-pipette "
         "in vivo patch-clamp. Run `patchrig COMMAND --help` for a command's options.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
     parser.add_argument(
         "--log-json", action="store_true", help="JSON log lines even on a terminal"
     )

@@ -65,6 +65,7 @@ class AutoCalibrationSettings:
     looks_per_stop: int = 2
     max_looks: int = 4
     identify_looks: int = 3
+    identify_far_step_um: float = 40.0
     fov_margin_px: float = 24.0
     static_gate_um: float = 2.0
     track_gate_um: float = 5.0
@@ -384,12 +385,22 @@ class AutoCalibrator:
         return sorted(pairs)
 
     def _identify(self, look0: Look, tips0: np.ndarray) -> None:
-        """Find our tip by stepping x by +step (and -step if needed; see the module docstring).
+        """Find our tip by stepping x by +step and -step (see the module docstring).
 
-        The tip is the detection that moved by about the step between p0 and +step; failing
-        that, between p0 and -step, or between +step and -step (twice the step; then the tip
-        at p0 is taken as their midpoint, for a localiser that missed it at p0)."""
-        step = self.s.first_step_um
+        The tip is the detection that moved by about the step between p0 and a stepped stop;
+        failing that, between the +step and -step stops (twice the step; the tip at p0 is then
+        their midpoint, for a localiser that missed it at p0). If the first step size fails
+        (e.g. the tip is merged with a neighbour), a larger one (``identify_far_step_um``) is tried."""
+        for step in (self.s.first_step_um, self.s.identify_far_step_um):
+            if self._identify_with(look0, tips0, step):
+                return
+        raise NotCalibrated(
+            f"could not identify this channel's tip: no detection moved when the x axis stepped "
+            f"{self.s.first_step_um:.0f} and {self.s.identify_far_step_um:.0f} µm ({len(tips0)} tips in view)",
+            channel=self.channel,
+        )
+
+    def _identify_with(self, look0: Look, tips0: np.ndarray, step: float) -> bool:
         seen: list[tuple[np.ndarray, np.ndarray, Look]] = []  # (target, tips, look) per stepped stop
         for sign in (1.0, -1.0):
             target = self._step_target(0, sign * step)
@@ -405,7 +416,7 @@ class AutoCalibrator:
                 self._record(look, target, tips[j])
                 self._fit_axis(0)
                 self.log.info("tip identified", tip_xy_um=[round(float(v), 2) for v in self.t0], others=len(self.others_um))
-                return
+                return True
             seen.append((target, tips, look))
         if len(seen) == 2:
             (t_plus, tips_plus, look_plus), (t_minus, tips_minus, look_minus) = seen
@@ -417,13 +428,9 @@ class AutoCalibrator:
                 self._record(look_plus, t_plus, tips_plus[i])
                 self._record(look_minus, t_minus, tips_minus[j])
                 self._fit_axis(0)
-                self.log.info("tip identified from +-step", tip_xy_um=[round(float(v), 2) for v in self.t0])
-                return
-        raise NotCalibrated(
-            f"could not identify this channel's tip: no detection moved when the x axis stepped "
-            f"{step:.0f} µm ({len(tips0)} tips in view)",
-            channel=self.channel,
-        )
+                self.log.info("tip identified from +-step", tip_xy_um=[round(float(v), 2) for v in self.t0], step_um=step)
+                return True
+        return False
 
     def _stop(
         self, axis: int, step_um: float, *, z_comp: float = 0.0, unknown: bool = False, retry: bool = True

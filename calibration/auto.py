@@ -7,7 +7,9 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
 1. **Identify the tip.** Look at ``p0``, step the x axis by ``first_step_um`` and look again.
    Other pipettes do not move: detections within ``static_gate_um`` of a detection at ``p0``
    are static. This channel's tip is the detection that left its place and reappeared
-   0.3x-3x the step away (any direction: the axis sign and scale are unknown).
+   0.3x-3x the step away (any direction: the axis sign and scale are unknown). Failing that,
+   x steps the other way, and then both ways by ``identify_far_step_um`` (a tip merged with a
+   neighbour at ``p0`` separates from it further out).
 2. **Expand.** For each axis, after a small first step the axis' image gain is estimated; the
    next stops go ``expanded_step_um`` to the other side and back, shrunk until the predicted
    tip stays inside the frame (``fov_margin_px``) and the target inside the soft limits.
@@ -18,15 +20,18 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
    steps are compensated with z to keep the tip in focus; if a compensated step loses the tip,
    the opposite z sign is tried, which also tells whether +z moves the tip up or down.
    A stop where the tip is not detected is retried once at half the step; if it is still not
-   seen, the routine goes on without that stop.
+   seen, the routine goes on without that stop. When this channel's tip sits within
+   ``isolation_um`` of another tip at ``p0``, z and the approach axis step from the stop where
+   it stands furthest from the others instead.
    At every stop up to ``max_looks`` fresh frames are localised until the tip was found on
    ``looks_per_stop`` of them (their mean is used): a localiser that misses a tip on one frame
    costs a frame, not a move. Identification merges the detections of ``identify_looks`` frames.
 4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
-   last time. On failure the tip also returns to ``p0`` (the error message says so). The calibration fails with ``NotCalibrated`` when the tip is not visible, cannot
-   be identified, the move budget (``max_moves``, default 20) runs out, or the fit is poor
-   (residual above ``max_residual_um``, too many outliers, x and y do not span the image, or
-   the tip was seen at fewer than 3 positions along an in-plane axis).
+   last time. The calibration fails with ``NotCalibrated`` (and the tip returns to ``p0``; the
+   message says so) when the tip is not visible, cannot be identified, the move budget
+   (``max_moves``, default 20) runs out, or the fit is poor (residual above
+   ``max_residual_um``, too many outliers, x and y do not span the image, or the tip was seen
+   at fewer than 3 positions along an in-plane axis).
 
 Frames: positions in device µm, tips in microscope µm (X, Y) computed from the frame's own
 pixel size and shape. Stop/stop-all raise ``Stopped`` (propagated); ``cancel`` is honoured

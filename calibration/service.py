@@ -74,7 +74,15 @@ from calibration.transform import ChannelCalibration, px_to_um, um_to_px
 from config.models import CalibrationConfig, RigIdentity
 from localisation.types import TipDetection
 from manipulators.base import Manipulator
-from rig.errors import Busy, InvalidParams, NoFrame, NotCalibrated, NotFound, PatchrigError
+from rig.errors import (
+    Busy,
+    DataError,
+    InvalidParams,
+    NoFrame,
+    NotCalibrated,
+    NotFound,
+    PatchrigError,
+)
 from rig.frame import Frame
 from rig.logs import get_logger
 
@@ -162,7 +170,15 @@ class CalibrationService:
             if not force and now - self._saved_s.get(channel, -math.inf) < CORRECTION_SAVE_INTERVAL_S:
                 self._dirty.add(channel)
                 return
-            self.store.save(channel, stored)
+            try:
+                self.store.save(channel, stored)
+            except OSError as exc:
+                self._dirty.add(channel)
+                message = f"calibration file could not be written ({exc}); the calibration is in use but NOT saved"
+                if not force:  # background correction: log, never break the localiser worker
+                    self.log.warning("calibration not saved", channel=channel, reason=str(exc))
+                    return
+                raise DataError(message, channel=channel) from exc
             self._saved_s[channel] = now
             self._dirty.discard(channel)
             self._refused.pop(channel, None)

@@ -349,3 +349,15 @@ def test_configured_z_sign_is_used_for_3_axis_channels():
         cal = service._calibration("A")
         assert cal.z_up_sign == -1.0 and cal.matrix[2, 2] < 0
         assert "down" in cal.z_model
+
+
+def test_a_calibration_that_cannot_be_written_is_a_clear_error(monkeypatch):
+    from rig.errors import DataError
+
+    with Rig(17, 1) as rig:
+        def disk_full(channel, stored):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(rig.service.store, "save", disk_full)
+        with pytest.raises(DataError, match="NOT saved"):
+            rig.service.calibrate("A")

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from localisation.checkpoint import load_weights, read_checkpoint, save_checkpoint, unwrap
-from localisation.configs import LocaliserConfig, build_model
+from localisation.configs import LocaliserConfig, Stage, build_model
 from localisation.data import (
     PreparedFrame,
     TipTrainingSet,
@@ -76,10 +76,22 @@ class TrainOptions:
 
 
 def compute_loss(
-    cfg: LocaliserConfig, model: nn.Module, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    cfg: LocaliserConfig,
+    model: nn.Module,
+    outputs: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    stage: Stage | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The configuration's loss on one batch (terms and ``total``)."""
+    """The configuration's loss on one batch (terms and ``total``).
+
+    In a stage that trains only the ``encoder`` (the paper's first stage, "train only the
+    heatmap prediction encoder"), the paper loss is the heatmap Dice alone: the Hungarian term
+    would otherwise flow through the frozen, untrained decoder into the heatmap and dominate it
+    (measured by the paper helper: the heatmap saturated to all ones).
+    """
     tips, valid = batch["tips"], batch["valid"]
+    if stage is not None and stage.trainable == ("encoder",) and "heatmap" in outputs:
+        outputs = {"heatmap": outputs["heatmap"]}
     if cfg.loss == "centernet":
         return centernet_loss(outputs, tips, valid, stride=int(unwrap(model).out_stride), sigma_cells=cfg.sigma_cells)
     if cfg.loss == "paper":
@@ -282,7 +294,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
             for batch in pbar if pbar is not None else loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 outputs = ddp_model(batch["image"])
-                terms = compute_loss(cfg, model, outputs, batch)
+                terms = compute_loss(cfg, model, outputs, batch, stage)
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 nn.utils.clip_grad_norm_(params, 10.0)
@@ -305,7 +317,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
             record: dict[str, Any] = {}
             val_loss = torch.zeros(1, device=device)
             if is_main:
-                val_loss[0] = _val_loss(cfg, model, val_set, device)
+                val_loss[0] = _val_loss(cfg, model, val_set, device, stage)
                 summary = evaluate_prepared(model, cfg, val_frames, device=device)
                 record = {
                     "epoch": epoch, "stage": stage.name, "epoch_in_stage": state["epoch_in_stage"],
@@ -343,13 +355,15 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
 
 
 @torch.no_grad()
-def _val_loss(cfg: LocaliserConfig, model: nn.Module, val_set: TipTrainingSet, device: torch.device) -> float:
+def _val_loss(
+    cfg: LocaliserConfig, model: nn.Module, val_set: TipTrainingSet, device: torch.device, stage: Stage | None = None
+) -> float:
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in DataLoader(val_set, batch_size=cfg.batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(compute_loss(cfg, model, model(batch["image"]), batch)["total"]) * len(batch["image"])
+        total += float(compute_loss(cfg, model, model(batch["image"]), batch, stage)["total"]) * len(batch["image"])
         n += len(batch["image"])
     model.train(was)
     return total / max(n, 1)

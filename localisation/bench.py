@@ -26,7 +26,7 @@ import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", action="append", help="checkpoint to time (repeatable; default: shipped fast.pt)")
+    parser.add_argument("--checkpoint", action="append", help="checkpoint to time (repeatable; 'default' or nothing: the shipped fast.pt)")
     parser.add_argument("--config", action="append", help="configuration to time with untrained weights (repeatable)")
     parser.add_argument("--denoiser", help="CycleGAN generator checkpoint to include as the denoiser stage")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the issue's budget)")
@@ -94,7 +94,8 @@ def _localisers(args: argparse.Namespace, device: str) -> list[tuple[str, Any]]:
 
     out = []
     for ckpt in args.checkpoint or ([] if args.config else [None]):
-        loc = TipLocaliser.load(ckpt, device=device, threads=args.threads, denoiser=args.denoiser)
+        path = None if ckpt in (None, "default") else ckpt
+        loc = TipLocaliser.load(path, device=device, threads=args.threads, denoiser=args.denoiser)
         out.append((f"{loc.cfg.name} ({Path(loc.checkpoint).name})", loc))
     for name in args.config or []:
         cfg = get_config(name)

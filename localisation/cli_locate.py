@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from rig.errors import DataError
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     items = collect_inputs(args.input, args.um_per_px)
     loc = TipLocaliser.load(args.checkpoint, device=args.device, threads=args.threads, score_threshold=args.threshold)
-    images = []
+    images: list[dict[str, Any]] = []
     for file, path, upp in bar(items, enabled=not args.no_progress, desc="locate", unit="image"):
         pixels = load_image(path)
         t0 = time.perf_counter()

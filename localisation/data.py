@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = np.array([f.image.shape for f in frames], dtype=np.int64).reshape(-1, 2)
     n_tips = np.array([len(f.tips_model_px) for f in frames], dtype=np.int64)
-    arrays = {
+    arrays: dict[str, Any] = {
         "pixels": np.concatenate([f.image.ravel() for f in frames]) if frames else np.zeros(0, np.uint8),
         "shapes": shapes,
         "tips": np.concatenate([f.tips_model_px.reshape(-1, 2) for f in frames]).astype(np.float32)

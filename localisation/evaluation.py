@@ -65,7 +65,7 @@ def _true_heatmap_iou(loc: TipLocaliser, pred_heat: np.ndarray, true_model_px: n
     (sigma_cells at the output stride) for the fast model."""
     h, w = pred_heat.shape
     if loc.cfg.loss == "centernet":
-        stride = int(loc.model.out_stride)
+        stride = int(getattr(loc.model, "out_stride", 1))
         tips = torch.as_tensor(true_model_px, dtype=torch.float32).reshape(1, -1, 2)
         valid = torch.ones(tips.shape[:2], dtype=torch.bool)
         target = centernet_targets(tips, valid, (h, w), stride, loc.cfg.sigma_cells)[0][0, 0]

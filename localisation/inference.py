@@ -76,7 +76,7 @@ def predict_prepared(
     x = torch.from_numpy(np.ascontiguousarray(model_input(image_model, cfg, model)))[None, None].to(device)
     t0 = time.perf_counter()
     if denoiser is not None:
-        x = denoiser.denoise(x)
+        x = denoiser.denoise(x)  # type: ignore[operator]
     _sync(device)
     t1 = time.perf_counter()
     out = model(x)

@@ -67,7 +67,10 @@ def detections(
     """Per image of the batch: (xy (m, 2) model pixels, scores (m,)) sorted best first."""
     coords = outputs.get("coords")
     heat = outputs.get("heatmap")
-    batch = (coords if coords is not None else heat).shape[0]
+    ref = coords if coords is not None else heat
+    if ref is None:
+        raise ValueError("model outputs have neither 'coords' nor 'heatmap'")
+    batch = ref.shape[0]
     result = []
     for b in range(batch):
         if coords is not None:

@@ -47,6 +47,10 @@ def validate_frame(pixels: object, um_per_px: float, *, what: str = "image") -> 
     """
     if not isinstance(pixels, np.ndarray):
         raise DataError(f"{what}: expected a numpy array, got {type(pixels).__name__}")
+    return _validate_array(pixels, um_per_px, what)
+
+
+def _validate_array(pixels: np.ndarray, um_per_px: float, what: str) -> np.ndarray:
     if pixels.size == 0:
         raise DataError(f"{what}: empty image (shape {pixels.shape})")
     if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
@@ -83,7 +87,7 @@ def resample(
         out_w, out_h = max(8, round(w * f)), max(8, round(h * f))
     else:
         raise ValueError(f"unknown input mode {mode!r}")
-    img = pixels.astype(np.float32, copy=False)
+    img: np.ndarray = pixels.astype(np.float32, copy=False)
     if (out_w, out_h) != (w, h):
         shrinking = out_w < w and out_h < h
         img = cv2.resize(

@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sweep_thresholds(model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Path | None) -> list[dict[str, float]]:
+def sweep_thresholds(model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Path | None) -> list[dict[str, Any]]:
     """Validation metrics at score thresholds 0.2-0.9 (the configuration's validation seeds)."""
     from localisation.metrics import MetricsAccumulator
 
@@ -112,7 +113,7 @@ def sweep_thresholds(model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Pa
         for f, pred in preds:
             keep = pred.scores >= thr
             acc.add(f.resampling.to_input(pred.xy_model_px[keep]), f.resampling.to_input(f.tips_model_px), f.um_per_px)
-        o = acc.summary()["overall"]
+        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
         out.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
                     "acc_5um": o["acc_5um"]})
     return out

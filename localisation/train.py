@@ -93,7 +93,7 @@ def compute_loss(
     if stage is not None and stage.trainable == ("encoder",) and "heatmap" in outputs:
         outputs = {"heatmap": outputs["heatmap"]}
     if cfg.loss == "centernet":
-        return centernet_loss(outputs, tips, valid, stride=int(unwrap(model).out_stride), sigma_cells=cfg.sigma_cells)
+        return centernet_loss(outputs, tips, valid, stride=int(getattr(unwrap(model), "out_stride", 1)), sigma_cells=cfg.sigma_cells)
     if cfg.loss == "paper":
         target = None
         if "heatmap" in outputs:
@@ -264,11 +264,11 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience_epochs
         )
-        if opt_state is not None:
+        if opt_state is not None and sched_state is not None:
             opt.load_state_dict(opt_state)
             sched.load_state_dict(sched_state)
             opt_state = sched_state = None
-        sampler = (
+        sampler: DistributedSampler[Any] | None = (
             DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=opts.seed)
             if dist.is_initialized()
             else None

@@ -81,7 +81,9 @@ class FastTipNet(nn.Module):
         self.center_head = nn.Sequential(_conv_bn_relu(hw, hw), nn.Conv2d(hw, 1, 1))
         self.offset_head = nn.Sequential(_conv_bn_relu(hw, hw), nn.Conv2d(hw, 2, 1))
         # focal-loss prior: start with p(tip) ~ 0.01 everywhere
-        nn.init.constant_(self.center_head[-1].bias, -4.6)
+        last = self.center_head[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        nn.init.constant_(last.bias, -4.6)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder features at the output stride: (B, head_width, H/s, W/s)."""
@@ -191,9 +193,8 @@ def centernet_loss(
 ) -> dict[str, torch.Tensor]:
     """Focal heatmap loss + L1 offset loss at the true tips' cells. Returns terms and total."""
     center = outputs["center_logits"]
-    heat, index, offsets, mask = centernet_targets(
-        tips_px, valid, tuple(center.shape[-2:]), stride, sigma_cells
-    )
+    h, w = int(center.shape[-2]), int(center.shape[-1])
+    heat, index, offsets, mask = centernet_targets(tips_px, valid, (h, w), stride, sigma_cells)
     hm = focal_loss(center, heat)
     off_pred = torch.gather(outputs["offset"].flatten(2), 2, index[:, None, :].expand(-1, 2, -1))
     off_pred = off_pred.permute(0, 2, 1)  # (B, N, 2)
@@ -207,4 +208,5 @@ def build_fast_model(
     *, n_max: int = 8, widths: tuple[int, int, int, int] = (16, 32, 64, 96), out_stride: int = 4
 ) -> FastTipNet:
     """The ``fast`` configuration's network."""
-    return FastTipNet(widths=tuple(widths), n_max=n_max, out_stride=out_stride)
+    w1, w2, w3, w4 = (int(w) for w in widths)
+    return FastTipNet(widths=(w1, w2, w3, w4), n_max=n_max, out_stride=out_stride)

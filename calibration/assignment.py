@@ -11,6 +11,7 @@ reported as missing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,7 @@ class Assignment:
 
 
 def assign_detections(
-    predicted_px: dict[str, tuple[float, float] | np.ndarray],
+    predicted_px: Mapping[str, tuple[float, float] | np.ndarray],
     detections: list[TipDetection],
     *,
     um_per_px: float,

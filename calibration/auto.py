@@ -486,9 +486,9 @@ class AutoCalibrator:
         else:
             first_sign = float(np.sign(self.samples[-1].position_um[axis] - self.p0[axis]) or 1.0)
         for direction in (-first_sign, first_sign):
-            step = self._expanded_step(axis, direction)
-            if step is not None:
-                self._stop(axis, step)
+            expanded = self._expanded_step(axis, direction)
+            if expanded is not None:
+                self._stop(axis, expanded)
 
     def _z_axis(self) -> None:
         self._report("axis", axis=2)

@@ -2,7 +2,7 @@
 
 Each seed builds a quad rig in the shared simulated world (channel A with 4 axes, B-D with 3,
 random hidden mountings), the simulated manipulators, the simulated two-photon microscope and
-the real shipped localiser (``--localiser oracle`` swaps in the test double that reads the truth
+the real shipped localiser (``--localiser oracle`` swaps in ``rig.sim_oracle``, which reads the truth of each rendered frame
 plus noise, to separate calibration logic from localiser quality). The calibration service
 never sees the truth; the benchmark compares its results with it:
 
@@ -74,21 +74,16 @@ def _build(seed: int, args: argparse.Namespace, localiser_model: Any):
         )
         for name in world.channel_names
     }
+    from rig.frame_sources import SimulatedFrameSource
+    from simulators.microscope import SimMicroscope
+
+    microscope = SimMicroscope(world, rate_hz=args.frame_rate_hz, seed=seed)
+    frames = SimulatedFrameSource(microscope)
     if args.localiser == "oracle":
-        import sys
+        from rig.sim_oracle import OracleLocaliser  # truth of each rendered frame + 0.3 px noise
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        import support_calibration as sc  # the ORACLE double (test support)
-
-        frames = sc.OracleCamera(world, rate_hz=args.frame_rate_hz)
-        localiser = sc.OracleLocaliser(frames, seed=seed)
-        microscope = None
+        localiser = OracleLocaliser(microscope, seed=seed)
     else:
-        from rig.frame_sources import SimulatedFrameSource
-        from simulators.microscope import SimMicroscope
-
-        microscope = SimMicroscope(world, rate_hz=args.frame_rate_hz, seed=seed)
-        frames = SimulatedFrameSource(microscope)
         localiser = localiser_model
     frames.start()
     return world, manipulators, frames, localiser
@@ -156,6 +151,8 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
         for m in manipulators.values():
             m.close()
         frames.close()
+        if hasattr(localiser, "close"):
+            localiser.close()
     return out
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 
 from calibration.transform import ChannelCalibration
 from config.models import RigIdentity
+from rig.atomic import write_text_atomic
 from rig.errors import DataError, InvalidParams, NotCalibrated
 
 FORMAT = "patchrig-calibration"
@@ -81,7 +80,7 @@ class CalibrationStore:
         return self.directory / f"{channel}.json"
 
     def save(self, channel: str, stored: StoredCalibration) -> Path:
-        """Write atomically (temp file, fsync, os.replace). Returns the path."""
+        """Write atomically (rig.atomic: temp file, fsync, os.replace). Returns the path."""
         path = self.path(channel)
         self.directory.mkdir(parents=True, exist_ok=True)
         document = {
@@ -93,22 +92,7 @@ class CalibrationStore:
             "offset_history": stored.offset_history,
             "saved_s": time.time(),
         }
-        text = json.dumps(document, indent=1, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{channel}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_text_atomic(path, json.dumps(document, indent=1, allow_nan=False))
         return path
 
     def load(self, channel: str) -> StoredCalibration | None:

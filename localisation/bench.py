@@ -126,12 +126,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(table(results, args))
     if args.out:
-        from localisation.cli_evaluate import write_json_atomic
+        from rig.atomic import write_json_atomic
 
         write_json_atomic(args.out, {
             "format": "patchrig-bench-localiser/1", "frame_px": args.size, "um_per_px": args.um_per_px,
             "host": platform.processor() or platform.machine(), "torch": torch.__version__, "results": results,
-        })
+        }, allow_nan=True)
     return 0
 
 

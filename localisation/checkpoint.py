@@ -14,8 +14,6 @@ failing deep inside ``load_state_dict``. Files are written atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from localisation.configs import LocaliserConfig, build_model
+from rig.atomic import atomic_open
 from rig.errors import DataError
 
 FORMAT = "patchrig-localiser"
@@ -56,17 +55,8 @@ def save_checkpoint(
     }
     if trainer_state is not None:
         payload["trainer_state"] = trainer_state
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def read_checkpoint(path: str | Path, *, expect_config: str | None = None) -> dict[str, Any]:

@@ -15,11 +15,9 @@ Markdown table, and saves ``<out>.accuracy.png`` (accuracy against threshold) an
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from rig.atomic import write_json_atomic
 from rig.errors import DataError
 
 
@@ -44,23 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the configuration's)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             for r, s in zip(results, specs, strict=True)
         ],
     }
-    write_json_atomic(args.out, doc)
+    write_json_atomic(args.out, doc, allow_nan=True)
     print(metrics_table(results))
     if not args.no_figures:
         stem = args.out.with_suffix("")

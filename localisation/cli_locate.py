@@ -51,10 +51,10 @@ def collect_inputs(path: Path, um_per_px: float | None) -> list[tuple[str, Path,
 
 
 def run(args: argparse.Namespace) -> int:
-    from localisation.cli_evaluate import write_json_atomic
     from localisation.dataset_format import load_image
     from localisation.inference import TipLocaliser
     from localisation.progress import bar
+    from rig.atomic import write_json_atomic
 
     items = collect_inputs(args.input, args.um_per_px)
     loc = TipLocaliser.load(args.checkpoint, device=args.device, threads=args.threads, score_threshold=args.threshold)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(loc.device),
         "images": images,
     }
-    write_json_atomic(args.out, doc)
+    write_json_atomic(args.out, doc, allow_nan=True)
     n_tips = sum(len(i["tips"]) for i in images)
     print(f"{len(images)} image(s), {n_tips} tip(s) -> {args.out}")
     return 0

@@ -12,8 +12,6 @@ rows are never tips (there are no fake (0, 0) tips anywhere).
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from localisation.augment import AugmentConfig, random_geometric, random_photome
 from localisation.configs import LocaliserConfig
 from localisation.preprocess import Resampling, prepare
 from localisation.progress import bar
+from rig.atomic import atomic_open
 from rig.errors import DataError
 
 MAX_TIPS = 16  # padding rows per training sample (more tips than this in one crop: DataError)
@@ -136,17 +135,8 @@ def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
         "um_per_px": np.array([f.um_per_px for f in frames], dtype=np.float64),
         "files": np.array([f.file for f in frames], dtype=str),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def load_cache(path: str | Path) -> list[PreparedFrame]:

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from rig.atomic import write_text_atomic
 from rig.errors import DataError
 
 FORMAT = "patchrig-tips/1"
@@ -258,7 +259,7 @@ def write_labels(
     head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items())
     body = ",\n".join(f"  {json.dumps(e, separators=(', ', ': '))}" for e in entries)
     text = "{\n" + head + ',\n "images": [\n' + body + ("\n ]\n}\n" if entries else " ]\n}\n")
-    _atomic_write_text(labels_path, text)
+    write_text_atomic(labels_path, text)
     return labels_path
 
 
@@ -284,28 +285,6 @@ def write_dataset(
         entries.append(entry)
     write_labels(root, entries, meta=meta)
     return read_dataset(root)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------------------------

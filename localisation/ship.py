@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model, save_checkpoint
-from localisation.cli_evaluate import write_json_atomic
 from localisation.configs import LocaliserConfig
 from localisation.data import cached_synthetic
 from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate, metrics_table
 from localisation.inference import TipLocaliser, predict_prepared
+from rig.atomic import write_json_atomic
 
 TARGETS = {"acc_5um": 0.95, "acc_10um": 0.99, "precision": 0.98}
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_locate_ms_during_evaluation": result.latency_ms,
         "host": {"machine": platform.machine(), "torch": torch.__version__, "threads": args.threads},
     }
-    write_json_atomic(args.out.with_suffix(".json"), doc)
+    write_json_atomic(args.out.with_suffix(".json"), doc, allow_nan=True)
     print(metrics_table([result]))
     print(json.dumps(doc["targets"], indent=1))
     return 0

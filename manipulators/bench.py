@@ -23,12 +23,10 @@ Measured, per backend (milliseconds, median and 99th percentile over ``--n`` sam
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from manipulators.base import Limits, Manipulator
+from rig.atomic import atomic_path, write_json_atomic
 from rig.errors import InvalidParams, PatchrigError
 
 BACKENDS = ("simulated", "sensapex", "scientifica")
@@ -178,13 +177,6 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _readable(path: str) -> None:
-    """mkstemp makes 0600 files; give the result the usual permissions (0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     """Box plots (log scale) of every operation's latency, one colour per backend."""
     import matplotlib
@@ -212,35 +204,15 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, payload, indent=2, allow_nan=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,6 @@ software against it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from config.loader import default_config_path, load_config
+from rig.atomic import atomic_path, write_json_atomic
 from rig.client import RpcTimeout
 from rig.errors import PatchrigError
 from rig.logs import get_logger
@@ -315,23 +315,18 @@ def draw_picture(path: Path, frame: Any, rows: list[dict[str, Any]], paths: dict
                  "true final tips (x)", fontsize=10)
     ax.set_axis_off()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(path: Path, rows: list[dict[str, Any]], total_s: float) -> None:
     keys = ["name", "driver", "calibration_residual_um", "calibration_true_error_um", "final_true_error_um",
             "iterations", "seconds"]
     data = {"channels": [{k: r[k] for k in keys} for r in rows], "total_seconds": total_s}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=2, allow_nan=True)
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rig.atomic import atomic_open
 from rig.errors import DataError
 
 DENOISER_FORMAT = "patchrig-denoiser/1"
@@ -237,15 +236,5 @@ def blend_ramp(tile: int, overlap: int, device: torch.device) -> torch.Tensor:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)

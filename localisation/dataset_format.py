@@ -21,6 +21,7 @@ written to a temporary file in the same directory, fsynced, then renamed over th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -291,6 +292,33 @@ def write_dataset(
 # COCO keypoints import
 
 
+def refuse_existing_dataset(out: Path) -> None:
+    """Raise DataError unless ``out`` is absent or an empty directory (never overwrite)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
+
+
+@contextlib.contextmanager
+def new_dataset_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out`` to write a whole dataset into; it is renamed
+    to ``out`` when the block ends without error, and removed otherwise, so ``out`` never holds
+    a partial dataset. ``out`` must be absent or empty."""
+    refuse_existing_dataset(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the dataset directory here ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def import_coco(
     coco_json: str | Path,
     images_dir: str | Path,
@@ -317,8 +345,7 @@ def import_coco(
     out = Path(out_dir)
     if not _finite_number(um_per_px) or um_per_px <= 0:
         raise DataError(f"um_per_px must be a positive number, got {um_per_px!r}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
+    refuse_existing_dataset(out)
     try:
         doc = json.loads(coco_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -380,19 +407,8 @@ def import_coco(
         used.add(name)
         extra = {"source": str(im["file_name"]), "coco_id": image_id}
         loaded.append((name, pixels, float(um_per_px), np.asarray(tips[image_id], float), extra))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise DataError(f"{out}: cannot create the dataset directory here ({exc.strerror or exc})") from None
-    try:
+    with new_dataset_directory(out) as tmp:
         write_dataset(tmp, loaded, meta={"imported_from": str(coco_path)})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return read_dataset(out)
 
 

@@ -14,12 +14,10 @@ The daemon sees only frames. The truth of the last frame (``last_truth``) is for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -35,6 +33,7 @@ from simulators.scene import (
     scene_labels,
     with_pipettes,
 )
+from simulators.signals import sigterm_as_ctrl_c
 from simulators.world import SimWorld
 
 log = get_logger("simulators.microscope")
@@ -295,23 +294,6 @@ def _check_cli_arguments(args: argparse.Namespace) -> None:
         raise InvalidParams(f"--duration must be a finite number of seconds >= 0, got {args.duration}")
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """While running on its own, stop on SIGTERM (a supervisor's stop) as on Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_cli(args: argparse.Namespace) -> int:
     import zmq
 
@@ -336,7 +318,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     microscope.subscribe(publish)
     log.info("publishing", endpoint=sender.endpoint, rate_hz=args.rate, channels=len(names))
-    with _sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
+    with sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
         t0 = time.monotonic()
         try:
             microscope.start()

@@ -26,12 +26,11 @@ import argparse
 import contextlib
 import math
 import select
-import signal
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 from rig.logs import get_logger
 from simulators import smcp
 from simulators.motion import MotionAxis
+from simulators.signals import sigterm_as_ctrl_c
 from simulators.world import SimWorld
 
 BASE_PORT = 55555
@@ -514,23 +514,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"start position of every axis in µm (default {DEFAULT_START_UM:g})")
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """While running on its own, stop on SIGTERM (a supervisor's stop) as on Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_cli(args: argparse.Namespace) -> int:
     ids: list[int] = args.ids
     sim = SensapexSimulator(
@@ -540,7 +523,7 @@ def run_cli(args: argparse.Namespace) -> int:
         host=args.host,
         initial_position_um={i: [args.start_um] * args.axes for i in ids},
     )
-    with _sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
+    with sigterm_as_ctrl_c():  # before the first line: whoever reads it may stop us at once
         sim.start()
         try:
             sdk_address = "127.0.0.1" if args.host in ("127.0.0.1", "0.0.0.0") else args.host

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from localisation.dataset_format import TipDataset, read_dataset, write_image, write_labels
+from localisation.dataset_format import (
+    TipDataset,
+    new_dataset_directory,
+    read_dataset,
+    write_image,
+    write_labels,
+)
 from rig.errors import DataError
 from simulators.scene import DOMAINS, render_scene, sample_scene
 
@@ -146,14 +150,7 @@ def synthesise_dataset(
     lo, hi = int(tips_range[0]), int(tips_range[1])
     if lo < 0 or hi < lo or hi > MAX_TIPS:
         raise DataError(f"tips range must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_TIPS}, got {lo}-{hi}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not an empty directory (refusing to overwrite)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise DataError(f"{out}: cannot create the dataset directory here ({exc.strerror or exc})") from None
-    try:
+    with new_dataset_directory(out) as tmp:
         (tmp / "images").mkdir()
         jobs = [
             _Job(str(tmp), i, example_seed(seed, i), domain, (lo, hi), tuple(um_per_px), size_px)  # type: ignore[arg-type]
@@ -183,10 +180,4 @@ def synthesise_dataset(
             "um_per_px_range": [float(um_per_px[0]), float(um_per_px[1])],
         }
         write_labels(tmp, entries, meta=meta)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return read_dataset(out)

@@ -151,8 +151,8 @@ class SimMicroscope:
         """Render the world as it is now into a new frame (does not notify subscribers)."""
         pipettes = self.pipettes_now()
         scene = with_pipettes(self._scene, tuple(pipettes.values()))
-        expected, reference = expected_image(scene, self._background)
-        labels = scene_labels(scene, expected, reference)
+        expected, references = expected_image(scene, self._background)
+        labels = scene_labels(scene, expected, references)
         with self._lock:
             pixels = expose(expected, scene.sensor, self._rng)
             frame_id = self._next_frame_id

@@ -131,43 +131,73 @@ def render_background(params: BackgroundParams, optics: Optics) -> np.ndarray:
 
 def expected_image(
     scene: Scene, background: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The noiseless expected image of ``scene`` (background units), and the same frame
-    without the pipettes' glass and glow (the reference tip contrast is measured against)."""
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The noiseless expected image of ``scene`` (background units), and per pipette the same
+    frame without THAT pipette's glass and glow (what its tip's contrast is measured against).
+
+    Every other pipette stays in a pipette's reference: a tip lying in another pipette's shadow
+    or glow shows only its own contrast over that, not the other pipette's. Ejected dye clouds
+    stay in every reference (diffuse dye is not the tip).
+    """
     optics = scene.optics
     if background is None:
         background = render_background(scene.background, optics)
     ex_vivo = scene.domain == "ex_vivo"
-    layers = render_pipettes(scene.pipettes, optics, want_coverage=ex_vivo)
     if ex_vivo:
-        reference = background
+        layers = render_pipettes(scene.pipettes, optics, want_coverage=True)
         expected = background * layers.transmission
         if scene.dic_relief != 0 and layers.coverage is not None:
             # DIC: shading along the shear direction of both the glass and the slice's texture
             a = math.radians(scene.dic_azimuth_deg)
             gy, gx = np.gradient(layers.coverage - 4.0 * background)
             expected += np.float32(scene.dic_relief) * (gx * math.cos(a) + gy * math.sin(a))
+        references = [background for _ in scene.pipettes]
     else:
         if scene.background_level != 1.0:
             background = background * np.float32(scene.background_level)
-        reference = background + layers.cloud
-        expected = reference * layers.transmission + layers.glow
+        own = [render_pipettes([p], optics) for p in scene.pipettes]
+        lit = background.copy()
+        for lay in own:
+            lit += lay.cloud
+        expected = lit * _product([lay.transmission for lay in own], lit.shape)
+        expected += _total([lay.glow for lay in own], lit.shape)
+        references = []
+        for i in range(len(own)):
+            others = own[:i] + own[i + 1 :]
+            ref = lit * _product([lay.transmission for lay in others], lit.shape)
+            ref += _total([lay.glow for lay in others], lit.shape)
+            references.append(ref)
     if scene.vignette_strength or scene.scan_edge:
         v = vignette(optics.size_px, scene.vignette_strength, scene.scan_edge)
         expected *= v
-        reference = reference * v
-    return expected, reference
+        references = [r * v for r in references]
+    return expected, references
+
+
+def _product(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    out = np.ones(shape, np.float32)
+    for a in arrays:
+        out *= a
+    return out
+
+
+def _total(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    for a in arrays:
+        out += a
+    return out
 
 
 def scene_labels(
-    scene: Scene, expected: np.ndarray, reference: np.ndarray
+    scene: Scene, expected: np.ndarray, references: list[np.ndarray]
 ) -> list[TipLabel]:
-    """Tip labels; a tip in frame and in focus whose contrast-to-noise ratio is below
+    """Tip labels; a tip in frame and in focus whose own contrast-to-noise ratio (against
+    ``references[i]``, the frame without that pipette, see ``expected_image``) is below
     ``scene.min_tip_cnr`` is labelled not visible (``reason="low_contrast"``)."""
     labels = label_tips(scene.pipettes, scene.optics)
     radius_px = max(4.0, 8.0 / scene.optics.um_per_px)
     out = []
-    for lab in labels:
+    for lab, reference in zip(labels, references, strict=True):
         if lab.visible and scene.min_tip_cnr > 0:
             cnr = tip_contrast_to_noise(expected, reference, lab.x_px, lab.y_px, scene.sensor, radius_px)
             if cnr < scene.min_tip_cnr:
@@ -183,8 +213,8 @@ def render_scene(
 
     ``background`` may be passed when it is reused across frames (the live microscope).
     """
-    expected, reference = expected_image(scene, background)
-    labels = scene_labels(scene, expected, reference)
+    expected, references = expected_image(scene, background)
+    labels = scene_labels(scene, expected, references)
     if scene.bidi_shift_px:
         expected = bidirectional_misalignment(expected, scene.bidi_shift_px)
     pixels = expose(expected, scene.sensor, rng)

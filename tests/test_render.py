@@ -4,6 +4,7 @@ defocus, noise statistics, bit depths and per-seed determinism of synthetic exam
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -138,6 +139,23 @@ def test_a_tip_drowned_in_noise_is_labelled_low_contrast() -> None:
     clear = Pipette(tip_at_px(60.0, 50.0), 20.0, shadow=0.9, tip_spot=2.0)
     _, labels = render_scene(_plain_scene(clear, photons=10.0), rng)
     assert labels[0].visible
+
+
+def test_a_faint_tip_inside_another_pipettes_shadow_is_hidden_by_it() -> None:
+    """A tip's contrast is measured against the frame without THAT pipette: the dark shadow of
+    another pipette lying over it does not make it visible."""
+    rng = np.random.default_rng(5)
+    faint = Pipette(tip_at_px(60.0, 50.0), 20.0, shadow=0.03)
+    # a wide, dark, sharp pipette whose shank covers (60, 50): its tip is 20 px further on
+    cover = Pipette(tip_at_px(80.0, 50.0), 180.0, tip_radius_um=6.0, half_angle_deg=8.0, shadow=0.9)
+    scene = replace(_plain_scene(faint, photons=10.0), pipettes=(faint, cover))
+    _, labels = render_scene(scene, rng)
+    assert labels[0].reason == "low_contrast"
+    assert labels[1].visible  # the covering pipette's own tip is clear
+    # the same tip, strong enough to show through the shadow, stays visible
+    strong = replace(faint, shadow=0.9, tip_spot=3.0)
+    _, labels = render_scene(replace(scene, pipettes=(strong, cover)), rng)
+    assert labels[0].visible and labels[1].visible
 
 
 def test_exact_poisson_noise_has_poisson_statistics() -> None:

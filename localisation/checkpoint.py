@@ -23,6 +23,9 @@ from torch import nn
 from localisation.configs import LocaliserConfig, build_model
 from rig.atomic import atomic_open
 from rig.errors import DataError
+from rig.logs import get_logger
+
+log = get_logger(__name__, channel="train")
 
 FORMAT = "patchrig-localiser"
 FORMAT_VERSION = 1
@@ -100,14 +103,24 @@ def load_model(
     return model, cfg, payload
 
 
-def load_weights(model: nn.Module, payload: dict[str, Any], path: str | Path) -> None:
-    """Load the checkpoint's weights into ``model`` (DataError when they do not fit)."""
+def load_weights(model: nn.Module, payload: dict[str, Any], path: str | Path, *, grow: bool = False) -> None:
+    """Load the checkpoint's weights into ``model`` (DataError when they do not fit).
+
+    ``grow``: the model may have MORE tensors than the checkpoint (blocks added to a trained
+    network, e.g. the fast model's identity-initialised ``extra_blocks``); those keep their
+    initialisation. Every tensor of the checkpoint must still fit by name and shape.
+    """
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["model_state"].items()}
+    target = unwrap(model)
     try:
-        unwrap(model).load_state_dict(state, strict=True)
+        missing, unexpected = target.load_state_dict(state, strict=not grow)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
         raise DataError(f"checkpoint {path}: weights do not fit this model ({first})") from exc
+    if unexpected:
+        raise DataError(f"checkpoint {path}: weights do not fit this model (unexpected {unexpected[:3]})")
+    if missing:
+        log.info("grew model", checkpoint=str(path), new_tensors=len(missing))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

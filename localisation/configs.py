@@ -145,7 +145,7 @@ _PAPER_SMALL = _PAPER.with_overrides(
 _FAST = LocaliserConfig(
     name="fast",
     model="fast",
-    model_kwargs={"widths": (16, 32, 64, 96), "out_stride": 4},
+    model_kwargs={"widths": (16, 32, 64, 96), "out_stride": 4, "extra_blocks": (0, 2, 3)},
     input_mode="fixed_scale",
     input_size=192,
     model_um_per_px=1.5,
@@ -213,7 +213,12 @@ def build_model(cfg: LocaliserConfig, *, pretrained: dict[str, str] | None = Non
     if cfg.model == "fast":
         from localisation.models.fast import build_fast_model
 
-        return build_fast_model(n_max=cfg.n_max, widths=tuple(kw["widths"]), out_stride=int(kw["out_stride"]))
+        return build_fast_model(
+            n_max=cfg.n_max,
+            widths=tuple(kw["widths"]),
+            out_stride=int(kw["out_stride"]),
+            extra_blocks=tuple(kw.get("extra_blocks", (0, 0, 0))),
+        )
     if cfg.model == "paper":
         from localisation.models.paper import build_paper_model
 

@@ -232,7 +232,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
         if is_main:
             log.info("resumed", checkpoint=str(last), **{k: state[k] for k in ("stage", "epoch_in_stage", "epochs_done")})
     elif opts.init_from is not None:
-        load_weights(model, read_checkpoint(opts.init_from, expect_config=cfg.name), opts.init_from)
+        load_weights(model, read_checkpoint(opts.init_from, expect_config=cfg.name), opts.init_from, grow=True)
 
     train_frames, val_frames = load_frames(cfg, opts)
     if not train_frames:

@@ -3,6 +3,8 @@ post-processing, preprocessing, configs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,38 @@ def test_fast_model_contract_shapes() -> None:
     assert out["coords"].shape == (2, model.n_max, 2)
     assert out["presence"].shape == (2, model.n_max)
     assert out["center_logits"].shape == (2, 1, 16, 24)
+
+
+def test_a_trained_fast_model_grows_deeper_without_changing_its_output(tmp_path: Path) -> None:
+    """Extra blocks start as the identity: a checkpoint of the shallower network loads into the
+    deeper one (grow=True) and predicts exactly the same; without grow, or with a checkpoint that
+    does not fit, loading is refused."""
+    from localisation.checkpoint import load_weights, read_checkpoint, save_checkpoint
+
+    tiny = get_config("fast-tiny")
+    torch.manual_seed(0)
+    small = build_model(tiny)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        for m in small.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "small.pt"
+    save_checkpoint(path, small, tiny)
+    kwargs = dict(tiny.model_kwargs, extra_blocks=(1, 1, 2))
+    deep_cfg = tiny.with_overrides(model_kwargs=kwargs)
+    deep = build_model(deep_cfg)
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in small.parameters())
+    payload = read_checkpoint(path)
+    with pytest.raises(DataError, match="do not fit"):
+        load_weights(deep, payload, path)
+    load_weights(deep, payload, path, grow=True)
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        a, b = small.eval()(x), deep.eval()(x)
+    assert torch.equal(a["center_logits"], b["center_logits"]) and torch.equal(a["offset"], b["offset"])
+    # the other way round (checkpoint has tensors the model lacks) never loads
+    deep_path = tmp_path / "deep.pt"
+    save_checkpoint(deep_path, deep, deep_cfg)
+    with pytest.raises(DataError, match="do not fit"):
+        load_weights(build_model(tiny), read_checkpoint(deep_path), deep_path, grow=True)

@@ -33,20 +33,34 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> 
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (channels unchanged)."""
 
-    def __init__(self, channels: int, dilation: int = 1) -> None:
+    def __init__(self, channels: int, dilation: int = 1, *, identity_init: bool = False) -> None:
         super().__init__()
         self.conv1 = _conv_bn_relu(channels, channels, dilation=dilation)
         self.conv2 = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
             nn.BatchNorm2d(channels),
         )
+        if identity_init:
+            # the residual branch starts at exactly 0: on a non-negative (post-ReLU) input the
+            # block is the identity, so a trained network grows deeper without changing
+            nn.init.zeros_(self.conv2[1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.conv2(self.conv1(x)), inplace=True)
 
 
+def _extra(channels: int, n: int) -> list[ResidualBlock]:
+    """``n`` identity-initialised residual blocks (alternating dilation 1 and 2)."""
+    return [ResidualBlock(channels, dilation=1 + i % 2, identity_init=True) for i in range(n)]
+
+
 class FastTipNet(nn.Module):
-    """Small encoder-decoder predicting a tip-centre heatmap and sub-cell offsets."""
+    """Small encoder-decoder predicting a tip-centre heatmap and sub-cell offsets.
+
+    ``extra_blocks``: residual blocks appended to the stride 4, 8 and 16 stages, initialised as
+    the identity (so weights of the network without them load unchanged, see
+    ``checkpoint.load_weights(grow=True)``).
+    """
 
     def __init__(
         self,
@@ -55,6 +69,7 @@ class FastTipNet(nn.Module):
         out_stride: int = 4,
         n_max: int = 8,
         head_width: int | None = None,
+        extra_blocks: tuple[int, int, int] = (0, 0, 0),
     ) -> None:
         super().__init__()
         if out_stride not in (2, 4):
@@ -67,10 +82,11 @@ class FastTipNet(nn.Module):
         self.use_offset = True  # False: ablation "no finer learner" (tips at cell centres)
         self.input_multiple = 16
         self.stem = nn.Sequential(_conv_bn_relu(1, w1, stride=2), _conv_bn_relu(w1, w1))  # /2
-        self.stage4 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), ResidualBlock(w2))  # /4
-        self.stage8 = nn.Sequential(_conv_bn_relu(w2, w3, stride=2), ResidualBlock(w3))  # /8
+        e4, e8, e16 = (int(n) for n in extra_blocks)
+        self.stage4 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), ResidualBlock(w2), *_extra(w2, e4))  # /4
+        self.stage8 = nn.Sequential(_conv_bn_relu(w2, w3, stride=2), ResidualBlock(w3), *_extra(w3, e8))  # /8
         self.stage16 = nn.Sequential(  # /16
-            _conv_bn_relu(w3, w4, stride=2), ResidualBlock(w4), ResidualBlock(w4, dilation=2)
+            _conv_bn_relu(w3, w4, stride=2), ResidualBlock(w4), ResidualBlock(w4, dilation=2), *_extra(w4, e16)
         )
         hw = head_width or w2
         self.lat16 = nn.Conv2d(w4, hw, 1)
@@ -205,8 +221,13 @@ def centernet_loss(
 
 
 def build_fast_model(
-    *, n_max: int = 8, widths: tuple[int, int, int, int] = (16, 32, 64, 96), out_stride: int = 4
+    *,
+    n_max: int = 8,
+    widths: tuple[int, int, int, int] = (16, 32, 64, 96),
+    out_stride: int = 4,
+    extra_blocks: tuple[int, int, int] = (0, 0, 0),
 ) -> FastTipNet:
     """The ``fast`` configuration's network."""
     w1, w2, w3, w4 = (int(w) for w in widths)
-    return FastTipNet(widths=(w1, w2, w3, w4), n_max=n_max, out_stride=out_stride)
+    e4, e8, e16 = (int(n) for n in extra_blocks)
+    return FastTipNet(widths=(w1, w2, w3, w4), n_max=n_max, out_stride=out_stride, extra_blocks=(e4, e8, e16))

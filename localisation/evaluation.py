@@ -74,6 +74,21 @@ def _true_heatmap_iou(loc: TipLocaliser, pred_heat: np.ndarray, true_model_px: n
     return heatmap_iou(torch.from_numpy(pred_heat), target)
 
 
+def faint_tips_px(rec: TipRecord) -> np.ndarray:
+    """(n, 2) x, y of the record's real tips that are too faint to require (``all_tips``
+    entries with reason ``low_contrast``, as ``patchrig data synth`` writes); none otherwise."""
+    entries = rec.extra.get("all_tips")
+    out = []
+    if isinstance(entries, list):
+        for t in entries:
+            if isinstance(t, dict) and t.get("reason") == "low_contrast":
+                try:
+                    out.append((float(t["x"]), float(t["y"])))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+
+
 def evaluate(
     name: str, localiser: Any, records: list[TipRecord], *, progress: bool = True, keep_heatmaps: bool = True
 ) -> EvaluatedModel:
@@ -97,7 +112,7 @@ def evaluate(
         times.append((time.perf_counter() - t0) * 1e3)
         xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
         scores = np.array([d.score for d in dets], dtype=np.float64)
-        acc.add(xy, rec.tips_px, rec.um_per_px, heatmap_iou=iou)
+        acc.add(xy, rec.tips_px, rec.um_per_px, heatmap_iou=iou, faint_px=faint_tips_px(rec))
         preds.append((xy, scores))
         heats.append(heat)
     return EvaluatedModel(name, acc.summary(), acc.curve(), float(np.mean(times)) if times else 0.0, preds, heats)

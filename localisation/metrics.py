@@ -10,6 +10,13 @@ on Euclidean distance, gated at ``gate_um`` (10 µm): a pair farther apart is no
 - ``heatmap_iou``: IoU of predicted and true heatmaps binarised at 0.5 (models with a heatmap);
 - ``exact_count``: fraction of images with as many predictions as true tips.
 
+Faint real tips ("difficult" objects, as PASCAL VOC treats them): a dataset may list tips that
+are really there but below the visibility threshold (``all_tips`` entries with reason
+``low_contrast``: in frame, in focus, too faint to require). They are neither required nor
+penalised: a prediction left unmatched by the true tips that lies within the gate of such a tip
+is dropped from the predictions (``ignored_predictions``) instead of counting as a false
+positive; missing them costs nothing.
+
 Everything is also reported per number of true tips in the image (``by_n_tips``).
 """
 
@@ -25,17 +32,25 @@ THRESHOLDS_UM = (3.0, 5.0, 10.0)
 CURVE_UM = tuple(float(x) for x in np.arange(0.0, 20.01, 0.5))
 
 
-def gated_match(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> np.ndarray:
-    """Distances (µm) of the gated Hungarian matches between (p, 2) and (t, 2) points."""
+def gated_pairs(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gated Hungarian matches between (p, 2) and (t, 2) points: prediction indices, true
+    indices and distances (µm), pairs farther apart than ``gate_um`` left out."""
     pred_um = np.asarray(pred_um, dtype=np.float64).reshape(-1, 2)
     true_um = np.asarray(true_um, dtype=np.float64).reshape(-1, 2)
     if len(pred_um) == 0 or len(true_um) == 0:
-        return np.zeros(0)
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
     d = np.linalg.norm(pred_um[:, None] - true_um[None], axis=-1)
     big = 1e6
     rows, cols = linear_sum_assignment(np.where(d <= gate_um, d, big))
     m = d[rows, cols]
-    return m[m <= gate_um]
+    keep = m <= gate_um
+    return rows[keep], cols[keep], m[keep]
+
+
+def gated_match(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> np.ndarray:
+    """Distances (µm) of the gated Hungarian matches between (p, 2) and (t, 2) points."""
+    return gated_pairs(pred_um, true_um, gate_um)[2]
 
 
 @dataclass
@@ -43,6 +58,7 @@ class _Tally:
     images: int = 0
     true: int = 0
     pred: int = 0
+    ignored: int = 0
     distances: list[float] = field(default_factory=list)
     exact_count: int = 0
     ious: list[float] = field(default_factory=list)
@@ -57,6 +73,7 @@ class _Tally:
             "true_tips": self.true,
             "predicted_tips": self.pred,
             "matched_tips": matched,
+            "ignored_predictions": self.ignored,
         }
         for e in THRESHOLDS_UM:
             out[f"acc_{e:g}um"] = float((d <= e).sum() / self.true) if self.true else None
@@ -84,16 +101,24 @@ class MetricsAccumulator:
         um_per_px: float,
         *,
         heatmap_iou: float | None = None,
+        faint_px: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One image: predictions and truths in the same pixels, pixel size ``um_per_px``.
+        """One image: predictions and truths in the same pixels, pixel size ``um_per_px``;
+        ``faint_px``: real tips too faint to require (see the module docstring).
         Returns the matched distances (µm)."""
         pred = np.asarray(pred_px, dtype=np.float64).reshape(-1, 2) * um_per_px
         true = np.asarray(true_px, dtype=np.float64).reshape(-1, 2) * um_per_px
-        dist = gated_match(pred, true, self.gate_um)
+        rows, _cols, dist = gated_pairs(pred, true, self.gate_um)
+        ignored = 0
+        if faint_px is not None and len(faint_px):
+            unmatched = np.setdiff1d(np.arange(len(pred)), rows)
+            faint = np.asarray(faint_px, dtype=np.float64).reshape(-1, 2) * um_per_px
+            ignored = len(gated_pairs(pred[unmatched], faint, self.gate_um)[0])
         for t in (self.total, self.by_n[len(true)]):
             t.images += 1
             t.true += len(true)
-            t.pred += len(pred)
+            t.pred += len(pred) - ignored
+            t.ignored += ignored
             t.distances.extend(dist.tolist())
             t.exact_count += int(len(pred) == len(true))
             if heatmap_iou is not None:

@@ -255,6 +255,23 @@ def test_metrics_accuracy_precision_and_split_by_tip_count() -> None:
     assert len(gated_match(np.array([[0.0, 0.0]]), np.array([[11.0, 0.0]]), 10.0)) == 0
 
 
+def test_a_detection_of_a_faint_real_tip_is_neither_required_nor_a_false_positive() -> None:
+    acc = MetricsAccumulator(gate_um=10.0)
+    true = np.array([[10.0, 10.0]])
+    faint = np.array([[100.0, 100.0], [300.0, 300.0]])
+    # one hit, one detection at a faint real tip, one false positive far from everything
+    preds = np.array([[11.0, 10.0], [102.0, 100.0], [200.0, 50.0]])
+    acc.add(preds, true, 1.0, faint_px=faint)
+    o = acc.summary()["overall"]
+    assert o["recall"] == 1.0 and o["ignored_predictions"] == 1
+    assert o["predicted_tips"] == 2 and o["precision"] == 0.5
+    # a prediction matched to a true tip is never spent on a faint one (and vice versa)
+    acc2 = MetricsAccumulator(gate_um=10.0)
+    acc2.add(np.array([[10.0, 10.0]]), true, 1.0, faint_px=np.array([[12.0, 10.0]]))
+    o2 = acc2.summary()["overall"]
+    assert o2["precision"] == 1.0 and o2["ignored_predictions"] == 0
+
+
 def test_postprocess_thresholds_and_suppresses_duplicates() -> None:
     out = {
         "coords": torch.tensor([[[10.0, 10.0], [10.5, 10.0], [40.0, 40.0], [60.0, 60.0]]]),
@@ -334,3 +351,17 @@ def test_a_trained_fast_model_grows_deeper_without_changing_its_output(tmp_path:
     save_checkpoint(deep_path, deep, deep_cfg)
     with pytest.raises(DataError, match="do not fit"):
         load_weights(build_model(tiny), read_checkpoint(deep_path), deep_path, grow=True)
+
+
+def test_faint_tips_come_from_the_records_low_contrast_entries(tmp_path: Path) -> None:
+    from localisation.dataset_format import TipRecord
+    from localisation.evaluation import faint_tips_px
+
+    entries = [
+        {"x": 1.0, "y": 2.0, "visible": True, "reason": "visible"},
+        {"x": 3.0, "y": 4.0, "visible": False, "reason": "low_contrast"},
+        {"x": 900.0, "y": 4.0, "visible": False, "reason": "outside_frame"},
+    ]
+    rec = TipRecord("a.png", tmp_path / "a.png", 0.5, np.array([[1.0, 2.0]]), {"all_tips": entries})
+    assert faint_tips_px(rec).tolist() == [[3.0, 4.0]]
+    assert faint_tips_px(TipRecord("b.png", tmp_path / "b.png", 0.5, np.zeros((0, 2)))).shape == (0, 2)

@@ -89,6 +89,28 @@ def faint_tips_px(rec: TipRecord) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
 
+def true_tip_cnr(rec: TipRecord) -> np.ndarray | None:
+    """Each true tip's contrast-to-noise ratio from the record's ``all_tips`` (the visible entry
+    at the tip's position), NaN where unknown; None when the record has no ``all_tips``."""
+    entries = rec.extra.get("all_tips")
+    if not isinstance(entries, list):
+        return None
+    known = []
+    for t in entries:
+        if isinstance(t, dict) and t.get("visible") and isinstance(t.get("cnr"), int | float):
+            try:
+                known.append((float(t["x"]), float(t["y"]), float(t["cnr"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+    out = np.full(len(rec.tips_px), np.nan)
+    for i, (x, y) in enumerate(np.asarray(rec.tips_px, dtype=np.float64).reshape(-1, 2)):
+        for kx, ky, c in known:
+            if abs(kx - x) < 0.01 and abs(ky - y) < 0.01:
+                out[i] = c
+                break
+    return out
+
+
 def evaluate(
     name: str, localiser: Any, records: list[TipRecord], *, progress: bool = True, keep_heatmaps: bool = True
 ) -> EvaluatedModel:
@@ -112,7 +134,9 @@ def evaluate(
         times.append((time.perf_counter() - t0) * 1e3)
         xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
         scores = np.array([d.score for d in dets], dtype=np.float64)
-        acc.add(xy, rec.tips_px, rec.um_per_px, heatmap_iou=iou, faint_px=faint_tips_px(rec))
+        acc.add(
+            xy, rec.tips_px, rec.um_per_px, heatmap_iou=iou, faint_px=faint_tips_px(rec), true_cnr=true_tip_cnr(rec)
+        )
         preds.append((xy, scores))
         heats.append(heat)
     return EvaluatedModel(name, acc.summary(), acc.curve(), float(np.mean(times)) if times else 0.0, preds, heats)
@@ -136,6 +160,13 @@ def metrics_table(results: list[EvaluatedModel]) -> str:
                 f"| {r.name} | {key} | {m['images']} | {pct(m['acc_3um'])} | {pct(m['acc_5um'])} | "
                 f"{pct(m['acc_10um'])} | {num(m['mean_error_um'])} | {pct(m['precision'])} | "
                 f"{pct(m['recall'])} | {pct(m['f1'])} | {num(m['heatmap_iou'])} |"
+            )
+    bands = [(r.name, b, m) for r in results for b, m in r.metrics.get("by_cnr", {}).items()]
+    if bands:
+        lines += ["", "| model | tip CNR | tips | acc@3µm | acc@5µm | acc@10µm |", "|" + "---|" * 6]
+        for name, band, m in bands:
+            lines.append(
+                f"| {name} | {band} | {m['true_tips']} | {pct(m['acc_3um'])} | {pct(m['acc_5um'])} | {pct(m['acc_10um'])} |"
             )
     return "\n".join(lines)
 

@@ -17,7 +17,9 @@ penalised: a prediction left unmatched by the true tips that lies within the gat
 is dropped from the predictions (``ignored_predictions``) instead of counting as a false
 positive; missing them costs nothing.
 
-Everything is also reported per number of true tips in the image (``by_n_tips``).
+Everything is also reported per number of true tips in the image (``by_n_tips``), and, where
+the dataset gives each true tip's contrast-to-noise ratio (``patchrig data synth`` does), the
+accuracy per CNR band (``by_cnr``: how detection falls off as tips get fainter).
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from scipy.optimize import linear_sum_assignment
 
 THRESHOLDS_UM = (3.0, 5.0, 10.0)
 CURVE_UM = tuple(float(x) for x in np.arange(0.0, 20.01, 0.5))
+CNR_BANDS = (0.0, 10.0, 20.0, 40.0)  # lower edges of the ``by_cnr`` bands
+
+
+def cnr_band(cnr: float) -> str:
+    """The ``by_cnr`` band name of a contrast-to-noise ratio ("<10", "10-20", "20-40", "40+")."""
+    edges = CNR_BANDS
+    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):
+        if lo <= cnr < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"<{edges[1]:g}" if cnr < edges[1] else f"{edges[-1]:g}+"
 
 
 def gated_pairs(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,6 +105,7 @@ class MetricsAccumulator:
         self.gate_um = gate_um
         self.total = _Tally()
         self.by_n: dict[int, _Tally] = defaultdict(_Tally)
+        self.by_cnr: dict[str, list[float]] = defaultdict(list)  # band -> distance per true tip (inf: missed)
 
     def add(
         self,
@@ -102,13 +115,20 @@ class MetricsAccumulator:
         *,
         heatmap_iou: float | None = None,
         faint_px: np.ndarray | None = None,
+        true_cnr: np.ndarray | None = None,
     ) -> np.ndarray:
         """One image: predictions and truths in the same pixels, pixel size ``um_per_px``;
-        ``faint_px``: real tips too faint to require (see the module docstring).
-        Returns the matched distances (µm)."""
+        ``faint_px``: real tips too faint to require (see the module docstring); ``true_cnr``:
+        each true tip's contrast-to-noise ratio (NaN: unknown). Returns the matched distances (µm)."""
         pred = np.asarray(pred_px, dtype=np.float64).reshape(-1, 2) * um_per_px
         true = np.asarray(true_px, dtype=np.float64).reshape(-1, 2) * um_per_px
-        rows, _cols, dist = gated_pairs(pred, true, self.gate_um)
+        rows, cols, dist = gated_pairs(pred, true, self.gate_um)
+        if true_cnr is not None:
+            per_tip = np.full(len(true), np.inf)
+            per_tip[cols] = dist
+            for c, d in zip(np.asarray(true_cnr, dtype=np.float64).reshape(-1), per_tip, strict=True):
+                if np.isfinite(c):
+                    self.by_cnr[cnr_band(float(c))].append(float(d))
         ignored = 0
         if faint_px is not None and len(faint_px):
             unmatched = np.setdiff1d(np.arange(len(pred)), rows)
@@ -136,5 +156,19 @@ class MetricsAccumulator:
         return {
             "overall": self.total.summary(),
             "by_n_tips": {str(k): self.by_n[k].summary() for k in sorted(self.by_n)},
+            "by_cnr": {band: _band_summary(self.by_cnr[band]) for band in _band_order(self.by_cnr)},
             "gate_um": self.gate_um,
         }
+
+
+def _band_order(bands: dict[str, list[float]]) -> list[str]:
+    names = [cnr_band(lo + 1e-9) for lo in CNR_BANDS]
+    return [n for n in names if n in bands]
+
+
+def _band_summary(distances: list[float]) -> dict[str, float | int]:
+    d = np.asarray(distances)
+    out: dict[str, float | int] = {"true_tips": len(d)}
+    for e in THRESHOLDS_UM:
+        out[f"acc_{e:g}um"] = float((d <= e).mean()) if len(d) else 0.0
+    return out

@@ -91,7 +91,9 @@ class Optics:
 class TipLabel:
     """Where a pipette's tip is in the frame. ``visible`` is False when the tip is outside the
     frame (``reason="outside_frame"``) or further than ``Optics.visible_defocus_um`` from the
-    focal plane (``reason="out_of_focus"``); ``reason`` is "visible" otherwise."""
+    focal plane (``reason="out_of_focus"``); ``reason`` is "visible" otherwise. ``cnr``: the
+    tip's own contrast-to-noise ratio where the scene measured it (in frame and in focus, see
+    ``scene.scene_labels``), else None."""
 
     x_px: float
     y_px: float
@@ -99,6 +101,7 @@ class TipLabel:
     defocus_um: float
     visible: bool
     reason: str
+    cnr: float | None = None
 
 
 @dataclass(frozen=True)

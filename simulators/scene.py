@@ -198,8 +198,9 @@ def scene_labels(
     radius_px = max(4.0, 8.0 / scene.optics.um_per_px)
     out = []
     for lab, reference in zip(labels, references, strict=True):
-        if lab.visible and scene.min_tip_cnr > 0:
+        if lab.visible:
             cnr = tip_contrast_to_noise(expected, reference, lab.x_px, lab.y_px, scene.sensor, radius_px)
+            lab = replace(lab, cnr=cnr)
             if cnr < scene.min_tip_cnr:
                 lab = replace(lab, visible=False, reason="low_contrast")
         out.append(lab)

@@ -67,6 +67,7 @@ def sample_example(
             "defocus_um": round(lab.defocus_um, 3),
             "visible": lab.visible,
             "reason": lab.reason,
+            "cnr": None if lab.cnr is None else round(lab.cnr, 2),
             "azimuth_deg": round(p.azimuth_deg % 360.0, 2),
         }
         for lab, p in zip(labels, scene.pipettes, strict=True)

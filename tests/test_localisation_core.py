@@ -365,3 +365,25 @@ def test_faint_tips_come_from_the_records_low_contrast_entries(tmp_path: Path) -
     rec = TipRecord("a.png", tmp_path / "a.png", 0.5, np.array([[1.0, 2.0]]), {"all_tips": entries})
     assert faint_tips_px(rec).tolist() == [[3.0, 4.0]]
     assert faint_tips_px(TipRecord("b.png", tmp_path / "b.png", 0.5, np.zeros((0, 2)))).shape == (0, 2)
+
+
+def test_accuracy_by_cnr_band_uses_each_true_tips_contrast(tmp_path: Path) -> None:
+    from localisation.dataset_format import TipRecord
+    from localisation.evaluation import true_tip_cnr
+
+    entries = [
+        {"x": 10.0, "y": 10.0, "visible": True, "reason": "visible", "cnr": 8.5},
+        {"x": 50.0, "y": 50.0, "visible": True, "reason": "visible", "cnr": 55.0},
+        {"x": 90.0, "y": 90.0, "visible": False, "reason": "low_contrast", "cnr": 3.0},
+    ]
+    rec = TipRecord("a.png", tmp_path / "a.png", 1.0, np.array([[10.0, 10.0], [50.0, 50.0]]), {"all_tips": entries})
+    cnr = true_tip_cnr(rec)
+    assert cnr is not None and cnr.tolist() == [8.5, 55.0]
+    acc = MetricsAccumulator(gate_um=10.0)
+    acc.add(np.array([[51.0, 50.0]]), rec.tips_px, 1.0, true_cnr=cnr)  # the faint one is missed
+    by = acc.summary()["by_cnr"]
+    assert by == {
+        "<10": {"true_tips": 1, "acc_3um": 0.0, "acc_5um": 0.0, "acc_10um": 0.0},
+        "40+": {"true_tips": 1, "acc_3um": 1.0, "acc_5um": 1.0, "acc_10um": 1.0},
+    }
+    assert true_tip_cnr(TipRecord("b.png", tmp_path / "b.png", 1.0, np.zeros((0, 2)))) is None

@@ -25,7 +25,7 @@ from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model, save_checkpo
 from localisation.configs import LocaliserConfig
 from localisation.data import cached_synthetic
 from localisation.dataset_format import read_dataset
-from localisation.evaluation import evaluate, metrics_table
+from localisation.evaluation import evaluate, faint_tips_px, metrics_table
 from localisation.inference import TipLocaliser, predict_prepared
 from rig.atomic import write_json_atomic
 
@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-threshold", type=float, help="override the configuration's threshold")
     p.add_argument("--pick-threshold", action="store_true",
                    help="pick the threshold on the run's VALIDATION frames: the lowest in 0.2-0.9 whose "
-                        "validation precision reaches 98%% (the test set is never used for this)")
+                        "validation precision reaches the target plus a margin (--precision-margin; the test "
+                        "set is never used for this)")
+    p.add_argument("--precision-margin", type=float, default=0.0,
+                   help="validation precision required above the 98%% target when picking (default 0)")
     p.add_argument("--cache-dir", type=Path, help="the run's synthetic frame cache (for --pick-threshold)")
+    p.add_argument("--val-data", type=Path,
+                   help="the run's patchrig-tips/1 validation set (for --pick-threshold; default: the "
+                        "configuration's synthetic validation seeds)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -53,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, payload = load_model(src)
     threshold_sweep = None
     if args.pick_threshold:
-        threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir)
-        ok = [t for t in threshold_sweep if t["precision"] >= TARGETS["precision"]]
+        threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data)
+        ok = [t for t in threshold_sweep if t["precision"] >= TARGETS["precision"] + args.precision_margin]
         chosen = ok[0]["threshold"] if ok else max(threshold_sweep, key=lambda t: t["f1"])["threshold"]
         cfg = cfg.with_overrides(score_threshold=chosen)
     elif args.score_threshold is not None:
@@ -98,11 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sweep_thresholds(model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Path | None) -> list[dict[str, Any]]:
-    """Validation metrics at score thresholds 0.2-0.9 (the configuration's validation seeds)."""
+def sweep_thresholds(
+    model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Path | None, *, val_data: Path | None = None
+) -> list[dict[str, Any]]:
+    """Validation metrics at score thresholds 0.2-0.9: on ``val_data`` (a dataset directory,
+    whose faint tips are neither required nor false positives, as in ``evaluate``) or else on the
+    configuration's synthetic validation seeds."""
+    from localisation.data import load_directory
     from localisation.metrics import MetricsAccumulator
 
-    frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")
+    if val_data is not None:
+        frames = load_directory(cfg, val_data)
+        faint = [faint_tips_px(r) for r in read_dataset(val_data).records]
+    else:
+        frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")
+        faint = [np.zeros((0, 2)) for _ in frames]
     preds = []
     for f in frames:
         pred = predict_prepared(model, cfg, f.image_float(), device=torch.device("cpu"), score_threshold=0.0)
@@ -110,9 +126,10 @@ def sweep_thresholds(model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Pa
     out = []
     for thr in np.round(np.arange(0.2, 0.91, 0.05), 2):
         acc = MetricsAccumulator()
-        for f, pred in preds:
+        for (f, pred), faint_px in zip(preds, faint, strict=True):
             keep = pred.scores >= thr
-            acc.add(f.resampling.to_input(pred.xy_model_px[keep]), f.resampling.to_input(f.tips_model_px), f.um_per_px)
+            acc.add(f.resampling.to_input(pred.xy_model_px[keep]), f.resampling.to_input(f.tips_model_px), f.um_per_px,
+                    faint_px=faint_px)
         o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
         out.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
                     "acc_5um": o["acc_5um"]})

@@ -52,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-data", type=Path,
                    help="the run's patchrig-tips/1 validation set (for --pick-threshold; default: the "
                         "configuration's synthetic validation seeds)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    progress = not args.no_progress
 
     torch.set_num_threads(args.threads)
     src = args.run / args.checkpoint_name
     model, cfg, payload = load_model(src)
     threshold_sweep = None
     if args.pick_threshold:
-        threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data)
+        threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
         ok = [t for t in threshold_sweep if t["precision"] >= TARGETS["precision"] + args.precision_margin]
         chosen = ok[0]["threshold"] if ok else max(threshold_sweep, key=lambda t: t["f1"])["threshold"]
         cfg = cfg.with_overrides(score_threshold=chosen)
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "epoch": payload.get("metrics", {}).get("epoch")})
     records = read_dataset(args.test).records
     loc = TipLocaliser.load(args.out, device="cpu", threads=args.threads)
-    result = evaluate(cfg.name, loc, records, keep_heatmaps=False)
+    result = evaluate(cfg.name, loc, records, keep_heatmaps=False, progress=progress)
     overall = result.metrics["overall"]
     doc = {
         "checkpoint": args.out.name,
@@ -105,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep_thresholds(
-    model: torch.nn.Module, cfg: LocaliserConfig, cache_dir: Path | None, *, val_data: Path | None = None
+    model: torch.nn.Module,
+    cfg: LocaliserConfig,
+    cache_dir: Path | None,
+    *,
+    val_data: Path | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Validation metrics at score thresholds 0.2-0.9: on ``val_data`` (a dataset directory,
     whose faint tips are neither required nor false positives, as in ``evaluate``) or else on the
@@ -114,7 +121,7 @@ def sweep_thresholds(
     from localisation.metrics import MetricsAccumulator
 
     if val_data is not None:
-        frames = load_directory(cfg, val_data)
+        frames = load_directory(cfg, val_data, progress=progress)
         faint = [faint_tips_px(r) for r in read_dataset(val_data).records]
     else:
         frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")

@@ -173,3 +173,26 @@ def test_denoiser_runs_in_training_and_inference(tmp_path: Path, tiny_dataset: P
     assert loc.last_timings_ms["denoiser"] > 0.0
     assert main(["train", "--config", "fast-tiny", "--out", str(tmp_path / "r2"), "--data", str(tiny_dataset),
                  "--no-progress", "--denoiser", "missing.pt"]) == 1
+
+
+def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    """``localisation.ship`` turns a run into a shipped checkpoint + JSON: the threshold is
+    picked on the validation set, the metrics are measured on the test set, nothing by hand."""
+    from localisation.inference import TipLocaliser
+    from localisation.ship import main as ship_main
+
+    out = tmp_path / "shipped.pt"
+    assert ship_main(["--run", str(tiny_checkpoint.parent), "--test", str(tiny_dataset), "--val-data", str(tiny_dataset),
+                      "--train-command", "patchrig train --config fast-tiny ...", "--test-command", "synth ...",
+                      "--pick-threshold", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    sweep = doc["validation_threshold_sweep"]
+    assert [t["threshold"] for t in sweep] == sorted(t["threshold"] for t in sweep) and len(sweep) == 15
+    picked = doc["score_threshold"]
+    ok = [t["threshold"] for t in sweep if t["precision"] >= 0.98]
+    assert picked == (ok[0] if ok else max(sweep, key=lambda t: t["f1"])["threshold"])
+    assert doc["training_command"].startswith("patchrig train") and doc["test_set"]["images"] == 6
+    assert set(doc["targets"]) == {"acc_5um", "acc_10um", "precision"}
+    assert doc["targets"]["precision"]["measured"] == doc["metrics"]["overall"]["precision"]
+    loc = TipLocaliser.load(out, threads=1)
+    assert loc.score_threshold == picked and loc.cfg.name == "fast-tiny"

@@ -43,7 +43,9 @@ class ResidualBlock(nn.Module):
         if identity_init:
             # the residual branch starts at exactly 0: on a non-negative (post-ReLU) input the
             # block is the identity, so a trained network grows deeper without changing
-            nn.init.zeros_(self.conv2[1].weight)
+            bn = self.conv2[1]
+            assert isinstance(bn, nn.BatchNorm2d)
+            nn.init.zeros_(bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.conv2(self.conv1(x)), inplace=True)

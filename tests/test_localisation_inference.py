@@ -43,9 +43,9 @@ def test_shipped_checkpoint_is_small_and_named() -> None:
 
 def test_finds_tips_on_fresh_synthetic_frames(localiser: TipLocaliser, frames: list) -> None:
     """Loose bounds on 12 frames, set below what the shipped model measured on them (at its
-    precision-first threshold: 9 of 20 tips found, no false positive, 0.76 µm mean error). The
-    full evaluation on 500 frames is in localisation/checkpoints/fast.json; it does NOT meet
-    the issue's 95 % / 99 % accuracy targets (see docs/readme/localiser.md)."""
+    precision-first threshold 0.6: 16 of 20 tips found with 18 detections, 1.20 µm mean
+    error). The full evaluation on 500 frames is in localisation/checkpoints/fast.json; it does
+    NOT meet the issue's 95 % / 99 % accuracy targets (see docs/readme/localiser.md)."""
     acc = MetricsAccumulator()
     for ex in frames:
         dets = localiser.locate(ex.pixels, ex.um_per_px)
@@ -53,21 +53,21 @@ def test_finds_tips_on_fresh_synthetic_frames(localiser: TipLocaliser, frames: l
         assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
         acc.add(np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), ex.tips_px, ex.um_per_px)
     o = acc.summary()["overall"]
-    assert o["matched_tips"] >= 6, o
-    assert o["precision"] >= 0.9, o
+    assert o["matched_tips"] >= 12, o
+    assert o["precision"] >= 0.8, o
     assert o["mean_error_um"] < 2.0, o
 
 
 def test_lower_threshold_trades_precision_for_recall(frames: list) -> None:
-    """At threshold 0.4 the same model found 17 of the 20 tips (81 % precision)."""
+    """At threshold 0.4 the same model found 18 of the 20 tips (82 % precision)."""
     loose = TipLocaliser.load(threads=1, device="cpu", score_threshold=0.4)
     acc = MetricsAccumulator()
     for ex in frames:
         dets = loose.locate(ex.pixels, ex.um_per_px)
         acc.add(np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), ex.tips_px, ex.um_per_px)
     o = acc.summary()["overall"]
-    assert o["recall"] >= 0.7, o
-    assert o["precision"] >= 0.65, o
+    assert o["recall"] >= 0.8, o
+    assert o["precision"] >= 0.7, o
 
 
 @pytest.fixture(scope="module")

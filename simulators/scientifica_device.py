@@ -656,10 +656,10 @@ def run_cli(args: argparse.Namespace) -> int:
         initial_position_um=np.asarray(args.position_um, float), wire_time=args.wire_time,
     )
     path = sim.start()
-    print(path, flush=True)
-    print(f"Scientifica v{args.version} simulator at {args.baud} baud on {path}; Ctrl-C to stop",
-          file=sys.stderr, flush=True)
-    try:
+    try:  # announce inside the try: a Ctrl-C right after the path is read is a clean stop
+        print(path, flush=True)
+        print(f"Scientifica v{args.version} simulator at {args.baud} baud on {path}; Ctrl-C to stop",
+              file=sys.stderr, flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -74,39 +74,44 @@ def _true_heatmap_iou(loc: TipLocaliser, pred_heat: np.ndarray, true_model_px: n
     return heatmap_iou(torch.from_numpy(pred_heat), target)
 
 
+def _all_tips(rec: TipRecord) -> list[dict[str, Any]] | None:
+    """The record's well-formed ``all_tips`` entries (numeric x, y), as ``patchrig data synth``
+    writes them; None when the record has no ``all_tips`` list. Malformed entries are skipped:
+    ``all_tips`` is an optional extra that readers which do not need it ignore."""
+    entries = rec.extra.get("all_tips")
+    if not isinstance(entries, list):
+        return None
+    out = []
+    for t in entries:
+        if not isinstance(t, dict):
+            continue
+        try:
+            x, y = float(t["x"]), float(t["y"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.append(dict(t, x=x, y=y))
+    return out
+
+
 def faint_tips_px(rec: TipRecord) -> np.ndarray:
     """(n, 2) x, y of the record's real tips that are too faint to require (``all_tips``
-    entries with reason ``low_contrast``, as ``patchrig data synth`` writes); none otherwise."""
-    entries = rec.extra.get("all_tips")
-    out = []
-    if isinstance(entries, list):
-        for t in entries:
-            if isinstance(t, dict) and t.get("reason") == "low_contrast":
-                try:
-                    out.append((float(t["x"]), float(t["y"])))
-                except (KeyError, TypeError, ValueError):
-                    continue
-    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    entries with reason ``low_contrast``); none otherwise."""
+    faint = [(t["x"], t["y"]) for t in _all_tips(rec) or [] if t.get("reason") == "low_contrast"]
+    return np.asarray(faint, dtype=np.float64).reshape(-1, 2)
 
 
 def true_tip_cnr(rec: TipRecord) -> np.ndarray | None:
     """Each true tip's contrast-to-noise ratio from the record's ``all_tips`` (the visible entry
     at the tip's position), NaN where unknown; None when the record has no ``all_tips``."""
-    entries = rec.extra.get("all_tips")
-    if not isinstance(entries, list):
+    entries = _all_tips(rec)
+    if entries is None:
         return None
-    known = []
-    for t in entries:
-        if isinstance(t, dict) and t.get("visible") and isinstance(t.get("cnr"), int | float):
-            try:
-                known.append((float(t["x"]), float(t["y"]), float(t["cnr"])))
-            except (KeyError, TypeError, ValueError):
-                continue
+    known = [t for t in entries if t.get("visible") and isinstance(t.get("cnr"), int | float)]
     out = np.full(len(rec.tips_px), np.nan)
     for i, (x, y) in enumerate(np.asarray(rec.tips_px, dtype=np.float64).reshape(-1, 2)):
-        for kx, ky, c in known:
-            if abs(kx - x) < 0.01 and abs(ky - y) < 0.01:
-                out[i] = c
+        for t in known:
+            if abs(t["x"] - x) < 0.01 and abs(t["y"] - y) < 0.01:
+                out[i] = float(t["cnr"])
                 break
     return out
 

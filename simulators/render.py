@@ -28,7 +28,7 @@ pipettes renders in a few milliseconds on one core (``patchrig bench microscope`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -464,19 +464,21 @@ def quantise(image: np.ndarray, bit_depth: int) -> np.ndarray:
 
 def tip_contrast_to_noise(
     expected: np.ndarray,
-    reference: np.ndarray,
+    reference: Callable[[slice, slice], np.ndarray],
     x_px: float,
     y_px: float,
     sensor: Sensor,
     radius_px: float,
 ) -> float:
     """Detectability of a tip: the matched-filter signal-to-noise ratio
-    sqrt(sum(d_lambda**2 / var)) of the frame with versus without pipettes, over a disc of
-    ``radius_px`` around the tip, in photons. ``var`` is the Poisson and read noise plus the
-    background clutter (the variance of the tissue's fine texture in that disc, smooth gradients
-    removed), since texture hides a faint tip as well as noise does. Both images are clipped at
-    the detector's full scale first, so contrast lost to saturation does not count. Used to
-    label tips that are drawn but lost as not visible.
+    sqrt(sum(d_lambda**2 / var)) of the frame with versus without the tip's pipette, over a
+    disc of ``radius_px`` around the tip, in photons. ``reference(ys, xs)`` gives the frame
+    without the pipette in the window ``[ys, xs]`` (only the window around the tip is ever
+    needed). ``var`` is the Poisson and read noise plus the background clutter (the variance of
+    the tip-free frame's fine texture in that disc, smooth gradients removed), since texture
+    hides a faint tip as well as noise does. Both images are clipped at the detector's full
+    scale first, so contrast lost to saturation does not count. Used to label tips that are
+    drawn but lost as not visible.
     """
     h, w = expected.shape
     r = int(math.ceil(radius_px))
@@ -492,7 +494,7 @@ def tip_contrast_to_noise(
     # cloud is not visible however strong its expected contrast)
     top = 255.0 if sensor.bit_depth == 8 else 65535.0
     full_scale = max(top - sensor.offset_adu, 1.0) / max(k * sensor.gain_adu, 1e-12)
-    ref_win = np.minimum(reference[y0:y1, x0:x1], np.float32(full_scale)).astype(np.float32)
+    ref_win = np.minimum(reference(slice(y0, y1), slice(x0, x1)), np.float32(full_scale)).astype(np.float32)
     exp_win = np.minimum(expected[y0:y1, x0:x1], np.float32(full_scale)).astype(np.float32)
     fine = ref_win - cv2.GaussianBlur(ref_win, (0, 0), max(radius_px / 2, 1.0), borderType=cv2.BORDER_REFLECT)
     clutter = float((fine[disc].astype(np.float64) * k).var())

@@ -129,21 +129,45 @@ def render_background(params: BackgroundParams, optics: Optics) -> np.ndarray:
     return bg.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class TipReferences:
+    """What each tip's contrast is measured against: the frame without THAT pipette's glass
+    and glow, every other pipette kept (a tip lying in another pipette's shadow or glow shows
+    only its own contrast over it). Ejected dye clouds stay in (diffuse dye is not the tip).
+
+    Evaluated only in the window asked for (``without``): tip contrast needs a small disc
+    around each tip, so no whole tip-free frames are made for every rendered frame.
+    ``lit``: what the glass transmits (background + every dye cloud); ``transmissions`` and
+    ``glows``: each pipette's own layers (empty: no pipette contributes, e.g. ex vivo);
+    ``vignette``: the display falloff applied to everything (None: none).
+    """
+
+    lit: np.ndarray
+    transmissions: tuple[np.ndarray, ...] = ()
+    glows: tuple[np.ndarray, ...] = ()
+    vignette: np.ndarray | None = None
+
+    def without(self, index: int, ys: slice, xs: slice) -> np.ndarray:
+        """The frame without pipette ``index``, in the window ``[ys, xs]``."""
+        lit = self.lit[ys, xs]
+        if self.transmissions:
+            others = [j for j in range(len(self.transmissions)) if j != index]
+            ref = lit * _product([self.transmissions[j][ys, xs] for j in others], lit.shape)
+            ref += _total([self.glows[j][ys, xs] for j in others], lit.shape)
+        else:
+            ref = lit
+        return ref if self.vignette is None else ref * self.vignette[ys, xs]
+
+
 def expected_image(
     scene: Scene, background: np.ndarray | None = None
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The noiseless expected image of ``scene`` (background units), and per pipette the same
-    frame without THAT pipette's glass and glow (what its tip's contrast is measured against).
-
-    Every other pipette stays in a pipette's reference: a tip lying in another pipette's shadow
-    or glow shows only its own contrast over that, not the other pipette's. Ejected dye clouds
-    stay in every reference (diffuse dye is not the tip).
-    """
+) -> tuple[np.ndarray, TipReferences]:
+    """The noiseless expected image of ``scene`` (background units), and what each tip's
+    contrast is measured against (``TipReferences``)."""
     optics = scene.optics
     if background is None:
         background = render_background(scene.background, optics)
-    ex_vivo = scene.domain == "ex_vivo"
-    if ex_vivo:
+    if scene.domain == "ex_vivo":
         layers = render_pipettes(scene.pipettes, optics, want_coverage=True)
         expected = background * layers.transmission
         if scene.dic_relief != 0 and layers.coverage is not None:
@@ -151,7 +175,7 @@ def expected_image(
             a = math.radians(scene.dic_azimuth_deg)
             gy, gx = np.gradient(layers.coverage - 4.0 * background)
             expected += np.float32(scene.dic_relief) * (gx * math.cos(a) + gy * math.sin(a))
-        references = [background for _ in scene.pipettes]
+        refs = TipReferences(background)
     else:
         if scene.background_level != 1.0:
             background = background * np.float32(scene.background_level)
@@ -161,17 +185,12 @@ def expected_image(
             lit += lay.cloud
         expected = lit * _product([lay.transmission for lay in own], lit.shape)
         expected += _total([lay.glow for lay in own], lit.shape)
-        references = []
-        for i in range(len(own)):
-            others = own[:i] + own[i + 1 :]
-            ref = lit * _product([lay.transmission for lay in others], lit.shape)
-            ref += _total([lay.glow for lay in others], lit.shape)
-            references.append(ref)
+        refs = TipReferences(lit, tuple(lay.transmission for lay in own), tuple(lay.glow for lay in own))
     if scene.vignette_strength or scene.scan_edge:
         v = vignette(optics.size_px, scene.vignette_strength, scene.scan_edge)
         expected *= v
-        references = [r * v for r in references]
-    return expected, references
+        refs = replace(refs, vignette=v)
+    return expected, refs
 
 
 def _product(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -188,17 +207,18 @@ def _total(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def scene_labels(
-    scene: Scene, expected: np.ndarray, references: list[np.ndarray]
-) -> list[TipLabel]:
-    """Tip labels; a tip in frame and in focus whose own contrast-to-noise ratio (against
-    ``references[i]``, the frame without that pipette, see ``expected_image``) is below
-    ``scene.min_tip_cnr`` is labelled not visible (``reason="low_contrast"``)."""
+def scene_labels(scene: Scene, expected: np.ndarray, references: TipReferences) -> list[TipLabel]:
+    """Tip labels; a tip in frame and in focus whose own contrast-to-noise ratio (against the
+    frame without that pipette, see ``TipReferences``) is below ``scene.min_tip_cnr`` is
+    labelled not visible (``reason="low_contrast"``)."""
     labels = label_tips(scene.pipettes, scene.optics)
     radius_px = max(4.0, 8.0 / scene.optics.um_per_px)
     out = []
-    for lab, reference in zip(labels, references, strict=True):
+    for i, lab in enumerate(labels):
         if lab.visible:
+            def reference(ys: slice, xs: slice, i: int = i) -> np.ndarray:
+                return references.without(i, ys, xs)
+
             cnr = tip_contrast_to_noise(expected, reference, lab.x_px, lab.y_px, scene.sensor, radius_px)
             lab = replace(lab, cnr=cnr)
             if cnr < scene.min_tip_cnr:

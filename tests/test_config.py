@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support_cli import one_line_error
 
 from config import default_config_path, load_config
 from rig.cli import main
@@ -101,8 +102,8 @@ def test_check_config_prints_one_line_per_outcome(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().out.count("\n") == 1
     bad = _write(tmp_path, default_config_path().read_text().replace("[server]", "[server]\nbogus_key = 1"))
     assert main(["check-config", str(bad)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "server.bogus_key: unknown key" in err[0] and str(bad) in err[0]
+    err = one_line_error(capsys)
+    assert "server.bogus_key: unknown key" in err and str(bad) in err
 
 
 def test_check_config_warns_about_paths_that_do_not_exist(

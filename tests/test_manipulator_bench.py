@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support_cli import one_line_error
 from support_sensapex import free_group
 
 from rig.cli import main
@@ -119,8 +120,8 @@ def test_bench_rejects_bad_numbers_in_one_line(
     option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["bench", "manipulators", "--backends", "simulated", option, value]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    err = one_line_error(capsys)
+    assert message in err, err
 
 
 def test_simulate_sensapex_stops_cleanly_on_sigterm() -> None:

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from support_cli import one_line_error
 
 from rig.frame import Frame
 from rig.frame_sender import FrameSender
@@ -188,8 +189,8 @@ def test_cli_simulate_microscope_bad_numbers_are_one_line_errors(
     from rig.cli import main
 
     assert main(["simulate", "microscope", "--duration", "0.1", option, value]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    err = one_line_error(capsys)
+    assert message in err, err
 
 
 def test_cli_simulate_microscope_runs_for_its_duration_in_process(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from support_cli import one_line_error
 
 from localisation.dataset_format import (
     TipRecord,
@@ -240,8 +241,8 @@ def test_cli_data_bad_numbers_and_paths_are_one_line_errors_that_write_nothing(
         argv = argv[: argv.index("--out")]
     argv = [str(dataset) if a == "DATASET" else str(tmp_path / "missing") if a == "NO_SUCH_DIR" else a for a in argv]
     assert main(["data", *argv, "--out", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    err = one_line_error(capsys)
+    assert message in err, err
     assert not out.exists()
 
 
@@ -249,5 +250,5 @@ def test_an_unwritable_output_place_is_one_clear_error(tmp_path: Path, capsys: p
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     assert main(["data", "synth", "--out", str(blocker / "ds"), "--n", "2", "--size", "64"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot create the dataset directory" in err[0] and str(blocker / "ds") in err[0]
+    err = one_line_error(capsys)
+    assert "cannot create the dataset directory" in err and str(blocker / "ds") in err

@@ -14,7 +14,10 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
    next stops go ``expanded_step_um`` to the other side and back, shrunk until the predicted
    tip stays inside the frame (``fov_margin_px``) and the target inside the soft limits.
    Targets are checked against the limits before moving, never clipped; a stop that cannot be
-   reached within the limits is skipped (or the other direction is used).
+   reached within the limits is skipped (or the other direction is used). When no expanded
+   stop finds the tip where the first step's gain predicts it, that first detection was
+   probably not this tip (clutter, another pipette's shank): it is forgotten and the axis
+   starts again with a first step the other way.
 3. **Focus.** z steps are small (``z_step_um``) because a tip more than a few µm from the focal
    plane is not detected. The approach axis of a 4-axis device dives into the tissue, so its
    steps are compensated with z to keep the tip in focus; if a compensated step loses the tip,
@@ -477,18 +480,37 @@ class AutoCalibrator:
 
     def _horizontal_axis(self, axis: int, *, first_done: bool) -> None:
         self._report("axis", axis=axis)
-        first_sign = 1.0
-        if not first_done:
-            first_sign = 1.0 if self._within_limits(self._step_target(axis, self.s.first_step_um)) else -1.0
-            step = first_sign * self.s.first_step_um
-            if not (self._stop(axis, step, unknown=True) or self._stop(axis, -step, unknown=True)):
-                raise NotCalibrated(f"tip lost when stepping axis {axis}", channel=self.channel)
-        else:
+        if first_done:
             first_sign = float(np.sign(self.samples[-1].position_um[axis] - self.p0[axis]) or 1.0)
+            self._expanded_stops(axis, first_sign)
+            return
+        preferred = 1.0 if self._within_limits(self._step_target(axis, self.s.first_step_um)) else -1.0
+        for first_sign in (preferred, -preferred):
+            kept = len(self.samples)
+            if not self._stop(axis, first_sign * self.s.first_step_um, unknown=True):
+                continue
+            if self._expanded_stops(axis, first_sign):
+                return
+            # The gain from the first step predicted the expanded stops wrongly: that first
+            # detection was probably not our tip (clutter, another pipette's shank). Forget it
+            # and start the axis again from the other side.
+            self.log.info("first step of the axis not confirmed; retrying from the other side", axis=axis)
+            del self.samples[kept:]
+            self.gains.pop(axis, None)
+        raise NotCalibrated(
+            f"tip lost when stepping axis {axis}: not seen, or not seen again where its first step predicted it",
+            channel=self.channel,
+        )
+
+    def _expanded_stops(self, axis: int, first_sign: float) -> bool:
+        """The expanded stops of ``axis`` (against, then along, the first step); whether the
+        tip was found at one of them at least."""
+        found = False
         for direction in (-first_sign, first_sign):
             expanded = self._expanded_step(axis, direction)
             if expanded is not None:
-                self._stop(axis, expanded)
+                found = self._stop(axis, expanded) or found
+        return found
 
     def _z_axis(self) -> None:
         self._report("axis", axis=2)

@@ -15,8 +15,10 @@
    seen (so the next iteration aims right); within ``tolerance_um`` it is done.
    Follow check: after every move the tip must appear where the calibration pinned at the
    previous observation predicts it, within ``follow_tolerance_um`` plus ``follow_fraction``
-   of the move; a detection that does not follow the pipette (clutter, another tip) ends the
-   loop rather than being chased.
+   of the move. A detection that does not follow the pipette (clutter, another tip, a bad
+   localisation on one frame) is never used; the next fresh frames are looked at (up to
+   ``max_looks``), and when none shows a detection that follows, the loop ends rather than
+   chasing it.
 4. A tip not found after a move may have left focus (the Z row of a calibration is assumed,
    not measured, so long moves can drift in Z): the loop then steps the target's Z by
    ``focus_steps_um`` (XY held through the calibration) until the tip is seen again, and
@@ -142,30 +144,45 @@ def move_tip(
             cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
             pinned_at = position
 
+    not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
+
+    def find_following(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
+        """``find_tip``, less a detection that fails the follow check (noted, never used)."""
+        detection = find_tip(look, trial, position)
+        if detection is None or pinned_at is None:
+            return detection
+        seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        moved_um = float(np.linalg.norm(trial.matrix[:2] @ (position - pinned_at)))
+        off_um = float(np.linalg.norm(seen - trial.to_microscope_um(position)[:2]))
+        if off_um > follow_tolerance_um + follow_fraction * moved_um:
+            not_following.append((off_um, moved_um))
+            return None
+        return detection
+
     for iteration in range(1, max_iterations + 1):
         position = manipulator.position_um
         goal = cal.to_manipulator_um(target, position)
         if not manipulator.limits.contains(goal.tolist()):
             raise fail(f"iteration {iteration}: the corrected target {np.round(goal, 1).tolist()} µm is outside the limits")
         end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
-        detection, look, position = _observe(manipulator, eye, cal, find_tip, end_s, cancel, looks_per_stop, max_looks)
+        not_following.clear()
+        detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel, looks_per_stop, max_looks)
+        if detection is None and not not_following:
+            found = _focus_search(manipulator, eye, cal, target, find_following, focus_steps_um, speed_um_s, cancel)
+            if found is not None:
+                detection, look, position, cal = found
+                target = np.array([target[0], target[1], look.focal_z_um])
+                focus_searches += 1
+                log.info("tip found again by a focus search", iteration=iteration)
+        if detection is None and not_following:
+            off_um, moved_um = not_following[0]
+            raise fail(
+                f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
+                f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
+            )
         if detection is None:
-            found = _focus_search(manipulator, eye, cal, target, find_tip, focus_steps_um, speed_um_s, cancel)
-            if found is None:
-                raise fail(f"iteration {iteration}: tip not found near its predicted position, nor above or below it")
-            detection, look, position, cal = found
-            target = np.array([target[0], target[1], look.focal_z_um])
-            focus_searches += 1
-            log.info("tip found again by a focus search", iteration=iteration)
+            raise fail(f"iteration {iteration}: tip not found near its predicted position, nor above or below it")
         seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
-        if pinned_at is not None:  # follow check: did the detection move as the pipette did?
-            moved_um = float(np.linalg.norm(cal.matrix[:2] @ (position - pinned_at)))
-            off_um = float(np.linalg.norm(seen - cal.to_microscope_um(position)[:2]))
-            if off_um > follow_tolerance_um + follow_fraction * moved_um:
-                raise fail(
-                    f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
-                    f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
-                )
         pinned_at = position
         error = float(np.linalg.norm(target[:2] - seen))
         errors.append(error)

@@ -19,6 +19,7 @@ from calibration.auto import AutoCalibrationSettings
 from calibration.closed_loop import MoveTipFailed
 from calibration.service import CalibrationService
 from config.models import CalibrationConfig, RigIdentity
+from localisation.types import TipDetection
 from rig.errors import NotCalibrated, OutOfBounds, Stopped
 
 
@@ -361,3 +362,61 @@ def test_a_calibration_that_cannot_be_written_is_a_clear_error(monkeypatch):
         monkeypatch.setattr(rig.service.store, "save", disk_full)
         with pytest.raises(DataError, match="NOT saved"):
             rig.service.calibrate("A")
+
+
+def test_a_wrong_first_detection_on_an_axis_is_forgotten_and_the_axis_retried():
+    """At the first y step the localiser reports a wrong point (the tip's displacement turned
+    by 90°: clutter that would give y a wrong gain). The expanded stops do not find the tip
+    where that gain puts it, so the routine forgets that stop, steps y the other way and
+    calibrates right; before, the calibration failed ("seen at only 2 positions")."""
+    with Rig(18, 1) as rig:
+        m = rig.manipulators["A"]
+        p0 = m.position_um.copy()
+        start_px = rig.world.true_tip_px("A")
+        oracle_locate = rig.localiser.locate
+        fooled: list[float] = []
+
+        def locate(pixels, um_per_px):
+            found = oracle_locate(pixels, um_per_px)
+            step = m.position_um - p0
+            if found and abs(step[1] - 15.0) < 0.5 and np.allclose(np.delete(step, 1), 0.0, atol=0.5):
+                moved = np.array([found[0].x_px, found[0].y_px]) - start_px
+                wrong = start_px + np.array([-moved[1], moved[0]])
+                fooled.append(step[1])
+                return [TipDetection(float(wrong[0]), float(wrong[1]), found[0].score)]
+            return found
+
+        rig.localiser.locate = locate
+        result = rig.service.calibrate("A")
+        assert fooled, "the wrong detection was never served"
+        assert result["moves"] <= 20
+        assert rig.true_error_um("A") <= 1.0
+        steps_y = [round(p["position_um"][1] - p0[1], 3) for p in result["points"]]
+        assert 15.0 not in steps_y and -15.0 in steps_y  # the fooled stop was forgotten
+
+
+def test_move_tip_skips_one_frame_whose_detection_does_not_follow_the_pipette():
+    """On the first frame after the move the localiser is 6 µm off (one bad frame). That
+    detection fails the follow check and is never used; the next fresh frames show the tip
+    where it should be, so move_tip succeeds (before, the whole move_tip failed)."""
+    with Rig(19, 1) as rig:
+        rig.service.calibrate("A")
+        m = rig.manipulators["A"]
+        start = m.position_um.copy()
+        oracle_locate = rig.localiser.locate
+        corrupted: list[int] = []
+
+        def locate(pixels, um_per_px):
+            found = oracle_locate(pixels, um_per_px)
+            if found and not corrupted and np.linalg.norm(m.position_um - start) > 5.0:
+                corrupted.append(1)
+                off_px = 6.0 / um_per_px
+                return [TipDetection(found[0].x_px + off_px, found[0].y_px, found[0].score)]
+            return found
+
+        rig.localiser.locate = locate
+        target_px = rig.world.true_tip_px("A") + np.array([-40.0, 25.0])
+        out = rig.service.move_tip("A", target_px=target_px.tolist())
+        assert corrupted == [1]
+        assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
+        assert out["error_um"] <= 2.0

@@ -7,7 +7,9 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
 1. **Identify the tip.** Look at ``p0``, step the x axis by ``first_step_um`` and look again.
    Other pipettes do not move: detections within ``static_gate_um`` of a detection at ``p0``
    are static. This channel's tip is the detection that left its place and reappeared
-   0.3x-3x the step away (any direction: the axis sign and scale are unknown). Failing that,
+   0.3x-3x the step away (any direction: the axis sign and scale are unknown). When a second
+   detection made the same move (a dye bleb on the shank, say), which one is the tip cannot
+   be told from motion and the calibration is refused rather than guessed. Failing that,
    x steps the other way, and then both ways by ``identify_far_step_um`` (a tip merged with a
    neighbour at ``p0`` separates from it further out).
 2. **Expand.** For each axis, after a small first step the axis' image gain is estimated; the
@@ -53,7 +55,7 @@ import numpy as np
 
 from calibration.fit import XYFit, build_calibration
 from calibration.observe import Eye, Look, move_and_settle
-from calibration.transform import ChannelCalibration, px_to_um
+from calibration.transform import ChannelCalibration, px_to_um, um_to_px
 from manipulators.base import Manipulator
 from rig.errors import NotCalibrated, OutOfBounds, PatchrigError, Stopped
 from rig.logs import get_logger
@@ -418,6 +420,7 @@ class AutoCalibrator:
             pairs = self._unmatched_pairs(tips0, tips, step)
             if pairs:
                 _, i, j = pairs[0]
+                self._refuse_if_ambiguous(tips0, tips, pairs, look)
                 self.t0 = tips0[i]
                 self.others_um = np.delete(tips0, i, axis=0)
                 self._record(look0, self.p0, tips0[i])
@@ -431,6 +434,7 @@ class AutoCalibrator:
             pairs = self._unmatched_pairs(tips_plus, tips_minus, 2 * step)
             if pairs:
                 _, i, j = pairs[0]
+                self._refuse_if_ambiguous(tips_plus, tips_minus, pairs, look_plus)
                 self.t0 = 0.5 * (tips_plus[i] + tips_minus[j])
                 self.others_um = tips0
                 self._record(look_plus, t_plus, tips_plus[i])
@@ -439,6 +443,24 @@ class AutoCalibrator:
                 self.log.info("tip identified from +-step", tip_xy_um=[round(float(v), 2) for v in self.t0], step_um=step)
                 return True
         return False
+
+    def _refuse_if_ambiguous(self, a: np.ndarray, b: np.ndarray, pairs: list[tuple[float, int, int]], look: Look) -> None:
+        """Raise NotCalibrated when a second detection moved exactly as the chosen one did
+        (within ``static_gate_um``): two points follow this pipette (its tip and, say, a dye
+        bleb on its shank) and which one is the tip cannot be told from motion. Picking one
+        would calibrate to the wrong point with a perfect residual."""
+        _, i, j = pairs[0]
+        shift = b[j] - a[i]
+        for _, i2, j2 in pairs[1:]:
+            if i2 != i and j2 != j and np.linalg.norm((b[j2] - a[i2]) - shift) <= self.s.static_gate_um:
+                apart = float(np.linalg.norm(a[i2] - a[i]))
+                px = [np.round(um_to_px(p, look.frame.um_per_px, look.frame.shape), 1).tolist() for p in (a[i], a[i2])]
+                raise NotCalibrated(
+                    f"two detections moved with this pipette, {apart:.1f} µm apart (at px {px[0]} and {px[1]} "
+                    "before the step): cannot tell which one is its tip; move the pipette until only its tip "
+                    "is detected, or calibrate by hand and use set_tip",
+                    channel=self.channel,
+                )
 
     def _stop(
         self, axis: int, step_um: float, *, z_comp: float = 0.0, unknown: bool = False, retry: bool = True

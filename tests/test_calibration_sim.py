@@ -420,3 +420,26 @@ def test_move_tip_skips_one_frame_whose_detection_does_not_follow_the_pipette():
         assert corrupted == [1]
         assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
         assert out["error_um"] <= 2.0
+
+
+def test_calibration_refuses_when_two_detections_move_with_the_pipette():
+    """A second detection 8 µm beside the tip moves rigidly with the pipette (a dye bleb on
+    the shank, say). Motion cannot tell which is the tip, so the calibration is refused with
+    both pixels named, instead of picking one (half the time the wrong one, with a perfect
+    residual), and the pipette is back where it started."""
+    with Rig(20, 1) as rig:
+        oracle_locate = rig.localiser.locate
+
+        def locate(pixels, um_per_px):
+            found = oracle_locate(pixels, um_per_px)
+            if found:
+                bleb = TipDetection(found[0].x_px + 8.0 / um_per_px, found[0].y_px + 1.0, found[0].score)
+                found = [*found, bleb]
+            return found
+
+        rig.localiser.locate = locate
+        start = rig.manipulators["A"].position_um.copy()
+        with pytest.raises(NotCalibrated, match=r"two detections moved with this pipette, 8\.\d µm apart.*returned to the start"):
+            rig.service.calibrate("A")
+        np.testing.assert_allclose(rig.manipulators["A"].position_um, start, atol=1e-6)
+        assert not rig.service.is_calibrated("A")

@@ -12,7 +12,9 @@
    up to ``max_looks`` frames are used to find it on ``looks_per_stop`` of them (mean taken),
    so a localiser that misses the tip on one frame costs a frame, not the operation.
 3. The error target - seen is measured; the calibration's offset is re-pinned to what was
-   seen (so the next iteration aims right); within ``tolerance_um`` it is done.
+   seen (so the next iteration aims right); within ``tolerance_um`` it is done, except that
+   a first landing beyond ``refine_above_fraction`` of the tolerance gets one more correction
+   (while iterations remain), so one look's localisation error does not decide the result.
    Follow check: after every move the tip must appear where the calibration pinned at the
    previous observation predicts it, within ``follow_tolerance_um`` plus ``follow_fraction``
    of the move. A detection that does not follow the pipette (clutter, another tip, a bad
@@ -102,6 +104,7 @@ def move_tip(
     max_pin_um: float = 10.0,
     follow_tolerance_um: float = 3.0,
     follow_fraction: float = 0.05,
+    refine_above_fraction: float = 0.5,
 ) -> MoveTipResult:
     """Bring the tip of ``manipulator`` to ``target_um`` (microscope X, Y, Z µm) within
     ``tolerance_um`` in X, Y. Returns the result with the corrected calibration."""
@@ -190,7 +193,11 @@ def move_tip(
         if progress is not None:
             progress(stage="iteration", iteration=iteration, error_um=error)
         log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
-        if error <= tolerance_um:
+        # aim for the inner part of the tolerance: a first landing in its outer part gets one
+        # more (small) correction, so that the localiser's own error on one look does not
+        # carry the true error past the tolerance; any later landing within it is accepted
+        refine = iteration == 1 and max_iterations > 1
+        if error <= tolerance_um * (refine_above_fraction if refine else 1.0):
             return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors, focus_searches)
     raise fail(
         f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "

@@ -8,7 +8,11 @@ never sees the truth; the benchmark compares its results with it:
 
 - calibration: moves per channel, residual, TRUE error (median |predicted - true| in X, Y over
   25 positions within +-40 µm of the calibration position), failures;
-- move_tip: TRUE final error of the tip (µm) and iterations, ``--trials`` per channel;
+- move_tip: TRUE final error of the tip (µm) and iterations, ``--trials`` per channel, to
+  random targets up to 100 px away; a target the daemon's collision guard refuses (closer
+  than ``min_tip_separation_um`` to another calibrated tip) is redrawn and counted
+  (``move_tip_targets_refused``); each trial records its target and the TRUE distance from
+  it to the nearest other tip;
 - assignment: frames in which every assigned detection went to the right channel, with the
   four pipettes moving (and crossing) between frames;
 - correction: after a 6 µm jump of one channel's hidden offset (plus the world's drift), TRUE
@@ -131,10 +135,14 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
             # -- move_tip --------------------------------------------------------------------
             for name in calibrated:
                 for _ in range(args.trials):
-                    h, w = world.image_size_px
-                    tip_px = world.true_tip_px(name)
-                    target = np.clip(tip_px + rng.uniform(-100, 100, 2), 40, np.array([w, h]) - 41)
-                    row = {"channel": name}
+                    target, refused = _draw_target(world, service, name, rng)
+                    others = [world.true_tip_px(o) for o in world.channel_names if o != name]
+                    row = {
+                        "channel": name,
+                        "target_px": target.tolist(),
+                        "targets_refused": refused,
+                        "nearest_other_tip_um": min(float(np.linalg.norm(o - target)) for o in others) * world.um_per_px,
+                    }
                     try:
                         result = service.move_tip(name, target_px=target.tolist())
                         row.update(ok=True, iterations=result["iterations"], reported_error_um=result["error_um"])
@@ -154,6 +162,25 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
         if hasattr(localiser, "close"):
             localiser.close()
     return out
+
+
+def _draw_target(world, service, name: str, rng: np.random.Generator, max_draws: int = 50) -> tuple[np.ndarray, int]:
+    """A move_tip target (pixels) up to 100 px from the tip in x and y and at least 40 px
+    inside the frame, redrawn while the daemon's collision guard refuses it (within
+    ``min_tip_separation_um`` of another calibrated tip, as the daemon predicts them: a user
+    would not ask for it, and move_tip would refuse it). Returns it and the refused draws."""
+    from calibration.transform import px_to_um
+
+    h, w = world.image_size_px
+    refused = 0
+    for _ in range(max_draws):
+        target = np.clip(world.true_tip_px(name) + rng.uniform(-100, 100, 2), 40, np.array([w, h]) - 41)
+        try:
+            service.check_separation(name, [*px_to_um(target, world.um_per_px, (h, w)), world.focal_z_um])
+            return target, refused
+        except PatchrigError:
+            refused += 1
+    raise RuntimeError(f"no target for channel {name} clear of the other tips in {max_draws} draws")
 
 
 def _assignment(world, manipulators, frames, localiser, service, rng, n_frames: int) -> dict[str, Any]:
@@ -234,6 +261,7 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "calibration_residual_median_um": float(np.median([r["residual_um"] for r in ok])) if ok else None,
         "z_sign_right_fraction_4axis": _frac([r["z_sign_right"] for r in ok if r["n_axes"] == 4]),
         "move_tip_trials": len(mt),
+        "move_tip_targets_refused": sum(r.get("targets_refused", 0) for r in mt),
         "move_tip_within_2um_fraction": _frac([r["true_error_um"] <= 2.0 for r in mt]),
         "move_tip_true_error_median_um": float(np.median([r["true_error_um"] for r in mt])) if mt else None,
         "move_tip_failures": sum(not r["ok"] for r in mt),

@@ -43,8 +43,14 @@ Methods (every returned dict is JSON-able; units are in the key names):
   (``calibration.closed_loop``). ``target_px`` = [x, y] in the newest frame's pixels;
   ``target_um`` = [X, Y] or [X, Y, Z] microscope µm. Without Z the target is in the focal
   plane (a pixel target is where the user sees it: in focus).
-  Raises OutOfBounds (target outside the limits, nothing moved), MoveTipFailed (code
-  "timeout"; returned to the start), NotCalibrated, Stopped.
+  Raises OutOfBounds (target outside the limits, or closer than ``min_tip_separation_um``
+  to another channel's tip; nothing moved), MoveTipFailed (code "timeout"; returned to the
+  start), NotCalibrated, Stopped.
+- ``check_separation(channel, target_um) -> None``: the collision guard of move_tip alone.
+  Raises OutOfBounds when the target (microscope X, Y, Z µm) lies within
+  ``[calibration] min_tip_separation_um`` (3-D distance) of another calibrated channel's tip,
+  predicted from its read-back position. Only the end point is checked, not the path, and
+  uncalibrated channels are unknown to it.
 - ``close()``: writes any correction not yet persisted.
 
 ``progress`` is called with keyword fields only (e.g. ``Operation.progress``); ``cancel`` is a
@@ -81,6 +87,7 @@ from rig.errors import (
     NoFrame,
     NotCalibrated,
     NotFound,
+    OutOfBounds,
     PatchrigError,
 )
 from rig.frame import Frame
@@ -400,6 +407,34 @@ class CalibrationService:
         finally:
             lock.release()
 
+    def check_separation(self, channel: str, target_um: np.ndarray | list[float]) -> None:
+        """Refuse (OutOfBounds) a target within ``min_tip_separation_um`` of another calibrated
+        channel's predicted tip (microscope µm, 3-D): two tips driven together can collide,
+        and the localiser cannot tell them apart."""
+        limit_um = float(self.cfg.min_tip_separation_um)
+        target = np.asarray(target_um, float).reshape(-1)[:3]
+        if limit_um <= 0:
+            return
+        for name, m in self.manipulators.items():
+            with self._lock:
+                stored = self._stored.get(name)
+            if name == channel or stored is None:
+                continue
+            try:
+                other = stored.calibration.to_microscope_um(m.position_um)
+            except PatchrigError:
+                raise OutOfBounds(
+                    f"cannot check the target against channel {name!r}'s tip (its position cannot be read); refused",
+                    channel=channel,
+                ) from None
+            apart_um = float(np.linalg.norm(other[: target.size] - target))
+            if apart_um < limit_um:
+                raise OutOfBounds(
+                    f"target {np.round(target, 1).tolist()} µm is {apart_um:.1f} µm from channel {name!r}'s tip "
+                    f"(minimum separation {limit_um:.1f} µm); rejected, nothing moved",
+                    channel=channel,
+                )
+
     def _own_tip(self, channel: str, look: Look) -> TipDetection:
         """This channel's tip on ``look``: the assigned detection, else the only unassigned one."""
         if not look.detections:
@@ -451,6 +486,8 @@ class CalibrationService:
                 if values.size not in (2, 3) or not np.all(np.isfinite(values)):
                     raise InvalidParams("target_um must be 2 or 3 finite numbers (microscope µm)", channel=channel)
                 target = np.array([values[0], values[1], values[2] if values.size == 3 else focal_z])
+
+            self.check_separation(channel, target)
 
             def find(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
                 own = trial.to_px(position, look.frame.um_per_px, look.frame.shape)

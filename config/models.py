@@ -132,6 +132,7 @@ class CalibrationConfig(Strict):
     max_offset_jump_um: Annotated[float, Field(gt=0)] = 10.0
     tolerance_um: Annotated[float, Field(gt=0)] = 2.0
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 6
+    min_tip_separation_um: Annotated[float, Field(ge=0)] = 10.0
 
 
 class ServerConfig(Strict):

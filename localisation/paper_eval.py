@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes-baseline", type=float, default=StudyPlan.minutes_baseline)
     parser.add_argument("--train-frames", type=int, default=StudyPlan.train_frames)
     parser.add_argument("--test-frames", type=int, default=StudyPlan.test_frames)
+    parser.add_argument(
+        "--test-seed", type=int, default=StudyPlan.test_seed,
+        help="seed of the test set; 779 with --test-frames 500 renders the shared test set runs/testset-779-v3",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     plan = StudyPlan(
@@ -321,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes_baseline=args.minutes_baseline,
         train_frames=args.train_frames,
         test_frames=args.test_frames,
+        test_seed=args.test_seed,
     )
     run_study(plan, args.out, args.denoiser, progress=not args.quiet)
     return 0

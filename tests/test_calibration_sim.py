@@ -36,10 +36,11 @@ class Rig:
         self.camera.start()
         self.service = self.new_service()
 
-    def new_service(self, rig: RigIdentity | None = None, **kw) -> CalibrationService:
+    def new_service(self, rig: RigIdentity | None = None, cfg: CalibrationConfig | None = None, **kw) -> CalibrationService:
         kw.setdefault("settle_s", 0.01)  # the oracle camera renders on demand: no scan to wait for
         return CalibrationService(
-            rig or RigIdentity(), CalibrationConfig(), self.manipulators, self.camera, self.localiser, store_dir=self.store_dir, **kw
+            rig or RigIdentity(), cfg or CalibrationConfig(), self.manipulators, self.camera, self.localiser,
+            store_dir=self.store_dir, **kw,
         )
 
     def true_error_um(self, channel: str, *, box_um: float = 40.0, n: int = 25) -> float:
@@ -475,3 +476,22 @@ def test_move_tip_corrects_a_first_landing_in_the_outer_half_of_the_tolerance():
         start = m.position_um.copy()
         back = rig.service.move_tip("A", target_px=(target_px - 30.0).tolist(), max_iterations=1)
         assert jumped == [1] and back["iterations"] == 1 and 1.0 < back["error_um"] <= 2.0
+
+
+def test_move_tip_refuses_a_target_next_to_another_channels_tip():
+    """Collision guard: a target within min_tip_separation_um (10 µm) of another calibrated
+    channel's tip is rejected before anything moves; 0 turns the guard off."""
+    with Rig(22, 2) as rig:
+        for ch in ("A", "B"):
+            rig.service.calibrate(ch)
+        a = rig.manipulators["A"]
+        start = a.position_um.copy()
+        b_tip_um = rig.service._calibration("B").to_microscope_um(rig.manipulators["B"].position_um)
+        near = [float(b_tip_um[0]) + 6.0, float(b_tip_um[1])]
+        with pytest.raises(OutOfBounds, match=r"6\.\d µm from channel 'B'.*minimum separation 10\.0 µm.*nothing moved"):
+            rig.service.move_tip("A", target_um=near)
+        np.testing.assert_array_equal(a.position_um, start)
+        rig.service.check_separation("A", [b_tip_um[0] + 12.0, b_tip_um[1], b_tip_um[2]])  # far enough: no error
+        rig.service.check_separation("A", [b_tip_um[0] + 6.0, b_tip_um[1], b_tip_um[2] + 12.0])  # 12 µm above it
+        open_service = rig.new_service(cfg=CalibrationConfig(min_tip_separation_um=0.0))
+        open_service.check_separation("A", near)  # the guard is off

@@ -145,7 +145,10 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
                     }
                     try:
                         result = service.move_tip(name, target_px=target.tolist())
-                        row.update(ok=True, iterations=result["iterations"], reported_error_um=result["error_um"])
+                        row.update(
+                            ok=True, iterations=result["iterations"], reported_error_um=result["error_um"],
+                            verified=result["verified"],
+                        )
                     except PatchrigError as exc:
                         row.update(ok=False, error=str(exc))
                     row["true_error_um"] = float(np.linalg.norm(world.true_tip_px(name) - target)) * world.um_per_px
@@ -265,6 +268,7 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "move_tip_within_2um_fraction": _frac([r["true_error_um"] <= 2.0 for r in mt]),
         "move_tip_true_error_median_um": float(np.median([r["true_error_um"] for r in mt])) if mt else None,
         "move_tip_failures": sum(not r["ok"] for r in mt),
+        "move_tip_unverified": sum(r["ok"] and not r.get("verified", True) for r in mt),
         "move_tip_iterations_median": float(np.median([r["iterations"] for r in mt if r["ok"]])) if any(r["ok"] for r in mt) else None,
         "assignment_frames": frames,
         "assignment_correct_fraction": sum(a["correct_fraction"] * a["frames"] for a in asg) / frames if frames else None,

@@ -25,7 +25,14 @@
    not measured, so long moves can drift in Z): the loop then steps the target's Z by
    ``focus_steps_um`` (XY held through the calibration) until the tip is seen again, and
    re-pins the calibration's Z offset to the focal plane there (a seen tip is in focus).
-5. After ``max_iterations`` without success, or when the tip is lost or a correction leads
+5. When the tip is still not seen (after a focus search), or only detections that do not
+   follow are, the target itself may hide it (another pipette's shank crossing there, a
+   bright cell). If the tip was seen earlier in the call, it backs off
+   ``unverified_final_um`` (15 µm) toward the start, finds the tip there, re-pins the offset
+   on it and steps onto the target open loop. The result then says ``verified: false`` and
+   how far was moved without seeing the tip (``unverified_um``); ``error_um`` is the
+   calibration's prediction there. 0 turns this off (the call fails instead).
+6. After ``max_iterations`` without success, or when the tip is lost or a correction leads
    out of the limits, the tip goes back to where it started, the calibration is left as it
    was before the call (the last good state), and ``MoveTipFailed`` says why.
 
@@ -72,6 +79,8 @@ class MoveTipResult:
     seen_xy_um: np.ndarray
     errors_um: list[float] = field(default_factory=list)
     focus_searches: int = 0
+    verified: bool = True  # False: the last ``unverified_um`` were moved open loop (tip not detected there)
+    unverified_um: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +92,8 @@ class MoveTipResult:
             "position_um": self.position_um.tolist(),
             "tip_xy_um": self.seen_xy_um.tolist(),
             "focus_searches": self.focus_searches,
+            "verified": self.verified,
+            "unverified_um": float(self.unverified_um),
         }
 
 
@@ -105,6 +116,7 @@ def move_tip(
     follow_tolerance_um: float = 3.0,
     follow_fraction: float = 0.05,
     refine_above_fraction: float = 0.5,
+    unverified_final_um: float = 15.0,
 ) -> MoveTipResult:
     """Bring the tip of ``manipulator`` to ``target_um`` (microscope X, Y, Z µm) within
     ``tolerance_um`` in X, Y. Returns the result with the corrected calibration."""
@@ -177,14 +189,30 @@ def move_tip(
                 target = np.array([target[0], target[1], look.focal_z_um])
                 focus_searches += 1
                 log.info("tip found again by a focus search", iteration=iteration)
-        if detection is None and not_following:
-            off_um, moved_um = not_following[0]
-            raise fail(
-                f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
-                f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
-            )
         if detection is None:
-            raise fail(f"iteration {iteration}: tip not found near its predicted position, nor above or below it")
+            if not_following:
+                off_um, moved_um = not_following[0]
+                reason = (
+                    f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
+                    f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
+                )
+            else:
+                reason = f"iteration {iteration}: tip not found near its predicted position, nor above or below it"
+            if unverified_final_um > 0 and pinned_at is not None:
+                approached = _approach_unseen(
+                    manipulator, eye, cal, target, start, pinned_at, find_following, unverified_final_um, speed_um_s,
+                    cancel, looks_per_stop, max_looks,
+                )
+                if approached is not None:
+                    cal, position, step_um = approached
+                    predicted = cal.to_microscope_um(position)[:2]
+                    error = float(np.linalg.norm(target[:2] - predicted))
+                    log.warning("move_tip: final step open loop, the tip is not detected at the target",
+                                reason=reason, unverified_um=round(step_um, 1))
+                    return MoveTipResult(channel, target, cal, iteration + 1, error, position, predicted,
+                                         [*errors, error], focus_searches, verified=False, unverified_um=step_um)
+                reason += f"; nor seen {unverified_final_um:.0f} µm back toward the start"
+            raise fail(reason)
         seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
         pinned_at = position
         error = float(np.linalg.norm(target[:2] - seen))
@@ -203,6 +231,55 @@ def move_tip(
         f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "
         f"(errors {', '.join(f'{e:.2f}' for e in errors)} µm)"
     )
+
+
+def _approach_unseen(
+    manipulator: Manipulator,
+    eye: Eye,
+    cal: ChannelCalibration,
+    target: np.ndarray,
+    start: np.ndarray,
+    pinned_at: np.ndarray,
+    find_tip: FindTip,
+    step_um: float,
+    speed_um_s: float | None,
+    cancel: threading.Event | None,
+    looks_per_stop: int,
+    max_looks: int,
+    min_motion_um: float = 6.0,
+) -> tuple[ChannelCalibration, np.ndarray, float] | None:
+    """The tip cannot be seen at the target (another pipette's shank crosses there, a bright
+    cell...). Back off ``step_um`` (microscope µm, in the image plane) toward where the call
+    started, find the tip there (``find_tip``: follow-checked), re-pin the offset on it and
+    step onto the target open loop: the final error is then the calibration's error over
+    ``step_um`` instead of over the whole move. Returns (calibration, position, the open-loop
+    distance in µm), or None when the tip is not seen there either, a goal is out of limits, or
+    the back-off point lies within ``min_motion_um`` of where the tip was last seen
+    (``pinned_at``): a sighting there would not be checked by motion, so static clutter could
+    pass for the tip."""
+    start_xy = cal.to_microscope_um(start)[:2]
+    back = start_xy - target[:2]
+    distance_um = float(np.linalg.norm(back))
+    if distance_um < 1e-6:
+        return None
+    step = min(step_um, distance_um)
+    retreat = np.array([*(target[:2] + back / distance_um * step), target[2]])
+    if np.linalg.norm(retreat[:2] - cal.to_microscope_um(pinned_at)[:2]) < min_motion_um:
+        return None
+    goal = cal.to_manipulator_um(retreat, manipulator.position_um)
+    if not manipulator.limits.contains(goal.tolist()):
+        return None
+    end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
+    detection, look, position = _observe(manipulator, eye, cal, find_tip, end_s, cancel, looks_per_stop, max_looks)
+    if detection is None:
+        return None
+    seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+    cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
+    goal = cal.to_manipulator_um(target, position)
+    if not manipulator.limits.contains(goal.tolist()):
+        return None
+    move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
+    return cal, manipulator.position_um, float(np.linalg.norm(target[:2] - seen))
 
 
 def _focus_search(

@@ -43,6 +43,9 @@ Methods (every returned dict is JSON-able; units are in the key names):
   (``calibration.closed_loop``). ``target_px`` = [x, y] in the newest frame's pixels;
   ``target_um`` = [X, Y] or [X, Y, Z] microscope µm. Without Z the target is in the focal
   plane (a pixel target is where the user sees it: in focus).
+  ``verified`` is False when the tip could not be detected at the target and the last
+  ``unverified_um`` (at most ``[calibration] unverified_final_um``) were moved open loop
+  from where it was seen (see ``calibration.closed_loop``).
   Raises OutOfBounds (target outside the limits, or closer than ``min_tip_separation_um``
   to another channel's tip; nothing moved), MoveTipFailed (code "timeout"; returned to the
   start), NotCalibrated, Stopped.
@@ -506,6 +509,7 @@ class CalibrationService:
                 speed_um_s=speed_um_s,
                 progress=progress,
                 cancel=cancel,
+                unverified_final_um=float(self.cfg.unverified_final_um),
             )
             self._install(channel, result.calibration, "move_tip")
             geometry = self._geometry()

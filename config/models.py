@@ -133,6 +133,7 @@ class CalibrationConfig(Strict):
     tolerance_um: Annotated[float, Field(gt=0)] = 2.0
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 6
     min_tip_separation_um: Annotated[float, Field(ge=0)] = 10.0
+    unverified_final_um: Annotated[float, Field(ge=0, le=50)] = 15.0
 
 
 class ServerConfig(Strict):

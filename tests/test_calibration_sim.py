@@ -495,3 +495,31 @@ def test_move_tip_refuses_a_target_next_to_another_channels_tip():
         rig.service.check_separation("A", [b_tip_um[0] + 6.0, b_tip_um[1], b_tip_um[2] + 12.0])  # 12 µm above it
         open_service = rig.new_service(cfg=CalibrationConfig(min_tip_separation_um=0.0))
         open_service.check_separation("A", near)  # the guard is off
+
+
+def test_move_tip_steps_onto_a_target_where_the_tip_cannot_be_seen():
+    """The localiser cannot see the tip within 6 µm of the target (say another pipette's shank
+    crosses there). move_tip backs off 15 µm toward the start, sees the tip there, re-pins and
+    steps onto the target open loop: it succeeds with verified False and unverified_um 15, and
+    the tip is really at the target. With unverified_final_um = 0 the same call fails and the
+    tip goes back to its start."""
+    with Rig(23, 1) as rig:
+        rig.service.calibrate("A")
+        m = rig.manipulators["A"]
+        target_px = rig.world.true_tip_px("A") + np.array([60.0, -45.0])
+        oracle_locate = rig.localiser.locate
+
+        def locate(pixels, um_per_px):
+            return [d for d in oracle_locate(pixels, um_per_px) if np.hypot(d.x_px - target_px[0], d.y_px - target_px[1]) * um_per_px > 6.0]
+
+        rig.localiser.locate = locate
+        out = rig.service.move_tip("A", target_px=target_px.tolist())
+        assert out["verified"] is False and out["unverified_um"] == pytest.approx(15.0, abs=1.0)
+        assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 1.0
+
+        strict = rig.new_service(cfg=CalibrationConfig(unverified_final_um=0.0))
+        assert strict.move_tip("A", target_px=(target_px + np.array([-60.0, 45.0])).tolist())["verified"] is True
+        start = m.position_um.copy()
+        with pytest.raises(MoveTipFailed, match="tip not found.*returned to the start"):
+            strict.move_tip("A", target_px=target_px.tolist())
+        np.testing.assert_allclose(m.position_um, start, atol=1e-6)

@@ -154,9 +154,9 @@ def move_tip(
         manipulator, eye, cal, find_tip, eye.clock() - eye.settle_s, cancel, looks_per_stop, max_looks
     )
     if detection is not None:
-        seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        seen = _seen_um(detection, look)
         if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
-            cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
+            cal = _pinned(cal, position, seen)
             pinned_at = position
 
     not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
@@ -166,7 +166,7 @@ def move_tip(
         detection = find_tip(look, trial, position)
         if detection is None or pinned_at is None:
             return detection
-        seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        seen = _seen_um(detection, look)
         moved_um = float(np.linalg.norm(trial.matrix[:2] @ (position - pinned_at)))
         off_um = float(np.linalg.norm(seen - trial.to_microscope_um(position)[:2]))
         if off_um > follow_tolerance_um + follow_fraction * moved_um:
@@ -213,11 +213,11 @@ def move_tip(
                                          [*errors, error], focus_searches, verified=False, unverified_um=step_um)
                 reason += f"; nor seen {unverified_final_um:.0f} µm back toward the start"
             raise fail(reason)
-        seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+        seen = _seen_um(detection, look)
         pinned_at = position
         error = float(np.linalg.norm(target[:2] - seen))
         errors.append(error)
-        cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
+        cal = _pinned(cal, position, seen)
         if progress is not None:
             progress(stage="iteration", iteration=iteration, error_um=error)
         log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
@@ -231,6 +231,17 @@ def move_tip(
         f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "
         f"(errors {', '.join(f'{e:.2f}' for e in errors)} µm)"
     )
+
+
+def _seen_um(detection: TipDetection, look: Look) -> np.ndarray:
+    """A detection's position in microscope X, Y µm, from its frame's pixel size and shape."""
+    return px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
+
+
+def _pinned(cal: ChannelCalibration, position: np.ndarray, seen_xy_um: np.ndarray) -> ChannelCalibration:
+    """``cal`` with its offset moved so that the tip at ``position`` (device µm) is where it was
+    seen (X, Y µm); Z stays where the calibration puts it."""
+    return set_tip_offset(cal, position, seen_xy_um, float(cal.to_microscope_um(position)[2]))
 
 
 def _approach_unseen(
@@ -273,8 +284,8 @@ def _approach_unseen(
     detection, look, position = _observe(manipulator, eye, cal, find_tip, end_s, cancel, looks_per_stop, max_looks)
     if detection is None:
         return None
-    seen = px_to_um(np.array([detection.x_px, detection.y_px]), look.frame.um_per_px, look.frame.shape)
-    cal = set_tip_offset(cal, position, seen, float(cal.to_microscope_um(position)[2]))
+    seen = _seen_um(detection, look)
+    cal = _pinned(cal, position, seen)
     goal = cal.to_manipulator_um(target, position)
     if not manipulator.limits.contains(goal.tolist()):
         return None

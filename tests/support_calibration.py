@@ -166,3 +166,35 @@ def true_xy_error_um(world: SimWorld, calibration, position_um: np.ndarray) -> f
     """|predicted - true| in microscope X, Y (µm) at a manipulator position."""
     name = calibration.channel
     return float(np.linalg.norm(calibration.to_microscope_um(position_um)[:2] - world.tip_um_for(name, position_um)[:2]))
+
+
+class OnceAwayFromStart:
+    """Wraps an ORACLE localiser's ``locate``: the first frame localised after ``manipulator``
+    has left where it stood when armed (by more than ``away_um``, device µm) is answered by
+    ``replace(found, um_per_px)`` instead, where ``found`` is the oracle's answer; a
+    ``replace`` that returns None leaves that frame alone and stays armed. Every other frame
+    gets the oracle's answer. ``hits`` counts replaced frames; ``arm()`` starts again from
+    the current position."""
+
+    def __init__(self, localiser: OracleLocaliser, manipulator, replace, *, away_um: float = 5.0) -> None:
+        self.oracle_locate = localiser.locate
+        self.manipulator = manipulator
+        self.replace = replace
+        self.away_um = away_um
+        self.hits = 0
+        self.arm()
+        localiser.locate = self.locate
+
+    def arm(self) -> None:
+        self.start_um = self.manipulator.position_um.copy()
+        self.armed = True
+
+    def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
+        found = self.oracle_locate(pixels, um_per_px)
+        if self.armed and np.linalg.norm(self.manipulator.position_um - self.start_um) > self.away_um:
+            replaced = self.replace(found, um_per_px)
+            if replaced is not None:
+                self.armed = False
+                self.hits += 1
+                return replaced
+        return found

@@ -402,23 +402,14 @@ def test_move_tip_skips_one_frame_whose_detection_does_not_follow_the_pipette():
     where it should be, so move_tip succeeds (before, the whole move_tip failed)."""
     with Rig(19, 1) as rig:
         rig.service.calibrate("A")
-        m = rig.manipulators["A"]
-        start = m.position_um.copy()
-        oracle_locate = rig.localiser.locate
-        corrupted: list[int] = []
 
-        def locate(pixels, um_per_px):
-            found = oracle_locate(pixels, um_per_px)
-            if found and not corrupted and np.linalg.norm(m.position_um - start) > 5.0:
-                corrupted.append(1)
-                off_px = 6.0 / um_per_px
-                return [TipDetection(found[0].x_px + off_px, found[0].y_px, found[0].score)]
-            return found
+        def six_um_off(found, um_per_px):
+            return [TipDetection(found[0].x_px + 6.0 / um_per_px, found[0].y_px, found[0].score)] if found else None
 
-        rig.localiser.locate = locate
+        corrupted = sc.OnceAwayFromStart(rig.localiser, rig.manipulators["A"], six_um_off)
         target_px = rig.world.true_tip_px("A") + np.array([-40.0, 25.0])
         out = rig.service.move_tip("A", target_px=target_px.tolist())
-        assert corrupted == [1]
+        assert corrupted.hits == 1
         assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
         assert out["error_um"] <= 2.0
 
@@ -453,29 +444,21 @@ def test_move_tip_corrects_a_first_landing_in_the_outer_half_of_the_tolerance():
     (Oracle noise 0.1 µm, so that the landing error is 1.5 ± 0.3 µm.)"""
     with Rig(21, 1, noise_um=0.1) as rig:
         rig.service.calibrate("A")
-        m = rig.manipulators["A"]
-        start = m.position_um.copy()
-        oracle_locate = rig.localiser.locate
-        jumped: list[int] = []
 
-        def locate(pixels, um_per_px):
-            if not jumped and np.linalg.norm(m.position_um - start) > 5.0:
-                jumped.append(1)
-                rig.world.jump("A", np.array([1.5, 0.0, 0.0]))
-                return []  # this frame predates the jump: look again
-            return oracle_locate(pixels, um_per_px)
+        def jump(found, um_per_px):
+            rig.world.jump("A", np.array([1.5, 0.0, 0.0]))
+            return []  # this frame predates the jump: look again
 
-        rig.localiser.locate = locate
+        jumped = sc.OnceAwayFromStart(rig.localiser, rig.manipulators["A"], jump)
         target_px = rig.world.true_tip_px("A") + np.array([30.0, 30.0])
         out = rig.service.move_tip("A", target_px=target_px.tolist())
-        assert jumped == [1]
+        assert jumped.hits == 1
         assert out["iterations"] == 2 and 1.0 < out["errors_um"][0] <= 2.0
         assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 1.0
         # with a single iteration allowed, the same landing is accepted (within tolerance)
-        jumped.clear()
-        start = m.position_um.copy()
+        jumped.arm()
         back = rig.service.move_tip("A", target_px=(target_px - 30.0).tolist(), max_iterations=1)
-        assert jumped == [1] and back["iterations"] == 1 and 1.0 < back["error_um"] <= 2.0
+        assert jumped.hits == 2 and back["iterations"] == 1 and 1.0 < back["error_um"] <= 2.0
 
 
 def test_move_tip_refuses_a_target_next_to_another_channels_tip():

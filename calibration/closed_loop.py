@@ -330,8 +330,15 @@ def _observe(
     max_looks: int,
 ) -> tuple[TipDetection | None, Look, np.ndarray]:
     """The tip on up to ``max_looks`` fresh frames after ``end_s``: the mean of the first
-    ``looks_per_stop`` consistent detections (within 2 µm of the first), or None."""
-    found: list[TipDetection] = []
+    ``looks_per_stop`` consistent detections (within 2 µm of each other), or None.
+
+    When the looks disagree (a detection on one frame more than 2 µm from one on another: a
+    bright spot up the shank, a cell passing for the tip on some frames), every look is taken
+    and the group of consistent detections nearest the calibration's prediction at the
+    current position wins, whatever its size: after a pin or a calibrated move the prediction
+    is good to about a micrometre, while a false detection sits wherever the clutter is.
+    """
+    groups: list[list[TipDetection]] = []
     look: Look | None = None
     position = manipulator.position_um
     for _ in range(max(max_looks, 1)):
@@ -340,15 +347,28 @@ def _observe(
         detection = find_tip(look, cal, position)
         if detection is None:
             continue
-        if found and np.hypot(detection.x_px - found[0].x_px, detection.y_px - found[0].y_px) * look.frame.um_per_px > 2.0:
-            continue
-        found.append(detection)
-        if len(found) >= looks_per_stop:
+        for group in groups:
+            if np.hypot(detection.x_px - group[0].x_px, detection.y_px - group[0].y_px) * look.frame.um_per_px <= 2.0:
+                group.append(detection)
+                break
+        else:
+            groups.append([detection])
+        if len(groups) == 1 and len(groups[0]) >= looks_per_stop:
             break
     assert look is not None
-    if not found:
+    if not groups:
         return None, look, position
-    mean = TipDetection(
-        float(np.mean([d.x_px for d in found])), float(np.mean([d.y_px for d in found])), float(min(d.score for d in found))
+    chosen = groups[0]
+    if len(groups) > 1:
+        predicted = cal.to_microscope_um(position)[:2]
+        chosen = min(groups, key=lambda g: float(np.linalg.norm(_seen_um(_mean(g), look) - predicted)))
+    return _mean(chosen), look, position
+
+
+def _mean(detections: list[TipDetection]) -> TipDetection:
+    """One detection at the mean position of ``detections`` with the lowest of their scores."""
+    return TipDetection(
+        float(np.mean([d.x_px for d in detections])),
+        float(np.mean([d.y_px for d in detections])),
+        float(min(d.score for d in detections)),
     )
-    return mean, look, position

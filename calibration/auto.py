@@ -83,6 +83,8 @@ class AutoCalibrationSettings:
     extrapolation_gate: float = 0.08
     max_residual_um: float = 1.5
     min_inlier_fraction: float = 0.6
+    check_step_um: float = 30.0
+    check_tolerance_um: float = 3.0
     z_up_sign: float = 1.0
     speed_um_s: float | None = None
 
@@ -107,6 +109,7 @@ class AutoCalibrationResult:
     samples: list[Sample] = field(default_factory=list)
     lost_stops: int = 0
     z_sign_measured: bool = False
+    checked: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +121,7 @@ class AutoCalibrationResult:
             "noise_um": float(self.fit.noise_um),
             "lost_stops": self.lost_stops,
             "z_sign_measured": self.z_sign_measured,
+            "checked": self.checked,
             "z_model": self.calibration.z_model,
             "uncertainty_um": self.calibration.uncertainty_um(self.samples[0].position_um),
             "points": [
@@ -161,6 +165,7 @@ class AutoCalibrator:
         self.others_um: np.ndarray = np.zeros((0, 2))
         self.z_sign = float(np.sign(self.s.z_up_sign) or 1.0)
         self.z_sign_measured = False
+        self.checked = False
         self._shape: tuple[int, int] = (512, 512)
         self._um_per_px = 1.0
 
@@ -222,7 +227,12 @@ class AutoCalibrator:
         return tips, look
 
     def _observe(
-        self, end_s: float, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
+        self,
+        end_s: float,
+        predicted: np.ndarray,
+        *,
+        unknown_step_um: float = 0.0,
+        extrapolation_um: float = 0.0,
     ) -> tuple[np.ndarray | None, Look]:
         """Our tip after a move: up to ``max_looks`` fresh frames until ``looks_per_stop``
         detections were found; their mean (µm), or None."""
@@ -247,7 +257,12 @@ class AutoCalibrator:
         return np.flatnonzero(d.min(axis=1) > self.s.static_gate_um)
 
     def _find(
-        self, look: Look, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
+        self,
+        look: Look,
+        predicted: np.ndarray,
+        *,
+        unknown_step_um: float = 0.0,
+        extrapolation_um: float = 0.0,
     ) -> np.ndarray | None:
         """Our tip on ``look``: nearest non-static detection to ``predicted`` (µm).
 
@@ -371,6 +386,7 @@ class AutoCalibrator:
                 self._z_axis()
             else:
                 self._approach_axis()
+        self._check_stop()
         # back to where we started, look once more
         self._report("returning")
         tip, look = self._observe(self._move(self.p0), self._predict(self.p0))
@@ -574,6 +590,89 @@ class AutoCalibrator:
         gains = [np.linalg.norm(self.gains[a]) for a in (0, 1) if a in self.gains]
         return float(np.mean(gains)) if gains else 1.0
 
+    def _check_stop(self) -> None:
+        """A held-out stop: x and y both ``check_step_um`` from ``p0`` (a diagonal no axis stop
+        visited), predicted by a fit of every stop so far, then looked at. A tip seen more than
+        ``check_tolerance_um`` from the prediction fails the calibration: the fit agrees with
+        its own stops but not with the pipette (the localiser put the tip beside itself at some
+        stops, e.g. next to another tip, and the fit absorbed it into a wrong gain or offset,
+        with a small residual). The tip there is the nearest detection that is not one of the
+        other (static) tips, however far (so a calibration wrong by many µm is caught rather
+        than read as "tip not seen"), seen at the same place on ``looks_per_stop`` of up to
+        ``max_looks`` frames (so one stray detection decides nothing). Without a reachable diagonal,
+        a fit to check, a sighting, or room in the move budget for it and the return, the
+        calibration is not checked (``checked`` False in the result). A seen and confirmed
+        tip is kept as one more stop."""
+        step = self.s.check_step_um
+        if step <= 0:
+            return
+        if self.moves + 2 > self.s.max_moves:
+            self.log.info("held-out check skipped: no moves left for it", moves=self.moves)
+            return
+        positions = np.array([smp.position_um for smp in self.samples])
+        if len(self.samples) < 4 or any(len(np.unique(np.round(positions[:, a], 3))) < 3 for a in (0, 1)):
+            return  # the fit fails on its own, with its own message
+        try:
+            cal, _ = build_calibration(
+                self.channel, positions, np.array([smp.tip_xy_um for smp in self.samples]),
+                np.array([smp.focal_z_um for smp in self.samples]), z_up_sign=self.z_sign,
+                min_threshold_um=self.s.max_residual_um * 1.5,
+            )
+        except (ValueError, np.linalg.LinAlgError):
+            return
+        for sx, sy in ((1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0)):
+            target = self.p0.copy()
+            target[0] += sx * step
+            target[1] += sy * step
+            predicted = cal.to_microscope_um(target)[:2]
+            if self._within_limits(target) and self._in_view(predicted):
+                break
+        else:
+            self.log.info("held-out check skipped: no diagonal stop within the limits and in view")
+            return
+        tip, look = self._check_observe(self._move(target), predicted)
+        if tip is None:
+            self.lost += 1
+            self.log.info("held-out check: tip not seen; calibration not checked")
+            return
+        off_um = float(np.linalg.norm(tip - predicted))
+        if off_um > self.s.check_tolerance_um:
+            raise NotCalibrated(
+                f"the fit did not predict a held-out check stop: the tip was seen {off_um:.1f} µm from where it "
+                f"put it (tolerance {self.s.check_tolerance_um:.1f} µm), so the localiser misplaced the tip at some "
+                "stops (another tip or clutter nearby?); move the pipette away from other tips and recalibrate",
+                channel=self.channel,
+            )
+        self._record(look, target, tip)
+        self.checked = True
+        self.log.info("held-out check passed", off_um=round(off_um, 2))
+
+    def _check_observe(self, end_s: float, predicted: np.ndarray) -> tuple[np.ndarray | None, Look]:
+        """The tip at the check stop (see ``_check_stop``): on each of ``max_looks`` fresh frames
+        the moving detection nearest ``predicted``; those within ``static_gate_um`` of each other
+        are grouped, and the group seen on at least ``looks_per_stop`` frames nearest the
+        prediction gives the mean (µm); None without such a group."""
+        groups: list[list[np.ndarray]] = []
+        look = None
+        for _ in range(self.s.max_looks):
+            look = self.eye.look_after(end_s, cancel=self.cancel)
+            tips = self._tips_um(look)
+            idx = self._moving_candidates(tips)
+            if len(idx) == 0:
+                continue
+            tip = tips[idx[int(np.argmin(np.linalg.norm(tips[idx] - predicted, axis=1)))]]
+            for group in groups:
+                if np.linalg.norm(np.mean(group, axis=0) - tip) <= self.s.static_gate_um:
+                    group.append(tip)
+                    break
+            else:
+                groups.append([tip])
+        assert look is not None
+        confirmed = [np.mean(g, axis=0) for g in groups if len(g) >= self.s.looks_per_stop]
+        if not confirmed:
+            return None, look
+        return min(confirmed, key=lambda t: float(np.linalg.norm(t - predicted))), look
+
     def _fit(self) -> AutoCalibrationResult:
         positions = np.array([s.position_um for s in self.samples])
         # every in-plane axis needs the tip seen at >= 3 distinct positions along it, so that
@@ -619,6 +718,7 @@ class AutoCalibrator:
             samples=self.samples,
             lost_stops=self.lost,
             z_sign_measured=self.z_sign_measured,
+            checked=self.checked,
         )
 
 

@@ -537,3 +537,32 @@ def test_move_tip_pins_on_the_tip_not_on_a_spot_that_wins_more_looks():
         assert looks_at_start[0] >= 4
         assert out["verified"] is True
         assert np.linalg.norm(rig.world.true_tip_px("A") - target_px) * rig.world.um_per_px <= 2.0
+
+
+def test_calibration_is_refused_when_a_held_out_stop_disagrees_with_the_fit():
+    """Near its start the localiser puts the tip 6 µm beside itself (next to another tip,
+    say), and right further out. The stops fit each other with a small residual, but the map
+    is 7 µm wrong in truth (measured before the check existed). The held-out diagonal stop
+    sees the tip far from where the fit puts it, so the calibration is refused, says why, and
+    the pipette is back where it started. Without the shift the check passes and is reported."""
+    with Rig(20, 1) as rig:
+        m = rig.manipulators["A"]
+        start = m.position_um.copy()
+        oracle_locate = rig.localiser.locate
+
+        def locate(pixels, um_per_px):
+            found = oracle_locate(pixels, um_per_px)
+            if np.linalg.norm((m.position_um - start)[:2]) <= 20.0:
+                return [TipDetection(d.x_px + 6.0 / um_per_px, d.y_px - 6.0 / um_per_px, d.score) for d in found]
+            return found
+
+        rig.localiser.locate = locate
+        with pytest.raises(NotCalibrated, match=r"did not predict a held-out check stop: the tip was seen \d+\.\d µm.*returned to the start"):
+            rig.service.calibrate("A")
+        np.testing.assert_allclose(m.position_um, start, atol=1e-6)
+        assert not rig.service.is_calibrated("A")
+
+        rig.localiser.locate = oracle_locate
+        out = rig.service.calibrate("A")
+        assert out["checked"] is True and out["moves"] <= 20
+        assert rig.true_error_um("A") <= 1.0

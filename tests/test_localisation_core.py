@@ -387,3 +387,72 @@ def test_accuracy_by_cnr_band_uses_each_true_tips_contrast(tmp_path: Path) -> No
         "40+": {"true_tips": 1, "acc_3um": 1.0, "acc_5um": 1.0, "acc_10um": 1.0},
     }
     assert true_tip_cnr(TipRecord("b.png", tmp_path / "b.png", 1.0, np.zeros((0, 2)))) is None
+
+
+# ---- faint tips in training ----------------------------------------------------------------
+
+
+def test_the_loss_ignores_the_background_around_faint_tips_but_not_the_tips() -> None:
+    """A confident peak on a faint tip costs nothing once the faint tip is given as ignored
+    (it is neither a tip nor background), while a missed real tip costs as much as before."""
+    from localisation.models.fast import ignore_mask
+
+    mask = ignore_mask(torch.tensor([[[41.5, 17.5]]]), torch.tensor([[True]]), (16, 16), 4, 1.5)
+    assert mask.shape == (1, 1, 16, 16)
+    assert bool(mask[0, 0, 4, 10]) and bool(mask[0, 0, 5, 10]) and not bool(mask[0, 0, 4, 13])
+    assert int(mask.sum()) == 9  # the 3x3 cells within 1.5 cells of cell (10, 4)
+
+    logits = torch.full((1, 1, 16, 16), -6.0)
+    logits[0, 0, 4, 10] = 4.0  # a confident detection of the faint tip
+    outputs = {"center_logits": logits, "offset": torch.zeros(1, 2, 16, 16)}
+    tips, valid = torch.tensor([[[2.0, 50.0]]]), torch.tensor([[True]])  # one real tip, missed
+    faint, faint_valid = torch.tensor([[[41.5, 17.5]]]), torch.tensor([[True]])
+    plain = centernet_loss(outputs, tips, valid, stride=4)["focal"]
+    ignored = centernet_loss(outputs, tips, valid, stride=4, ignore_px=faint, ignore_valid=faint_valid)["focal"]
+    quiet = logits.clone()
+    quiet[0, 0, 4, 10] = -6.0
+    no_peak = centernet_loss({"center_logits": quiet, "offset": outputs["offset"]}, tips, valid, stride=4)["focal"]
+    assert float(plain) > float(ignored) + 1.0
+    assert float(ignored) == pytest.approx(float(no_peak), rel=1e-3)  # only the missed real tip is left
+    none_valid = centernet_loss(outputs, tips, valid, stride=4, ignore_px=faint, ignore_valid=torch.tensor([[False]]))
+    assert float(none_valid["focal"]) == pytest.approx(float(plain))
+
+
+def test_training_samples_carry_faint_tips_through_the_same_augmentation(tmp_path: Path) -> None:
+    """Faint tips are read from a dataset's low_contrast entries, survive the frame cache, and
+    move with the pixels under flips, rotations and scaling, like the labelled tips."""
+    import json
+
+    import cv2
+
+    from localisation.data import TipTrainingSet, load_cache, load_directory, save_cache
+
+    img = np.full((96, 96), 3000, np.uint16)
+    img[30, 70] = 60000  # the faint tip's pixel, made bright so it can be found after warping
+    img[60, 20] = 40000  # the labelled tip's pixel
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), img)
+    entries = [
+        {"x": 20.0, "y": 60.0, "visible": True, "reason": "visible"},
+        {"x": 70.0, "y": 30.0, "visible": False, "reason": "low_contrast"},
+    ]
+    labels = {"format": "patchrig-tips/1", "images": [{"file": "images/a.png", "um_per_px": 1.5, "tips": [[20.0, 60.0]], "all_tips": entries}]}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    cfg = get_config("fast").with_overrides(input_size=64, augment=AugmentConfig(flip=True, rot90=True, scale_range=(0.9, 1.1)))
+    frames = load_directory(cfg, tmp_path, progress=False)
+    np.testing.assert_allclose(frames[0].faint_model_px, [[70.0, 30.0]], atol=1e-4)
+    save_cache(frames, tmp_path / "c.npz")
+    np.testing.assert_allclose(load_cache(tmp_path / "c.npz")[0].faint_model_px, [[70.0, 30.0]], atol=1e-4)
+
+    ds = TipTrainingSet(frames, cfg, seed=3)
+    seen = 0
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        image = item["image"][0].numpy()
+        for xy, ok in zip(item["faint"].numpy(), item["faint_valid"].numpy(), strict=True):
+            if ok:
+                x, y = int(round(float(xy[0]))), int(round(float(xy[1])))
+                assert image[y, x] == pytest.approx(float(image.max()), abs=0.15)  # on the bright pixel
+                seen += 1
+    assert seen >= 3

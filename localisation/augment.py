@@ -70,12 +70,7 @@ def apply_affine(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=float(border_value),
     )
-    tips = np.asarray(tips_px, dtype=np.float64).reshape(-1, 2)
-    moved = tips @ matrix[:, :2].T + matrix[:, 2]
-    inside = (
-        (moved[:, 0] >= -0.5) & (moved[:, 0] <= w - 0.5) & (moved[:, 1] >= -0.5) & (moved[:, 1] <= h - 0.5)
-    )
-    return warped, moved[inside].astype(np.float32)
+    return warped, move_points(tips_px, matrix, out_size)
 
 
 def random_geometric(
@@ -90,7 +85,21 @@ def random_geometric(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random flips, rot90 and scale, then a crop (random centre when ``random_crop``, else
     the image centre) of ``out_size``. Without augmentation flags this is a plain crop/pad."""
-    h_in, w_in = image.shape
+    m = random_affine(image.shape, out_size, cfg, rng, random_crop=random_crop)
+    return apply_affine(image, tips_px, m, out_size, border_value=border_value)
+
+
+def random_affine(
+    shape_hw: tuple[int, ...],
+    out_size: tuple[int, int],
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    *,
+    random_crop: bool,
+) -> np.ndarray:
+    """The 2x3 map of ``random_geometric`` for an image of ``shape_hw`` (so that more points,
+    e.g. the faint tips training ignores, can be moved with ``move_points``)."""
+    h_in, w_in = int(shape_hw[0]), int(shape_hw[1])
     scale = float(rng.uniform(*cfg.scale_range)) if cfg.scale_range != (1.0, 1.0) else 1.0
     flip_x = bool(cfg.flip and rng.random() < 0.5)
     flip_y = bool(cfg.flip and rng.random() < 0.5)
@@ -110,7 +119,7 @@ def random_geometric(
             cy = float(np.clip(cy, half_h - 0.5, h_in - half_h - 0.5))
     else:
         cx, cy = (w_in - 1) / 2, (h_in - 1) / 2
-    m = affine_matrix(
+    return affine_matrix(
         scale=scale,
         centre_in=(cx, cy),
         centre_out=((out_size[1] - 1) / 2, (out_size[0] - 1) / 2),
@@ -118,7 +127,17 @@ def random_geometric(
         flip_y=flip_y,
         rot90_k=k,
     )
-    return apply_affine(image, tips_px, m, out_size, border_value=border_value)
+
+
+def move_points(points_px: np.ndarray, matrix: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """Points (n, 2) through the 2x3 ``matrix``; those outside ``out_size`` (h, w) dropped."""
+    h, w = out_size
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    moved = pts @ matrix[:, :2].T + matrix[:, 2]
+    inside = (
+        (moved[:, 0] >= -0.5) & (moved[:, 0] <= w - 0.5) & (moved[:, 1] >= -0.5) & (moved[:, 1] <= h - 0.5)
+    )
+    return moved[inside].astype(np.float32)
 
 
 def random_photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -7,13 +7,19 @@ Every epoch then draws fresh random crops/flips/scales of them (``TipTrainingSet
 
 Variable tip counts are padded to ``MAX_TIPS`` rows with a boolean validity mask: padded
 rows are never tips (there are no fake (0, 0) tips anywhere).
+
+Faint tips (``all_tips`` entries with reason ``low_contrast``: real tips in frame and in focus
+whose contrast-to-noise ratio is below the simulator's visibility threshold) are carried as
+``faint_model_px``: training ignores the heatmap around them (neither tip nor background),
+as evaluation ignores predictions on them (``metrics``). Before, training taught "no tip"
+there, one CNR step below tips it taught "tip": a contradiction at the threshold.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from localisation.augment import AugmentConfig, random_geometric, random_photometric
+from localisation.augment import AugmentConfig, apply_affine, move_points, random_affine, random_photometric
 from localisation.configs import LocaliserConfig
 from localisation.preprocess import Resampling, prepare
 from localisation.progress import bar
@@ -35,22 +41,30 @@ MAX_TIPS = 16  # padding rows per training sample (more tips than this in one cr
 class PreparedFrame:
     """One frame on the model's grid. ``image`` uint8 (h, w) (normalised x 255);
     ``tips_model_px`` (n, 2) in model pixels; ``resampling`` maps back to the input's pixels
-    whose size is ``um_per_px``; ``file`` names the source (dataset file or synthetic seed)."""
+    whose size is ``um_per_px``; ``file`` names the source (dataset file or synthetic seed);
+    ``faint_model_px`` (m, 2): faint tips (model pixels), ignored by the loss."""
 
     image: np.ndarray
     tips_model_px: np.ndarray
     resampling: Resampling
     um_per_px: float
     file: str
+    faint_model_px: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
 
     def image_float(self) -> np.ndarray:
         return self.image.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def prepare_example(
-    pixels: np.ndarray, tips_px: np.ndarray, um_per_px: float, cfg: LocaliserConfig, file: str
+    pixels: np.ndarray,
+    tips_px: np.ndarray,
+    um_per_px: float,
+    cfg: LocaliserConfig,
+    file: str,
+    faint_px: np.ndarray | None = None,
 ) -> PreparedFrame:
-    """Prepare one labelled frame for ``cfg`` (labels follow the resampling)."""
+    """Prepare one labelled frame for ``cfg`` (labels, and ``faint_px`` tips, follow the
+    resampling)."""
     img, rs = prepare(
         pixels,
         um_per_px,
@@ -60,12 +74,14 @@ def prepare_example(
         what=file,
     )
     tips = rs.to_model(np.asarray(tips_px, dtype=np.float64).reshape(-1, 2)).astype(np.float32)
+    faint = np.zeros((0, 2)) if faint_px is None else np.asarray(faint_px, dtype=np.float64).reshape(-1, 2)
     return PreparedFrame(
         image=np.round(img * 255.0).astype(np.uint8),
         tips_model_px=tips,
         resampling=rs,
         um_per_px=float(um_per_px),
         file=file,
+        faint_model_px=rs.to_model(faint).astype(np.float32),
     )
 
 
@@ -79,19 +95,21 @@ def render_synthetic(
     frames = []
     for seed in bar(range(seed_start, seed_start + n), enabled=progress, desc=desc, unit="frame"):
         ex = sample_example(seed, domain=cfg.domain)
-        frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}"))
+        faint = [(t["x"], t["y"]) for t in ex.meta.get("all_tips", []) if t.get("reason") == "low_contrast"]
+        frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}", np.asarray(faint)))
     return frames
 
 
 def load_directory(cfg: LocaliserConfig, directory: str | Path, *, progress: bool = True) -> list[PreparedFrame]:
     """Read a ``patchrig-tips/1`` dataset and prepare every image for ``cfg``."""
     from localisation.dataset_format import load_image, read_dataset
+    from localisation.evaluation import faint_tips_px
 
     ds = read_dataset(directory)
     frames = []
     for rec in bar(ds.records, enabled=progress, desc=f"read {directory}", unit="image"):
         pixels = load_image(rec)
-        frames.append(prepare_example(pixels, rec.tips_px, rec.um_per_px, cfg, rec.file))
+        frames.append(prepare_example(pixels, rec.tips_px, rec.um_per_px, cfg, rec.file, faint_tips_px(rec)))
     return frames
 
 
@@ -134,6 +152,10 @@ def save_cache(frames: Sequence[PreparedFrame], path: str | Path) -> None:
         "scales": np.array([[f.resampling.sx, f.resampling.sy] for f in frames], dtype=np.float64).reshape(-1, 2),
         "um_per_px": np.array([f.um_per_px for f in frames], dtype=np.float64),
         "files": np.array([f.file for f in frames], dtype=str),
+        "faint": np.concatenate([f.faint_model_px.reshape(-1, 2) for f in frames]).astype(np.float32)
+        if frames
+        else np.zeros((0, 2), np.float32),
+        "n_faint": np.array([len(f.faint_model_px) for f in frames], dtype=np.int64),
     }
     with atomic_open(path, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]
@@ -145,16 +167,22 @@ def load_cache(path: str | Path) -> list[PreparedFrame]:
         with np.load(path, allow_pickle=False) as z:
             pixels, shapes, tips, n_tips = z["pixels"], z["shapes"], z["tips"], z["n_tips"]
             scales, upp, files = z["scales"], z["um_per_px"], z["files"]
+            # caches written before faint tips were kept have none
+            faint = z["faint"] if "faint" in z.files else np.zeros((0, 2), np.float32)
+            n_faint = z["n_faint"] if "n_faint" in z.files else np.zeros(len(shapes), np.int64)
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a prepared-frame cache ({exc})") from exc
     frames = []
-    p_off = t_off = 0
+    p_off = t_off = f_off = 0
     for i, (h, w) in enumerate(shapes):
         img = pixels[p_off : p_off + h * w].reshape(h, w)
         p_off += h * w
         t = tips[t_off : t_off + n_tips[i]]
         t_off += n_tips[i]
-        frames.append(PreparedFrame(img, t, Resampling(float(scales[i, 0]), float(scales[i, 1])), float(upp[i]), str(files[i])))
+        f = faint[f_off : f_off + n_faint[i]]
+        f_off += n_faint[i]
+        rs = Resampling(float(scales[i, 0]), float(scales[i, 1]))
+        frames.append(PreparedFrame(img, t, rs, float(upp[i]), str(files[i]), faint_model_px=f))
     return frames
 
 
@@ -165,7 +193,7 @@ def cached_synthetic(
     if cache_dir is None:
         return render_synthetic(cfg, seed_start, n, desc=desc)
     scale = cfg.model_um_per_px if cfg.input_mode == "fixed_scale" else cfg.input_size
-    key = f"synth-{cfg.domain}-{cfg.input_mode}-{scale}-{seed_start}-{n}.npz"
+    key = f"synth-{cfg.domain}-{cfg.input_mode}-{scale}-{seed_start}-{n}-faint.npz"
     path = Path(cache_dir) / key
     if path.exists():
         return load_cache(path)
@@ -178,7 +206,8 @@ class TipTrainingSet(Dataset):
     """Randomly augmented training samples from prepared frames.
 
     Item: ``{"image": (1, S, S) float32 in [0, 1], "tips": (MAX_TIPS, 2) model px, "valid":
-    (MAX_TIPS,) bool}`` with S = ``cfg.input_size``. Deterministic per (seed, epoch, index):
+    (MAX_TIPS,) bool, "faint", "faint_valid": the same for faint tips (ignored by the loss; more
+    than MAX_TIPS in one crop are cut)}`` with S = ``cfg.input_size``. Deterministic per (seed, epoch, index):
     call ``set_epoch`` each epoch for fresh augmentations.
     """
 
@@ -201,28 +230,31 @@ class TipTrainingSet(Dataset):
         img = frame.image_float()
         s = self.cfg.input_size
         aug = self.cfg.augment if self.augment else no_augmentation(self.cfg.augment)
-        out, tips = random_geometric(
-            img,
-            frame.tips_model_px,
-            (s, s),
-            aug,
-            rng,
-            random_crop=self.cfg.input_mode == "fixed_scale",
-            border_value=float(img.mean()),
-        )
+        matrix = random_affine(img.shape, (s, s), aug, rng, random_crop=self.cfg.input_mode == "fixed_scale")
+        out, tips = apply_affine(img, frame.tips_model_px, matrix, (s, s), border_value=float(img.mean()))
+        faint = move_points(frame.faint_model_px, matrix, (s, s))
         if self.augment and self.cfg.augment.photometric:
             out = random_photometric(out, rng)
         if len(tips) > MAX_TIPS:
             raise DataError(f"{frame.file}: {len(tips)} tips in one sample, at most {MAX_TIPS}")
-        padded = np.zeros((MAX_TIPS, 2), dtype=np.float32)
-        padded[: len(tips)] = tips
-        valid = np.zeros(MAX_TIPS, dtype=bool)
-        valid[: len(tips)] = True
+        tips_padded, valid = _padded(tips)
+        faint_padded, faint_valid = _padded(faint[:MAX_TIPS])
         return {
             "image": torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None],
-            "tips": torch.from_numpy(padded),
+            "tips": torch.from_numpy(tips_padded),
             "valid": torch.from_numpy(valid),
+            "faint": torch.from_numpy(faint_padded),
+            "faint_valid": torch.from_numpy(faint_valid),
         }
+
+
+def _padded(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(MAX_TIPS, 2) float32 rows holding ``points`` first, and the (MAX_TIPS,) validity mask."""
+    padded = np.zeros((MAX_TIPS, 2), dtype=np.float32)
+    padded[: len(points)] = points
+    valid = np.zeros(MAX_TIPS, dtype=bool)
+    valid[: len(points)] = True
+    return padded, valid
 
 
 def no_augmentation(aug: AugmentConfig) -> AugmentConfig:

@@ -93,7 +93,10 @@ def compute_loss(
     if stage is not None and stage.trainable == ("encoder",) and "heatmap" in outputs:
         outputs = {"heatmap": outputs["heatmap"]}
     if cfg.loss == "centernet":
-        return centernet_loss(outputs, tips, valid, stride=int(getattr(unwrap(model), "out_stride", 1)), sigma_cells=cfg.sigma_cells)
+        return centernet_loss(
+            outputs, tips, valid, stride=int(getattr(unwrap(model), "out_stride", 1)), sigma_cells=cfg.sigma_cells,
+            ignore_px=batch.get("faint"), ignore_valid=batch.get("faint_valid"),
+        )
     if cfg.loss == "paper":
         target = None
         if "heatmap" in outputs:
@@ -117,7 +120,12 @@ def evaluate_prepared(
     model.eval()
     for f in bar(frames, enabled=progress, desc="validate", leave=False, unit="frame"):
         pred = predict_prepared(model, cfg, f.image_float(), device=device)
-        acc.add(f.resampling.to_input(pred.xy_model_px), f.resampling.to_input(f.tips_model_px), f.um_per_px)
+        acc.add(
+            f.resampling.to_input(pred.xy_model_px),
+            f.resampling.to_input(f.tips_model_px),
+            f.um_per_px,
+            faint_px=f.resampling.to_input(f.faint_model_px),
+        )
     model.train(was_training)
     return acc.summary()
 

@@ -184,14 +184,42 @@ def centernet_targets(
     return heat, index, offsets, mask
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+def ignore_mask(
+    points_px: torch.Tensor, valid: torch.Tensor, shape_hw: tuple[int, int], stride: int, radius_cells: float
+) -> torch.Tensor:
+    """(B, 1, h, w) bool: output cells within ``radius_cells`` of any valid point (B, M, 2),
+    points in input pixels (pixel-centre origin), cells of ``stride`` pixels."""
+    h, w = shape_hw
+    cx = (points_px[..., 0] + 0.5) / stride - 0.5
+    cy = (points_px[..., 1] + 0.5) / stride - 0.5
+    ys = torch.arange(h, dtype=torch.float32, device=points_px.device)
+    xs = torch.arange(w, dtype=torch.float32, device=points_px.device)
+    dy2 = (ys[None, None, :] - cy[..., None]) ** 2  # (B, M, h)
+    dx2 = (xs[None, None, :] - cx[..., None]) ** 2  # (B, M, w)
+    near = (dy2[..., :, None] + dx2[..., None, :]) <= radius_cells**2  # (B, M, h, w)
+    near = near & valid.to(torch.bool)[..., None, None]
+    return near.any(dim=1, keepdim=True) if near.shape[1] else torch.zeros(points_px.shape[0], 1, h, w, dtype=torch.bool)
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+    ignore: torch.Tensor | None = None,
+) -> torch.Tensor:
     """CenterNet's penalty-reduced pixel-wise focal loss, normalised by the number of tips.
 
-    ``target`` (B, 1, h, w) in [0, 1] with exact 1 at tip cells.
+    ``target`` (B, 1, h, w) in [0, 1] with exact 1 at tip cells. ``ignore`` (B, 1, h, w) bool:
+    cells that count neither as tip nor as background (around faint tips); a tip cell inside
+    still counts as a tip.
     """
     p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
     pos = target.eq(1.0).float()
     neg = 1.0 - pos
+    if ignore is not None:
+        neg = neg * (~ignore).float()
     logp = F.logsigmoid(logits)
     log1mp = F.logsigmoid(-logits)
     pos_loss = (1 - p) ** alpha * logp * pos
@@ -208,12 +236,21 @@ def centernet_loss(
     stride: int,
     sigma_cells: float = 1.0,
     offset_weight: float = 1.0,
+    ignore_px: torch.Tensor | None = None,
+    ignore_valid: torch.Tensor | None = None,
+    ignore_radius_cells: float = 1.5,
 ) -> dict[str, torch.Tensor]:
-    """Focal heatmap loss + L1 offset loss at the true tips' cells. Returns terms and total."""
+    """Focal heatmap loss + L1 offset loss at the true tips' cells. Returns terms and total.
+
+    ``ignore_px`` (B, M, 2) / ``ignore_valid`` (B, M): faint tips (input pixels); the heatmap
+    cells within ``ignore_radius_cells`` of one are left out of the background term."""
     center = outputs["center_logits"]
     h, w = int(center.shape[-2]), int(center.shape[-1])
     heat, index, offsets, mask = centernet_targets(tips_px, valid, (h, w), stride, sigma_cells)
-    hm = focal_loss(center, heat)
+    ignore = None
+    if ignore_px is not None and ignore_valid is not None:
+        ignore = ignore_mask(ignore_px, ignore_valid, (h, w), stride, ignore_radius_cells)
+    hm = focal_loss(center, heat, ignore=ignore)
     off_pred = torch.gather(outputs["offset"].flatten(2), 2, index[:, None, :].expand(-1, 2, -1))
     off_pred = off_pred.permute(0, 2, 1)  # (B, N, 2)
     m = mask[..., None].float()

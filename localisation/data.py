@@ -27,7 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from localisation.augment import AugmentConfig, apply_affine, move_points, random_affine, random_photometric
+from localisation.augment import (
+    AugmentConfig,
+    apply_affine,
+    move_points,
+    random_affine,
+    random_photometric,
+)
 from localisation.configs import LocaliserConfig
 from localisation.preprocess import Resampling, prepare
 from localisation.progress import bar

@@ -127,6 +127,7 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
                         residual_um=result["residual_um"],
                         true_error_um=_true_error_um(world, cal, m.position_um, rng),
                         z_sign_right=bool(np.sign(cal.z_up_sign) == np.sign(world.truth(name).matrix[2, 2])),
+                        checked=bool(result.get("checked", False)),
                     )
                 except PatchrigError as exc:
                     row.update(ok=False, error=str(exc))
@@ -262,6 +263,8 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         "calibration_true_error_median_um": float(np.median([r["true_error_um"] for r in ok])) if ok else None,
         "calibration_true_error_p90_um": float(np.percentile([r["true_error_um"] for r in ok], 90)) if ok else None,
         "calibration_residual_median_um": float(np.median([r["residual_um"] for r in ok])) if ok else None,
+        "calibrations_checked": sum(bool(r.get("checked")) for r in ok),
+        "calibrations_refused_by_check": sum("held-out check" in r.get("error", "") for r in cal if not r["ok"]),
         "z_sign_right_fraction_4axis": _frac([r["z_sign_right"] for r in ok if r["n_axes"] == 4]),
         "move_tip_trials": len(mt),
         "move_tip_targets_refused": sum(r.get("targets_refused", 0) for r in mt),

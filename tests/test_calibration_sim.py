@@ -328,6 +328,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     summary = json.loads(out.read_text())["summary"]
     assert summary["calibrations"] == 4 and summary["calibration_failures"] == 0
     assert summary["calibration_true_error_median_um"] <= 1.0
+    assert summary["calibrations_checked"] == 4 and summary["calibrations_refused_by_check"] == 0
     assert "calibration_true_error_median_um" in capsys.readouterr().out
 
 

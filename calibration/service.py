@@ -100,6 +100,7 @@ Progress = Callable[..., None]
 
 #: minimum seconds between two writes caused by continuous correction (calibrate/set_tip write at once)
 CORRECTION_SAVE_INTERVAL_S = 5.0
+OPERATION_WAIT_S = 0.5  # how long an operation waits for a continuous correction to release the channel
 
 
 class CalibrationService:
@@ -228,9 +229,13 @@ class CalibrationService:
             return stored.calibration
 
     def _operation(self, channel: str) -> threading.Lock:
+        """The channel's operation lock, held by calibrate, set_tip and move_tip. A continuous
+        correction also holds it, for milliseconds (plus an occasional atomic save), so an
+        operation waits up to ``OPERATION_WAIT_S`` for it instead of failing as busy because a
+        frame was being corrected at that instant; another operation still fails it (Busy)."""
         self._manipulator(channel)
         lock = self._op_locks[channel]
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(timeout=OPERATION_WAIT_S):
             raise Busy("another calibration operation is running on this channel", channel=channel)
         return lock
 

@@ -567,3 +567,27 @@ def test_calibration_is_refused_when_a_held_out_stop_disagrees_with_the_fit():
         out = rig.service.calibrate("A")
         assert out["checked"] is True and out["moves"] <= 20
         assert rig.true_error_um("A") <= 1.0
+
+
+def test_an_operation_waits_for_a_correction_in_progress_but_not_for_another_operation():
+    """The continuous correction holds a channel's operation lock for a moment while it
+    corrects one frame. A set_tip (or move_tip, calibrate) arriving at that instant used to
+    fail as busy (seen once in `patchrig sim`); it now waits for the correction. An operation
+    still running makes it fail as busy after a short wait."""
+    from rig.errors import Busy
+
+    with Rig(31, 1) as rig:
+        rig.service.calibrate("A")
+        lock = rig.service._op_locks["A"]
+        lock.acquire()  # a correction in progress
+        threading.Timer(0.1, lock.release).start()
+        assert rig.service.set_tip("A")["channel"] == "A"
+
+        lock.acquire()  # another operation, running for longer than the wait
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Busy, match="another calibration operation is running"):
+                rig.service.set_tip("A")
+            assert time.monotonic() - t0 >= 0.4
+        finally:
+            lock.release()

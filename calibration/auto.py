@@ -31,9 +31,14 @@ tips in view, and fits the calibration robustly (``calibration.fit``).
    At every stop up to ``max_looks`` fresh frames are localised until the tip was found on
    ``looks_per_stop`` of them (their mean is used): a localiser that misses a tip on one frame
    costs a frame, not a move. Identification merges the detections of ``identify_looks`` frames.
-4. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
+4. **Check** the fit at a held-out diagonal stop (x and y ``check_step_um`` from ``p0``): a tip
+   seen there more than ``check_tolerance_um`` from where the fit of the other stops puts it
+   fails the calibration (see ``_check_stop``); ``checked`` in the result says whether the
+   check ran.
+5. **Fit** all positions with outlier rejection; the tip returns to ``p0`` and is looked at one
    last time. The calibration fails with ``NotCalibrated`` (and the tip returns to ``p0``; the
-   message says so) when the tip is not visible, cannot be identified, the move budget
+   message says so) when the tip is not visible, cannot be identified, disagrees with the
+   fit at the check stop, the move budget
    (``max_moves``, default 20) runs out, or the fit is poor (residual above
    ``max_residual_um``, too many outliers, x and y do not span the image, or the tip was seen
    at fewer than 3 positions along an in-plane axis).
@@ -227,12 +232,7 @@ class AutoCalibrator:
         return tips, look
 
     def _observe(
-        self,
-        end_s: float,
-        predicted: np.ndarray,
-        *,
-        unknown_step_um: float = 0.0,
-        extrapolation_um: float = 0.0,
+        self, end_s: float, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
     ) -> tuple[np.ndarray | None, Look]:
         """Our tip after a move: up to ``max_looks`` fresh frames until ``looks_per_stop``
         detections were found; their mean (µm), or None."""
@@ -257,12 +257,7 @@ class AutoCalibrator:
         return np.flatnonzero(d.min(axis=1) > self.s.static_gate_um)
 
     def _find(
-        self,
-        look: Look,
-        predicted: np.ndarray,
-        *,
-        unknown_step_um: float = 0.0,
-        extrapolation_um: float = 0.0,
+        self, look: Look, predicted: np.ndarray, *, unknown_step_um: float = 0.0, extrapolation_um: float = 0.0
     ) -> np.ndarray | None:
         """Our tip on ``look``: nearest non-static detection to ``predicted`` (µm).
 

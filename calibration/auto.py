@@ -222,12 +222,7 @@ class AutoCalibrator:
             if k:
                 look = self.eye.look_after(end_s, cancel=self.cancel)
             for tip in self._tips_um(look):
-                for group in merged:
-                    if np.linalg.norm(np.mean(group, axis=0) - tip) <= self.s.static_gate_um:
-                        group.append(tip)
-                        break
-                else:
-                    merged.append([tip])
+                _add_to_group(merged, tip, self.s.static_gate_um)
         tips = np.array([np.mean(g, axis=0) for g in merged]) if merged else np.zeros((0, 2))
         return tips, look
 
@@ -607,15 +602,10 @@ class AutoCalibrator:
         if self.moves + 2 > self.s.max_moves:
             self.log.info("held-out check skipped: no moves left for it", moves=self.moves)
             return
-        positions = np.array([smp.position_um for smp in self.samples])
-        if len(self.samples) < 4 or any(len(np.unique(np.round(positions[:, a], 3))) < 3 for a in (0, 1)):
+        if len(self.samples) < 4 or any(self._distinct_positions(a) < 3 for a in (0, 1)):
             return  # the fit fails on its own, with its own message
         try:
-            cal, _ = build_calibration(
-                self.channel, positions, np.array([smp.tip_xy_um for smp in self.samples]),
-                np.array([smp.focal_z_um for smp in self.samples]), z_up_sign=self.z_sign,
-                min_threshold_um=self.s.max_residual_um * 1.5,
-            )
+            cal, _ = self._fit_samples()
         except (ValueError, np.linalg.LinAlgError):
             return
         diagonals = []
@@ -665,36 +655,41 @@ class AutoCalibrator:
             if len(idx) == 0:
                 continue
             tip = tips[idx[int(np.argmin(np.linalg.norm(tips[idx] - predicted, axis=1)))]]
-            for group in groups:
-                if np.linalg.norm(np.mean(group, axis=0) - tip) <= self.s.static_gate_um:
-                    group.append(tip)
-                    break
-            else:
-                groups.append([tip])
+            _add_to_group(groups, tip, self.s.static_gate_um)
         assert look is not None
         confirmed = [np.mean(g, axis=0) for g in groups if len(g) >= self.s.looks_per_stop]
         if not confirmed:
             return None, look
         return min(confirmed, key=lambda t: float(np.linalg.norm(t - predicted))), look
 
+    def _distinct_positions(self, axis: int) -> int:
+        """How many distinct positions (to 1 nm) along ``axis`` the tip was recorded at."""
+        return len(np.unique(np.round([smp.position_um[axis] for smp in self.samples], 3)))
+
+    def _fit_samples(self) -> tuple[ChannelCalibration, XYFit]:
+        """The robust fit of every recorded stop (``build_calibration``)."""
+        return build_calibration(
+            self.channel,
+            np.array([smp.position_um for smp in self.samples]),
+            np.array([smp.tip_xy_um for smp in self.samples]),
+            np.array([smp.focal_z_um for smp in self.samples]),
+            z_up_sign=self.z_sign,
+            min_threshold_um=self.s.max_residual_um * 1.5,
+        )
+
     def _fit(self) -> AutoCalibrationResult:
-        positions = np.array([s.position_um for s in self.samples])
         # every in-plane axis needs the tip seen at >= 3 distinct positions along it, so that
         # one wrong detection cannot define an axis on its own (it would fit with no residual)
         for axis in [0, 1] + ([3] if self.m.n_axes == 4 else []):
-            distinct = len(np.unique(np.round(positions[:, axis], 3)))
+            distinct = self._distinct_positions(axis)
             if distinct < 3:
                 raise NotCalibrated(
                     f"the tip was seen at only {distinct} positions along axis {axis} (3 needed); "
                     "check that it is visible and apart from other tips",
                     channel=self.channel,
                 )
-        tips = np.array([s.tip_xy_um for s in self.samples])
-        focal = np.array([s.focal_z_um for s in self.samples])
         # the stops with z compensation are not "along one axis", but the fit is global
-        calibration, fit = build_calibration(
-            self.channel, positions, tips, focal, z_up_sign=self.z_sign, min_threshold_um=self.s.max_residual_um * 1.5
-        )
+        calibration, fit = self._fit_samples()
         n_in = int(fit.inliers.sum())
         if fit.residual_um > self.s.max_residual_um:
             raise NotCalibrated(
@@ -724,6 +719,16 @@ class AutoCalibrator:
             z_sign_measured=self.z_sign_measured,
             checked=self.checked,
         )
+
+
+def _add_to_group(groups: list[list[np.ndarray]], point: np.ndarray, radius_um: float) -> None:
+    """Put ``point`` (µm) into the first group whose mean lies within ``radius_um``, else into a
+    new group (in place)."""
+    for group in groups:
+        if np.linalg.norm(np.mean(group, axis=0) - point) <= radius_um:
+            group.append(point)
+            return
+    groups.append([point])
 
 
 def check_start(manipulator: Manipulator) -> None:

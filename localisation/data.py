@@ -96,13 +96,14 @@ def render_synthetic(
 ) -> list[PreparedFrame]:
     """Render ``n`` synthetic frames (seeds ``seed_start`` ...) with the simulator's broad
     randomisation (0-6 tips, 0.35-1.0 µm/px, 512x512) and prepare them for ``cfg``."""
+    from localisation.evaluation import low_contrast_px
     from simulators.synth import sample_example
 
     frames = []
     for seed in bar(range(seed_start, seed_start + n), enabled=progress, desc=desc, unit="frame"):
         ex = sample_example(seed, domain=cfg.domain)
-        faint = [(t["x"], t["y"]) for t in ex.meta.get("all_tips", []) if t.get("reason") == "low_contrast"]
-        frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}", np.asarray(faint)))
+        faint = low_contrast_px(ex.meta.get("all_tips", []))
+        frames.append(prepare_example(ex.pixels, ex.tips_px, ex.um_per_px, cfg, f"synthetic:{seed}", faint))
     return frames
 
 

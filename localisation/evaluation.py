@@ -96,7 +96,12 @@ def _all_tips(rec: TipRecord) -> list[dict[str, Any]] | None:
 def faint_tips_px(rec: TipRecord) -> np.ndarray:
     """(n, 2) x, y of the record's real tips that are too faint to require (``all_tips``
     entries with reason ``low_contrast``); none otherwise."""
-    faint = [(t["x"], t["y"]) for t in _all_tips(rec) or [] if t.get("reason") == "low_contrast"]
+    return low_contrast_px(_all_tips(rec) or [])
+
+
+def low_contrast_px(all_tips: list[dict[str, Any]]) -> np.ndarray:
+    """(n, 2) x, y of the well-formed ``all_tips`` entries whose reason is ``low_contrast``."""
+    faint = [(t["x"], t["y"]) for t in all_tips if t.get("reason") == "low_contrast"]
     return np.asarray(faint, dtype=np.float64).reshape(-1, 2)
 
 

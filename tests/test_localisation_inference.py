@@ -164,3 +164,41 @@ def test_wrong_or_broken_checkpoints_are_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, other)
     with pytest.raises(DataError, match="not a patchrig localiser checkpoint"):
         TipLocaliser.load(other, threads=1)
+
+
+def test_tiny_weights_load_as_zero_and_outputs_do_not_change(tmp_path: Path) -> None:
+    """Weights that decayed into the subnormal range are loaded as 0 (they made the shipped
+    model 6x slower on x86), bigger ones are kept, and the network computes the same thing."""
+    from localisation.checkpoint import TINY_WEIGHT, load_model
+
+    cfg = get_config("fast-tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    with torch.no_grad():
+        conv.weight[0].fill_(1e-39)  # subnormal, as found in the shipped fast.pt
+        conv.weight[1].fill_(1e-35)  # normal but below TINY_WEIGHT
+        conv.weight[2].fill_(1e-20)  # small but kept
+    path = tmp_path / "tiny-weights.pt"
+    save_checkpoint(path, model, cfg)
+    loaded, _, _ = load_model(path)
+    name = next(n for n, m in model.named_modules() if m is conv)
+    w = dict(loaded.named_modules())[name].weight
+    assert torch.all(w[0] == 0) and torch.all(w[1] == 0)
+    assert torch.all(w[2] == torch.tensor(1e-20))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        before, after = model(x), loaded(x)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-7)
+    for t in loaded.state_dict().values():
+        if t.is_floating_point():
+            assert not torch.any((t != 0) & (t.abs() < TINY_WEIGHT))
+
+
+def test_trainer_flushes_tiny_weights_in_place() -> None:
+    from localisation.train import flush_tiny_
+
+    p = torch.nn.Parameter(torch.tensor([1e-39, -1e-33, 1e-3, -2.0]))
+    flush_tiny_([p])
+    assert p.tolist() == [0.0, 0.0, pytest.approx(1e-3), -2.0]

@@ -5,9 +5,10 @@ depend on the weights) and each available device (CPU with ``--threads`` threads
 GPU):
 
 - batch 1, end to end on a 512x512 uint16 synthetic frame through ``TipLocaliser.locate``
-  (pre-processing, denoiser, model, post-processing, each timed; CUDA synchronised around each
-  GPU stage), after ``--warmup`` calls; median and 95th percentile over ``--iters`` calls;
-- batch 32: the model's forward pass alone on 32 prepared frames, per image (the paper's
+  (pre-processing, denoiser, model, verifier, post-processing, each timed; CUDA synchronised
+  around each GPU stage), after ``--warmup`` calls; median and 95th percentile over ``--iters``
+  calls;
+- batch 32: the (first-stage) model's forward pass alone on 32 prepared frames, per image (the paper's
   protocol: warm up, synchronise, average over iterations, divide by the batch size).
 
 Prints a Markdown table and writes ``--out`` JSON when given.
@@ -108,6 +109,9 @@ def _localisers(args: argparse.Namespace, device: str) -> list[tuple[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import cv2
+
+    cv2.setNumThreads(1)  # as the daemon's localiser process does (rig/localiser_process.py)
     devices = []
     if args.devices in ("all", "cpu"):
         devices.append("cpu")
@@ -140,8 +144,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Latency on a {args.size}x{args.size} frame at {args.um_per_px} µm/px (ms; batch-1 medians over {args.iters} calls)",
         "",
-        "| localiser | device | model input | pre-processing | denoiser | model | post-processing | end to end (p95) | batch 32, model per image |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| localiser | device | model input | pre-processing | denoiser | model | verifier | post-processing | end to end (p95) | batch 32, model per image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         def m(k: str, r: dict[str, Any] = r) -> str:
@@ -149,7 +153,7 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             return "-" if v is None else f"{v['median']:.2f}"
         lines.append(
             f"| {r['localiser']} | {r['device']} | {r['model_input'][1]}x{r['model_input'][0]} | {m('preprocess')} | "
-            f"{m('denoiser')} | {m('model')} | {m('postprocess')} | {m('total')} ({r['b1_total_ms']['p95']:.2f}) | "
+            f"{m('denoiser')} | {m('model')} | {m('verifier')} | {m('postprocess')} | {m('total')} ({r['b1_total_ms']['p95']:.2f}) | "
             f"{r['b32_per_image_ms']:.3f} |"
         )
     return "\n".join(lines)

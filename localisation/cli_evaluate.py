@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="results JSON (figures are written beside it)")
     parser.add_argument(
         "--ablation",
-        choices=["no-offset"],
-        help="no-offset: the fast model without its sub-cell offset head (tips at heatmap cell centres)",
+        choices=["no-offset", "no-verifier"],
+        help="no-offset: the fast model without its sub-cell offset head (tips at heatmap cell centres); "
+        "no-verifier: a cascade's first stage alone, at its own threshold",
     )
     parser.add_argument("--threshold", type=float, help="score threshold (default: each checkpoint's own)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from localisation.checkpoint import read_checkpoint
     from localisation.dataset_format import read_dataset
     from localisation.evaluation import (
         evaluate,
@@ -62,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for spec in specs:
         name, loc = load_localiser(
-            spec, device=args.device, threads=args.threads, expect_config=args.config, score_threshold=args.threshold
+            spec, device=args.device, threads=args.threads, expect_config=args.config, score_threshold=args.threshold,
+            use_verifier=args.ablation != "no-verifier",
         )
+        if args.ablation == "no-verifier":
+            if read_checkpoint(loc.checkpoint).get("verifier") is None:
+                raise DataError(f"{spec}: --ablation no-verifier needs a checkpoint with a verifier")
+            name += " without verifier"
         if args.ablation == "no-offset":
             if not hasattr(getattr(loc, "model", None), "use_offset"):
                 raise DataError(f"{spec}: --ablation no-offset needs a fast-family checkpoint")

@@ -43,8 +43,10 @@ def load_localiser(
     threads: int | None = None,
     expect_config: str | None = None,
     score_threshold: float | None = None,
+    use_verifier: bool = True,
 ) -> tuple[str, Any]:
-    """(display name, object with ``locate``) for a spec (see the module docstring)."""
+    """(display name, object with ``locate``) for a spec (see the module docstring).
+    ``use_verifier=False``: a cascade's first stage alone, at its own threshold."""
     if spec == "classical":
         from localisation.classical import ClassicalTipDetector
 
@@ -55,6 +57,7 @@ def load_localiser(
         threads=threads,
         expect_config=expect_config,
         score_threshold=score_threshold,
+        use_verifier=use_verifier,
     )
     return f"{loc.cfg.name} ({Path(loc.checkpoint).name})", loc
 

@@ -11,7 +11,11 @@ origin at the centre of the top-left pixel), best first. Steps, each timed in
    intensity normalisation (preprocess.py);
 2. denoiser: the CycleGAN generator on the whole frame, when the configuration has one;
 3. model: the network's forward pass;
-4. post-processing: thresholding, duplicate suppression, mapping back to input pixels.
+4. verifier (checkpoints that carry one, as the shipped ``fast.pt`` does): the first stage
+   proposes up to ``candidates`` low-threshold peaks and the second stage re-scores and refines
+   each one from a fine crop of the frame (verifier.py); the threshold then applies to the
+   verifier's score;
+5. post-processing: thresholding, duplicate suppression, mapping back to input pixels.
 
 Deterministic: same frame -> same detections (eval mode, deterministic kernels, no
 randomness). Bad frames (not an array, empty, NaN, wrong dimensions) raise ``DataError``.
@@ -31,8 +35,14 @@ from torch import nn
 from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
 from localisation.configs import LocaliserConfig, model_stride
 from localisation.postprocess import detections
-from localisation.preprocess import Resampling, pad_to_multiple, prepare
+from localisation.preprocess import Resampling, pad_to_multiple, prepare, validate_frame
 from localisation.types import TipDetection
+from localisation.verifier import VerifierConfig, load_verifier, select_verified, verify
+
+
+def image_shape(pixels: np.ndarray) -> tuple[int, int]:
+    """(height, width) in pixels of a greyscale or colour frame."""
+    return int(pixels.shape[0]), int(pixels.shape[1])
 
 
 @dataclass
@@ -115,6 +125,7 @@ class TipLocaliser:
         checkpoint: str,
         denoiser: nn.Module | None = None,
         score_threshold: float | None = None,
+        verifier: tuple[nn.Module, VerifierConfig] | None = None,
     ) -> None:
         self.model = model.eval().to(device)
         self.cfg = cfg
@@ -122,6 +133,11 @@ class TipLocaliser:
         self.checkpoint = checkpoint
         self.denoiser = None if denoiser is None else denoiser.eval().to(device)
         self.score_threshold = cfg.score_threshold if score_threshold is None else score_threshold
+        self.verifier = None if verifier is None else verifier[0].eval().to(device)
+        self.verifier_cfg = None if verifier is None else verifier[1]
+        if self.verifier_cfg is not None:
+            # the first stage decodes as many peaks as the verifier examines
+            model.n_max = self.verifier_cfg.candidates  # type: ignore[assignment]
         self.last_timings_ms: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -135,13 +151,21 @@ class TipLocaliser:
         expect_config: str | None = None,
         denoiser: str | Path | None = None,
         score_threshold: float | None = None,
+        use_verifier: bool = True,
     ) -> TipLocaliser:
         """Load a checkpoint (None: the shipped ``fast.pt``). ``threads``: torch CPU threads
         (None: the configuration's). ``expect_config``: refuse a checkpoint of another
         configuration (DataError). ``denoiser``: a CycleGAN generator file overriding the
-        configuration's."""
+        configuration's. ``use_verifier=False``: the first stage alone (ablation; its own
+        threshold is then ``score_threshold`` or the configuration's)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-        model, cfg, _payload = load_model(path, expect_config=expect_config)
+        model, cfg, payload = load_model(path, expect_config=expect_config)
+        ver = None
+        if "verifier" in payload and use_verifier:
+            ver = load_verifier(payload["verifier"], str(path))
+        elif "verifier" in payload:
+            first_threshold = payload["verifier"].get("first_stage_threshold", cfg.score_threshold)
+            cfg = cfg.with_overrides(score_threshold=float(first_threshold))
         torch.set_num_threads(int(threads if threads is not None else cfg.threads))
         dev = resolve_device(device)
         den = None
@@ -151,7 +175,9 @@ class TipLocaliser:
             from localisation.models.cyclegan import Denoiser
 
             den = Denoiser.load(resolve_denoiser(den_path))
-        return cls(model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold)
+        return cls(
+            model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold, verifier=ver
+        )
 
     def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
         """Validated, resampled, normalised frame on the model grid."""
@@ -172,23 +198,38 @@ class TipLocaliser:
             image_model, rs = self.prepare(pixels, um_per_px)
             t1 = time.perf_counter()
             timings: dict[str, float] = {"preprocess": (t1 - t0) * 1e3}
+            vcfg = self.verifier_cfg
             pred = predict_prepared(
                 self.model,
                 self.cfg,
                 image_model,
                 device=self.device,
                 denoiser=self.denoiser,
-                score_threshold=self.score_threshold,
+                score_threshold=self.score_threshold if vcfg is None else vcfg.min_first_score,
                 timings=timings,
             )
             t2 = time.perf_counter()
-            xy_in = rs.to_input(pred.xy_model_px)
+            xy_in, scores = rs.to_input(pred.xy_model_px), pred.scores
+            timings["verifier"] = 0.0
+            if self.verifier is not None and vcfg is not None:
+                tv = time.perf_counter()
+                xy_in, scores = verify(
+                    self.verifier, vcfg, validate_frame(pixels, um_per_px), um_per_px, xy_in, scores, device=self.device
+                )
+                _sync(self.device)
+                timings["verifier"] = (time.perf_counter() - tv) * 1e3
+                xy_in, scores = select_verified(
+                    xy_in, scores, score_threshold=self.score_threshold, frame_shape=image_shape(pixels),
+                    um_per_px=um_per_px, n_max=self.cfg.n_max,
+                )
             dets = [
                 TipDetection(float(x), float(y), float(s))
-                for (x, y), s in zip(xy_in, pred.scores, strict=True)
+                for (x, y), s in zip(xy_in, scores, strict=True)
             ]
             t3 = time.perf_counter()
-            timings["postprocess"] = (t3 - t2) * 1e3 + (t2 - t1) * 1e3 - timings["denoiser"] - timings["model"]
+            timings["postprocess"] = (
+                (t3 - t2) * 1e3 + (t2 - t1) * 1e3 - timings["denoiser"] - timings["model"] - timings["verifier"]
+            )
             timings["total"] = (t3 - t0) * 1e3
             self.last_timings_ms = timings
             return dets, pred, rs

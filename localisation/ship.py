@@ -60,8 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     src = args.run / args.checkpoint_name
     model, cfg, payload = load_model(src)
     threshold_sweep = None
+    verifier = payload.get("verifier")
+    if verifier is not None:
+        # a cascade: train-verifier picked a threshold on its validation frames; --pick-threshold
+        # picks again, end to end, on --val-data (e.g. a larger validation set)
+        threshold_sweep = payload.get("metrics", {}).get("validation_threshold_sweep")
+        if args.pick_threshold and args.val_data is None:
+            raise SystemExit("--pick-threshold for a checkpoint with a verifier needs --val-data")
     if args.pick_threshold:
-        threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
+        if verifier is not None:
+            threshold_sweep = sweep_cascade(src, args.val_data, threads=args.threads, progress=progress)
+        else:
+            threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
         ok = [t for t in threshold_sweep if t["precision"] >= TARGETS["precision"] + args.precision_margin]
         chosen = ok[0]["threshold"] if ok else max(threshold_sweep, key=lambda t: t["f1"])["threshold"]
         cfg = cfg.with_overrides(score_threshold=chosen)
@@ -69,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.with_overrides(score_threshold=args.score_threshold)
     history = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     save_checkpoint(args.out, model, cfg, metrics={"val": payload.get("metrics", {}).get("val"),
-                                                   "epoch": payload.get("metrics", {}).get("epoch")})
+                                                   "epoch": payload.get("metrics", {}).get("epoch")},
+                    verifier=verifier)
     records = read_dataset(args.test).records
     loc = TipLocaliser.load(args.out, device="cpu", threads=args.threads)
     result = evaluate(cfg.name, loc, records, keep_heatmaps=False, progress=progress)
@@ -80,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         "config_values": cfg.to_dict(),
         "size_bytes": args.out.stat().st_size,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "verifier": None if verifier is None else {
+            "config": verifier["config"], "first_stage_threshold": verifier.get("first_stage_threshold"),
+            "parameters": int(sum(v.numel() for k, v in verifier["model_state"].items() if "running" not in k
+                                  and "num_batches" not in k))},
         "training_command": args.train_command,
         "training": {
             "source_checkpoint": str(src),
@@ -104,6 +119,31 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics_table([result]))
     print(json.dumps(doc["targets"], indent=1))
     return 0
+
+
+def sweep_cascade(checkpoint: Path, val_data: Path, *, threads: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Validation metrics at score thresholds 0.2-0.9 of a checkpoint with a verifier, end to
+    end through ``TipLocaliser.locate`` at threshold 0. Thresholding afterwards gives what each
+    threshold gives: duplicate suppression and the n_max cap only ever favour better scores."""
+    from localisation.dataset_format import load_image
+    from localisation.metrics import MetricsAccumulator
+    from localisation.progress import bar
+
+    loc = TipLocaliser.load(checkpoint, device="cpu", threads=threads, score_threshold=0.0)
+    records = read_dataset(val_data).records
+    found = []
+    for rec in bar(records, enabled=progress, desc="validation sweep", unit="frame"):
+        dets = loc.locate(load_image(rec), rec.um_per_px)
+        found.append((np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), np.array([d.score for d in dets])))
+    out = []
+    for thr in np.round(np.arange(0.2, 0.91, 0.05), 2):
+        acc = MetricsAccumulator()
+        for rec, (xy, scores) in zip(records, found, strict=True):
+            acc.add(xy[scores >= thr], rec.tips_px, rec.um_per_px, faint_px=faint_tips_px(rec))
+        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
+        out.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
+                    "acc_5um": o["acc_5um"]})
+    return out
 
 
 def sweep_thresholds(

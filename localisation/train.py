@@ -33,7 +33,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from localisation.checkpoint import TINY_WEIGHT, load_weights, read_checkpoint, save_checkpoint, unwrap
+from localisation.checkpoint import (
+    TINY_WEIGHT,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from localisation.configs import LocaliserConfig, Stage, build_model
 from localisation.data import (
     PreparedFrame,

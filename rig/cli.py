@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.cli_simulate", "run one device simulator on its own"),
     "data": ("simulators.cli_data", "synthesise, import and view labelled tip datasets"),
     "train": ("localisation.cli_train", "train a localiser configuration"),
+    "train-verifier": ("localisation.verifier_train", "train the second stage (verifier) of a fast localiser"),
     "evaluate": ("localisation.cli_evaluate", "evaluate a localiser checkpoint on a dataset"),
     "locate": ("localisation.cli_locate", "localise tips in an image, a folder or a dataset"),
     "bench": ("rig.cmd_bench", "benchmarks: localiser, manipulators, microscope, calibration, daemon"),

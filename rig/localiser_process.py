@@ -37,6 +37,7 @@ def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) 
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the daemon decides
     try:
+        import cv2
         import torch
 
         from localisation.inference import TipLocaliser
@@ -44,6 +45,9 @@ def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) 
         localiser = TipLocaliser.load(checkpoint, device=device, threads=threads)
         if threads is not None:
             torch.set_num_threads(int(threads))
+        # OpenCV's own thread pool (resampling, crops) would compete with torch's threads for
+        # the same cores: 29.0 -> 25.9 ms per 512x512 frame on 2 cores with it off
+        cv2.setNumThreads(1)
         conn.send_bytes(json.dumps({"ok": True, "device": str(localiser.device), "checkpoint": localiser.checkpoint}).encode())
     except Exception as exc:  # report why, then exit
         conn.send_bytes(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from localisation.checkpoint import read_checkpoint
+from localisation.checkpoint import read_checkpoint, save_checkpoint
 from localisation.configs import get_config
 from localisation.dataset_format import read_dataset, write_dataset
 from localisation.train import TrainOptions, train
@@ -196,3 +196,61 @@ def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, ti
     assert doc["targets"]["precision"]["measured"] == doc["metrics"]["overall"]["precision"]
     loc = TipLocaliser.load(out, threads=1)
     assert loc.score_threshold == picked and loc.cfg.name == "fast-tiny"
+
+
+def test_train_verifier_writes_a_cascade_that_ships_and_evaluates(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``patchrig train-verifier`` on the shipped first stage: a complete cascade checkpoint
+    whose threshold comes from the validation sweep; ``localisation.ship`` keeps the verifier;
+    ``evaluate --ablation no-verifier`` runs the first stage alone."""
+    from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
+    from localisation.inference import TipLocaliser
+    from localisation.ship import main as ship_main
+
+    first_stage = tmp_path / "first.pt"
+    model, cfg, shipped_payload = load_model(DEFAULT_CHECKPOINT)
+    first_threshold = shipped_payload.get("verifier", {}).get("first_stage_threshold", cfg.score_threshold)
+    cfg = cfg.with_overrides(score_threshold=first_threshold)
+    save_checkpoint(first_stage, model, cfg)  # the shipped first stage without any verifier
+    out = tmp_path / "verifier"
+    rc = main(["train-verifier", "--first-stage", str(first_stage), "--data", str(tiny_dataset), "--val-data",
+               str(tiny_dataset), "--out", str(out), "--epochs", "2", "--workers", "1", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    payload = read_checkpoint(out / "best.pt")
+    sweep = payload["metrics"]["validation_threshold_sweep"]
+    ok = [r["threshold"] for r in sweep if r["precision"] is not None and r["precision"] >= 0.98]
+    picked = ok[0] if ok else max(sweep, key=lambda r: r["f1"])["threshold"]
+    assert payload["config"]["score_threshold"] == picked
+    assert payload["verifier"]["first_stage_threshold"] == cfg.score_threshold
+    assert payload["metrics"]["candidates"]["train_tips"] > 0
+    loc = TipLocaliser.load(out / "best.pt", threads=1)
+    assert loc.verifier is not None and loc.score_threshold == picked
+
+    shipped = tmp_path / "shipped.pt"
+    assert ship_main(["--run", str(out), "--test", str(tiny_dataset), "--train-command", "patchrig train-verifier ...",
+                      "--test-command", "synth ...", "--out", str(shipped), "--no-progress"]) == 0
+    doc = json.loads(shipped.with_suffix(".json").read_text())
+    assert doc["verifier"]["config"]["candidates"] == 16 and doc["validation_threshold_sweep"] == sweep
+    assert TipLocaliser.load(shipped, threads=1).verifier is not None
+    with pytest.raises(SystemExit, match="needs --val-data"):
+        ship_main(["--run", str(out), "--test", str(tiny_dataset), "--train-command", "x", "--test-command", "y",
+                   "--out", str(tmp_path / "again.pt"), "--pick-threshold", "--no-progress"])
+    # picked again, end to end, on a validation set: the same rule as train-verifier's
+    again = tmp_path / "again.pt"
+    assert ship_main(["--run", str(out), "--test", str(tiny_dataset), "--val-data", str(tiny_dataset), "--train-command",
+                      "x", "--test-command", "y", "--out", str(again), "--pick-threshold", "--no-progress"]) == 0
+    resweep = json.loads(again.with_suffix(".json").read_text())["validation_threshold_sweep"]
+    ok = [r["threshold"] for r in resweep if r["precision"] >= 0.98]
+    assert read_checkpoint(again)["config"]["score_threshold"] == (ok[0] if ok else max(resweep, key=lambda r: r["f1"])["threshold"])
+    for mine, trainers in zip(resweep, sweep[:len(resweep)], strict=True):  # both sweeps measure the same cascade
+        assert mine["threshold"] == trainers["threshold"]
+        assert mine["precision"] == pytest.approx(trainers["precision"], abs=1e-9)
+        assert mine["acc_5um"] == pytest.approx(trainers["acc_5um"], abs=1e-9)
+
+    res = tmp_path / "ablation.json"
+    assert main(["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(shipped), "--ablation", "no-verifier",
+                 "--out", str(res), "--no-figures", "--no-progress", "--threads", "1"]) == 0
+    assert json.loads(res.read_text())["models"][0]["name"].endswith("without verifier")
+    assert main(["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(first_stage), "--ablation", "no-verifier",
+                 "--out", str(res), "--no-figures", "--no-progress"]) == 1

@@ -1,0 +1,186 @@
+"""Second stage of the ``fast`` localiser: re-score and refine every first-stage candidate.
+
+Beyond the paper. The paper refines a coarse heatmap with a finer learner on the whole image;
+here the finer look is spent only where the first stage proposes a tip:
+
+1. The first stage (``FastTipNet`` at 1.5 µm per model pixel) proposes up to ``candidates``
+   heatmap peaks whose score reaches ``min_first_score`` (a low bar, so that faint tips are
+   proposed too).
+2. The frame is resampled once to ``crop_um_per_px`` (0.75 µm/px: twice as fine, so a 1 µm dye
+   spot and a 3-7 µm labelled cell differ in size) and normalised with the same robust
+   percentiles as the first stage's input.
+3. ``TipVerifier`` sees a ``crop_size_px`` square (64 px = 48 µm) centred on each candidate,
+   plus the candidate's first-stage logit, and returns a tip logit and a sub-pixel offset
+   (crop pixels, x = column, y = row) from the candidate to the tip.
+
+The final score is ``sigmoid(tip logit)`` and the tip lies at candidate + offset. The trainer
+(``verifier_train.py``) labels candidates from the first stage's own proposals on training
+frames, so the verifier learns exactly the mistakes that the first stage makes (hard negatives:
+labelled cells, shank edges, noise). Deterministic: eval mode, no randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from localisation.postprocess import suppress_duplicates
+from localisation.preprocess import Resampling, normalise, resample
+from rig.errors import DataError
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """What defines a verifier. ``candidates``: first-stage peaks examined per frame;
+    ``min_first_score``: first-stage score a peak needs to be examined; ``crop_size_px`` and
+    ``crop_um_per_px``: the crop (pixels, µm per pixel); ``widths``: channels of the 4 stages."""
+
+    candidates: int = 16
+    min_first_score: float = 0.02
+    crop_size_px: int = 64
+    crop_um_per_px: float = 0.75
+    widths: tuple[int, int, int, int] = (12, 24, 48, 96)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifierConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown verifier config fields: {sorted(unknown)}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(int(w) for w in d["widths"])
+        cfg = cls(**d)
+        if cfg.crop_size_px % 16 or cfg.crop_size_px < 16:
+            raise ValueError(f"crop_size_px must be a multiple of 16, got {cfg.crop_size_px}")
+        if cfg.candidates < 1 or not 0 <= cfg.min_first_score < 1 or cfg.crop_um_per_px <= 0:
+            raise ValueError(f"bad verifier config {cfg}")
+        return cfg
+
+
+def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class TipVerifier(nn.Module):
+    """Crops (N, 1, S, S) in [0, 1] and first-stage logits (N,) -> (N, 3): tip logit, offset
+    x and offset y in crop pixels. Four stride-2 stages, then a fully connected layer over
+    the (S/16)^2 cells, so the output knows where in the crop things are."""
+
+    def __init__(self, cfg: VerifierConfig = VerifierConfig()) -> None:
+        super().__init__()
+        a, b, c, d = cfg.widths
+        self.body = nn.Sequential(
+            _conv(1, a, 1), _conv(a, a, 2), _conv(a, b, 1), _conv(b, b, 2),
+            _conv(b, c, 1), _conv(c, c, 2), _conv(c, d, 1), _conv(d, d, 2),
+        )
+        cells = (cfg.crop_size_px // 16) ** 2
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(d * cells, 128), nn.ReLU(inplace=True))
+        self.head = nn.Linear(128 + 1, 3)
+
+    def forward(self, crops: torch.Tensor, first_logits: torch.Tensor) -> torch.Tensor:
+        h = self.embed(self.body(crops))
+        return self.head(torch.cat([h, first_logits.reshape(-1, 1).to(h.dtype)], 1))
+
+
+def score_logit(scores: np.ndarray) -> np.ndarray:
+    """First-stage scores (probabilities) -> logits, clipped to +-9.2 (float32)."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(s / (1 - s)).astype(np.float32)
+
+
+def crop_grid(pixels: np.ndarray, um_per_px: float, cfg: VerifierConfig) -> tuple[np.ndarray, Resampling]:
+    """A validated frame resampled to ``cfg.crop_um_per_px`` and normalised to [0, 1]."""
+    img, rs = resample(pixels, um_per_px, mode="fixed_scale", size=0, model_um_per_px=cfg.crop_um_per_px)
+    return normalise(img), rs
+
+
+def crops_at(grid: np.ndarray, centres_grid_px: np.ndarray, size_px: int) -> np.ndarray:
+    """``size_px`` squares of ``grid`` centred on each point (n, 2; x, y in grid pixels,
+    pixel-centre origin), bilinear, edges replicated: (n, size_px, size_px) float32. The
+    centre of a crop lies between its pixels (size_px - 1) / 2."""
+    out = np.empty((len(centres_grid_px), size_px, size_px), dtype=np.float32)
+    for k, (x, y) in enumerate(np.asarray(centres_grid_px, dtype=np.float64).reshape(-1, 2)):
+        out[k] = cv2.getRectSubPix(grid, (size_px, size_px), (float(x), float(y)))
+    return out
+
+
+@torch.inference_mode()
+def verify(
+    verifier: nn.Module,
+    cfg: VerifierConfig,
+    pixels: np.ndarray,
+    um_per_px: float,
+    candidates_px: np.ndarray,
+    first_scores: np.ndarray,
+    *,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score and refine first-stage candidates (input pixels) of one validated frame.
+    Returns (tips (n, 2) in input pixels, scores (n,)), in the candidates' order."""
+    candidates_px = np.asarray(candidates_px, dtype=np.float64).reshape(-1, 2)
+    if len(candidates_px) == 0:
+        return candidates_px, np.zeros(0)
+    grid, rs = crop_grid(pixels, um_per_px, cfg)
+    centres = rs.to_model(candidates_px)
+    crops = torch.from_numpy(crops_at(grid, centres, cfg.crop_size_px))[:, None].to(device)
+    logits = torch.from_numpy(score_logit(first_scores)).to(device)
+    out = verifier(crops, logits).float().cpu().numpy()
+    tips = rs.to_input(centres + out[:, 1:3])
+    return tips, 1.0 / (1.0 + np.exp(-out[:, 0].astype(np.float64)))
+
+
+def select_verified(
+    tips_px: np.ndarray,
+    scores: np.ndarray,
+    *,
+    score_threshold: float,
+    frame_shape: tuple[int, int],
+    um_per_px: float,
+    n_max: int,
+    min_separation_um: float = 4.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The verifier's final detections of one frame: inside the frame, score at least the
+    threshold, none within ``min_separation_um`` of a better one, at most ``n_max``, best
+    first. Returns (tips (m, 2) input pixels, scores (m,))."""
+    h, w = frame_shape
+    x, y = tips_px[:, 0], tips_px[:, 1]
+    sel = (scores >= score_threshold) & (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
+    tips_px, scores = tips_px[sel], scores[sel]
+    keep = suppress_duplicates(tips_px, scores, min_separation_um / float(um_per_px))[:n_max]
+    return tips_px[keep].reshape(-1, 2), scores[keep]
+
+
+def verifier_payload(
+    verifier: nn.Module, cfg: VerifierConfig, *, first_stage_threshold: float, half: bool = False
+) -> dict[str, Any]:
+    """What a localiser checkpoint stores under ``"verifier"``. ``first_stage_threshold``: the
+    first stage's own score threshold, used when the verifier is switched off (ablation)."""
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in verifier.state_dict().items()
+    }
+    return {"config": cfg.to_dict(), "model_state": state, "first_stage_threshold": float(first_stage_threshold)}
+
+
+def load_verifier(entry: Any, where: str) -> tuple[TipVerifier, VerifierConfig]:
+    """Rebuild a verifier from a checkpoint's ``"verifier"`` entry (float32, tiny weights
+    flushed to 0 as for the first stage, eval mode). A malformed entry raises DataError naming
+    ``where``."""
+    from localisation.checkpoint import flush_tiny
+
+    try:
+        cfg = VerifierConfig.from_dict(entry["config"])
+        model = TipVerifier(cfg)
+        model.load_state_dict(flush_tiny(entry["model_state"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise DataError(f"checkpoint {where}: malformed verifier ({exc})") from exc
+    return model.eval(), cfg

@@ -1,0 +1,335 @@
+"""``patchrig train-verifier``: train the second stage (verifier.py) of a ``fast`` localiser.
+
+Example::
+
+    patchrig train-verifier --first-stage localisation/checkpoints/fast.pt \\
+        --data runs/train-v3 --val-data runs/val-v3 --out runs/verifier --frames 6000
+
+Steps:
+
+1. The first stage proposes its candidates on ``--frames`` training frames and on every
+   validation frame (``candidates`` peaks with score >= ``min_first_score``), exactly as at
+   inference, and a crop is cut around each one with the inference code.
+2. Each candidate is labelled from the dataset: a tip when a labelled tip lies within
+   ``POSITIVE_UM`` (the offset target is the way to it, in crop pixels); not a tip when no
+   labelled tip lies within ``NEGATIVE_UM`` and no faint (``low_contrast``) real tip within
+   10 µm; otherwise it is left out (ambiguous).
+3. The verifier is trained with binary cross-entropy on the label plus a smooth-L1 loss on the
+   offset of tips, with rotations by 90°, flips and brightness/contrast changes.
+4. After every epoch the whole cascade is measured on the validation frames, end to end as the
+   evaluator measures it; the score threshold is the lowest in 0.20-0.95 whose validation
+   precision reaches 98 %, and the epoch with the best accuracy within 5 µm at that threshold
+   is kept.
+
+Writes ``OUT/best.pt`` (the first stage's weights and configuration, with the verifier and the
+picked threshold: a complete localiser checkpoint, usable by ``locate``, ``evaluate``, the
+daemon and ``localisation.ship``) and ``OUT/metrics.jsonl`` (one line per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from localisation.checkpoint import load_model, save_checkpoint
+from localisation.dataset_format import TipRecord, load_image, read_dataset
+from localisation.evaluation import faint_tips_px
+from localisation.metrics import MetricsAccumulator
+from localisation.progress import bar
+from localisation.verifier import (
+    TipVerifier,
+    VerifierConfig,
+    crop_grid,
+    crops_at,
+    score_logit,
+    select_verified,
+    verifier_payload,
+)
+from rig.atomic import atomic_open
+from rig.errors import DataError
+
+POSITIVE_UM = 4.0  # a candidate this close to a labelled tip is a tip
+NEGATIVE_UM = 8.0  # a candidate farther than this from every labelled tip is not a tip
+FAINT_UM = 10.0  # ... unless a faint real tip lies this close (then it is left out)
+PRECISION_TARGET = 0.98
+THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.20, 0.951, 0.05), 2))
+
+
+@dataclass
+class Candidates:
+    """First-stage candidates of a list of frames. ``frame``: index of the frame (n,);
+    ``xy_px``: input pixels (n, 2); ``score``: first-stage score (n,); ``label``: 1 tip, 0 not
+    a tip, -1 left out (n,); ``offset``: candidate -> tip in crop pixels (n, 2; zero unless a
+    tip); ``crops``: (n, S, S) float16."""
+
+    frame: np.ndarray
+    xy_px: np.ndarray
+    score: np.ndarray
+    label: np.ndarray
+    offset: np.ndarray
+    crops: np.ndarray
+
+
+def label_candidates(
+    xy_px: np.ndarray, tips_px: np.ndarray, faint_px: np.ndarray, um_per_px: float, cfg: VerifierConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (n,) int8 and offsets (n, 2) crop pixels of candidates (input pixels)."""
+    label = np.full(len(xy_px), -1, dtype=np.int8)
+    offset = np.zeros((len(xy_px), 2), dtype=np.float32)
+    crop_px_per_px = um_per_px / cfg.crop_um_per_px
+    for k, p in enumerate(np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)):
+        d_tip = np.linalg.norm(tips_px - p, axis=1) * um_per_px if len(tips_px) else np.array([np.inf])
+        d_faint = (np.linalg.norm(faint_px - p, axis=1) * um_per_px).min() if len(faint_px) else np.inf
+        j = int(np.argmin(d_tip))
+        if d_tip[j] <= POSITIVE_UM:
+            label[k] = 1
+            offset[k] = (tips_px[j] - p) * crop_px_per_px
+        elif d_tip[j] > NEGATIVE_UM and d_faint > FAINT_UM:
+            label[k] = 0
+    return label, offset
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(first_stage: str, cfg: VerifierConfig) -> None:
+    from localisation.inference import TipLocaliser
+
+    torch.set_num_threads(1)
+    loc = TipLocaliser.load(first_stage, device="cpu", threads=1, use_verifier=False, score_threshold=cfg.min_first_score)
+    loc.model.n_max = cfg.candidates  # type: ignore[assignment]
+    _WORKER.update(loc=loc, cfg=cfg)
+
+
+def _frame_candidates(record: TipRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    loc, cfg = _WORKER["loc"], _WORKER["cfg"]
+    pixels = load_image(record)
+    dets = loc.locate(pixels, record.um_per_px)
+    xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
+    score = np.array([d.score for d in dets], dtype=np.float64)
+    label, offset = label_candidates(xy, record.tips_px.reshape(-1, 2), faint_tips_px(record), record.um_per_px, cfg)
+    grid, rs = crop_grid(pixels, record.um_per_px, cfg)
+    crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
+    return xy, score, label, offset, crops
+
+
+def collect_candidates(
+    first_stage: Path, records: list[TipRecord], cfg: VerifierConfig, *, workers: int, progress: bool, desc: str
+) -> Candidates:
+    """Run the first stage on every record (``workers`` processes, one thread each)."""
+    if workers > 1:
+        with get_context("fork").Pool(workers, _init_worker, (str(first_stage), cfg)) as pool:
+            per_frame = list(bar(pool.imap(_frame_candidates, records, chunksize=8), enabled=progress,
+                                 total=len(records), desc=desc, unit="frame"))
+    else:
+        _init_worker(str(first_stage), cfg)
+        per_frame = [_frame_candidates(r) for r in bar(records, enabled=progress, desc=desc, unit="frame")]
+    s = cfg.crop_size_px
+    return Candidates(
+        frame=np.concatenate([np.full(len(f[0]), i, dtype=np.int64) for i, f in enumerate(per_frame)] or [np.zeros(0, np.int64)]),
+        xy_px=np.concatenate([f[0] for f in per_frame] or [np.zeros((0, 2))]),
+        score=np.concatenate([f[1] for f in per_frame] or [np.zeros(0)]),
+        label=np.concatenate([f[2] for f in per_frame] or [np.zeros(0, np.int8)]),
+        offset=np.concatenate([f[3] for f in per_frame] or [np.zeros((0, 2), np.float32)]),
+        crops=np.concatenate([f[4] for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
+    )
+
+
+def augment(crops: torch.Tensor, offsets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rotation by a multiple of 90° and optional left-right flip for the whole batch,
+    the offsets (x, y crop pixels) moved with the pixels; per-crop gain 0.8-1.2 and bias +-0.1."""
+    k = int(torch.randint(4, (1,), generator=generator))
+    flip = bool(torch.randint(2, (1,), generator=generator))
+    crops = torch.rot90(crops, k, (2, 3))
+    ox, oy = offsets[:, 0], offsets[:, 1]
+    for _ in range(k):  # rot90 moves the pixel at (x, y) from the centre to (y, -x)
+        ox, oy = oy, -ox
+    if flip:
+        crops = torch.flip(crops, (3,))
+        ox = -ox
+    n = crops.shape[0]
+    gain = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
+    bias = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
+    return crops * gain + bias, torch.stack([ox, oy], 1)
+
+
+@torch.inference_mode()
+def verifier_outputs(verifier: TipVerifier, cands: Candidates, batch: int = 1024) -> np.ndarray:
+    """(n, 3) raw outputs for every candidate (eval mode)."""
+    verifier.eval()
+    outs = [np.zeros((0, 3), np.float32)]
+    for i in range(0, len(cands.score), batch):
+        crops = torch.from_numpy(cands.crops[i : i + batch].astype(np.float32))[:, None]
+        outs.append(verifier(crops, torch.from_numpy(score_logit(cands.score[i : i + batch]))).numpy())
+    return np.concatenate(outs)
+
+
+def sweep(
+    outputs: np.ndarray, cands: Candidates, records: list[TipRecord], cfg: VerifierConfig, n_max: int
+) -> list[dict[str, Any]]:
+    """End-to-end validation metrics of the cascade at each threshold of ``THRESHOLDS``, with
+    the inference's selection (``select_verified``) and the evaluator's metrics."""
+    probs = 1.0 / (1.0 + np.exp(-outputs[:, 0].astype(np.float64)))
+    per_frame = []
+    for i, rec in enumerate(records):
+        sel = cands.frame == i
+        grid_px_per_px = rec.um_per_px / cfg.crop_um_per_px
+        tips = cands.xy_px[sel] + outputs[sel, 1:3] / grid_px_per_px
+        shape = (int(rec.extra.get("height", 0)), int(rec.extra.get("width", 0)))
+        per_frame.append((tips, probs[sel], shape))
+    out = []
+    for thr in THRESHOLDS:
+        acc = MetricsAccumulator()
+        for rec, (tips, p, shape) in zip(records, per_frame, strict=True):
+            kept, _ = select_verified(tips, p, score_threshold=thr, frame_shape=shape, um_per_px=rec.um_per_px, n_max=n_max)
+            acc.add(kept, rec.tips_px, rec.um_per_px, faint_px=faint_tips_px(rec))
+        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
+        out.append({"threshold": thr, "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
+                    "acc_5um": o["acc_5um"], "acc_10um": o["acc_10um"]})
+    return out
+
+
+def pick(sweep_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lowest threshold whose precision reaches the target (else the best F1)."""
+    ok = [r for r in sweep_rows if r["precision"] is not None and r["precision"] >= PRECISION_TARGET]
+    return ok[0] if ok else max(sweep_rows, key=lambda r: r["f1"])
+
+
+def _with_shapes(records: list[TipRecord]) -> list[TipRecord]:
+    """Records with the image height and width in ``extra`` (for the in-frame check)."""
+    out = []
+    for r in records:
+        h, w = load_image(r).shape[:2]
+        out.append(TipRecord(r.file, r.path, r.um_per_px, r.tips_px, {**r.extra, "height": h, "width": w}))
+    return out
+
+
+def train_verifier(
+    first_stage: Path,
+    data: Path | list[Path],
+    val_data: Path,
+    out_dir: Path,
+    *,
+    frames: int | None = None,
+    epochs: int = 6,
+    lr: float = 2e-3,
+    batch_size: int = 128,
+    workers: int = 2,
+    threads: int = 2,
+    seed: int = 0,
+    cfg: VerifierConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """See the module docstring (``cfg``: None = ``VerifierConfig()``). Returns a summary (best
+    epoch, threshold, validation metrics)."""
+    cfg = cfg or VerifierConfig()
+    if epochs < 1:
+        raise DataError("--epochs must be at least 1")
+    model, first_cfg, payload = load_model(first_stage)
+    if first_cfg.model != "fast":
+        raise DataError(f"{first_stage}: a verifier needs a 'fast' first stage, not {first_cfg.model!r}")
+    data_dirs = [data] if isinstance(data, Path) else list(data)
+    train_records = [r for d in data_dirs for r in read_dataset(d).records][: frames if frames else None]
+    val_records = _with_shapes(read_dataset(val_data).records)
+    if not train_records or not val_records:
+        raise DataError("the training and validation sets must not be empty")
+    first_threshold = float(payload.get("verifier", {}).get("first_stage_threshold", first_cfg.score_threshold))
+    t_start = time.monotonic()
+    train = collect_candidates(first_stage, train_records, cfg, workers=workers, progress=progress, desc="candidates (train)")
+    val = collect_candidates(first_stage, val_records, cfg, workers=workers, progress=progress, desc="candidates (val)")
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    use = train.label >= 0
+    crops = torch.from_numpy(train.crops[use])
+    logits = torch.from_numpy(score_logit(train.score[use]))
+    labels = torch.from_numpy(train.label[use].astype(np.float32))
+    offsets = torch.from_numpy(train.offset[use])
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise DataError("the first stage's candidates hold only one class; more training frames are needed")
+    verifier = TipVerifier(cfg)
+    opt = torch.optim.AdamW(verifier.parameters(), lr, weight_decay=1e-4)
+    steps_per_epoch = -(-len(labels) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    best: dict[str, Any] | None = None
+    for epoch in range(epochs):
+        verifier.train()
+        order = torch.randperm(len(labels), generator=gen)
+        total = 0.0
+        for i in bar(range(0, len(labels), batch_size), enabled=progress, desc=f"verifier epoch {epoch + 1}/{epochs}",
+                     total=steps_per_epoch, unit="batch"):
+            b = order[i : i + batch_size]
+            x, off = augment(crops[b].float()[:, None], offsets[b], gen)
+            out = verifier(x, logits[b])
+            loss = F.binary_cross_entropy_with_logits(out[:, 0], labels[b])
+            tip = labels[b] > 0
+            if tip.any():
+                loss = loss + 0.2 * F.smooth_l1_loss(out[tip, 1:3], off[tip])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(b)
+        rows = sweep(verifier_outputs(verifier, val), val, val_records, cfg, first_cfg.n_max)
+        chosen = pick(rows)
+        line = {"epoch": epoch, "lr": sched.get_last_lr()[0], "minutes": (time.monotonic() - t_start) / 60,
+                "train": {"total": total / len(labels)},
+                "val": {"threshold": chosen["threshold"], "acc_5um": chosen["acc_5um"], "acc_10um": chosen["acc_10um"],
+                        "precision": chosen["precision"]}}
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        if best is None or chosen["acc_5um"] > best["val"]["acc_5um"]:
+            best = {**line, "sweep": rows}
+            save_checkpoint(
+                out_dir / "best.pt", model, first_cfg.with_overrides(score_threshold=chosen["threshold"]),
+                metrics={"val": line["val"], "epoch": epoch, "validation_threshold_sweep": rows,
+                         "candidates": {"train": int(len(train.label)), "train_tips": int((train.label == 1).sum()),
+                                        "val": int(len(val.label))}},
+                verifier=verifier_payload(verifier, cfg, first_stage_threshold=first_threshold),
+            )
+    assert best is not None
+    summary = {"best_epoch": best["epoch"], "threshold": best["val"]["threshold"], "val": best["val"],
+               "train_candidates": int(len(train.label)), "train_tips": int((train.label == 1).sum()),
+               "minutes": (time.monotonic() - t_start) / 60}
+    with atomic_open(out_dir / "summary.json", "w") as fh:
+        fh.write(json.dumps(summary, indent=1))
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--first-stage", type=Path, required=True, help="a 'fast' localiser checkpoint")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="patchrig-tips/1 training set(s)")
+    parser.add_argument("--val-data", type=Path, required=True, help="patchrig-tips/1 validation set")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (best.pt, metrics.jsonl)")
+    parser.add_argument("--frames", type=int, help="use the first N training frames (default: all)")
+    parser.add_argument("--widths", type=int, nargs=4, default=list(VerifierConfig().widths), metavar="C",
+                        help="channels of the verifier's 4 stages (default: 12 24 48 96)")
+    parser.add_argument("--epochs", type=int, default=6, help="passes over the candidates (default 6)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="processes proposing candidates")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = train_verifier(
+        args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed,
+        cfg=VerifierConfig(widths=tuple(args.widths)), progress=not args.no_progress,
+    )
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,140 @@
+"""The second stage of the fast localiser (localisation/verifier.py): crop geometry, labels,
+augmentation, selection, checkpoints carrying a verifier, and the cascade end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model, read_checkpoint, save_checkpoint
+from localisation.inference import TipLocaliser
+from localisation.verifier import (
+    TipVerifier,
+    VerifierConfig,
+    crop_grid,
+    crops_at,
+    select_verified,
+    verifier_payload,
+)
+from localisation.verifier_train import augment, label_candidates
+from rig.errors import DataError
+from simulators.synth import sample_example
+
+torch.set_num_threads(1)
+
+
+def test_crops_follow_the_pixel_centre_convention() -> None:
+    """On a linear ramp bilinear sampling is exact: the crop's centre (between pixels 31 and
+    32 of 64) lies exactly on the requested point."""
+    h, w = 200, 300
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    grid = xx + 1000 * yy
+    crop = crops_at(grid, np.array([[120.25, 80.5]]), 64)[0]
+    centre = (crop[31, 31] + crop[31, 32] + crop[32, 31] + crop[32, 32]) / 4
+    assert centre == pytest.approx(120.25 + 1000 * 80.5, abs=0.01)
+    assert crop[0, 0] == pytest.approx((120.25 - 31.5) + 1000 * (80.5 - 31.5), abs=0.01)
+
+
+def test_crop_grid_is_at_the_crop_scale() -> None:
+    cfg = VerifierConfig()
+    pixels = np.random.default_rng(0).integers(0, 1000, (256, 320)).astype(np.uint16)
+    grid, rs = crop_grid(pixels, 0.375, cfg)  # 0.375 µm/px -> 0.75 µm/px halves the size
+    assert grid.shape == (128, 160)
+    assert grid.min() >= 0.0 and grid.max() <= 1.0
+    np.testing.assert_allclose(rs.to_input(rs.to_model(np.array([[10.0, 20.0]]))), [[10.0, 20.0]])
+
+
+def test_candidates_are_labelled_by_distance_and_faint_tips_are_left_out() -> None:
+    cfg = VerifierConfig()
+    tips = np.array([[100.0, 100.0]])
+    faint = np.array([[300.0, 300.0]])
+    cands = np.array([[103.0, 100.0], [106.0, 100.0], [110.0, 100.0], [200.0, 200.0], [305.0, 300.0]])
+    label, offset = label_candidates(cands, tips, faint, 1.0, cfg)  # 1 µm/px
+    # 3 µm from a tip: a tip; 6 µm: ambiguous, left out; 10 and 141 µm: not a tip;
+    # 5 µm from a faint real tip: left out
+    assert label.tolist() == [1, -1, 0, 0, -1]
+    np.testing.assert_allclose(offset[0], [-3.0 / 0.75, 0.0])
+    assert np.all(offset[1:] == 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_augmentation_moves_offsets_with_the_pixels(seed: int) -> None:
+    """A dot drawn at centre + offset is, after any rotation and flip, at centre + the
+    returned offset."""
+    size = 64
+    offs = torch.tensor([[5.0, -9.0], [-12.0, 3.0]])
+    crops = torch.zeros(2, 1, size, size)
+    c = (size - 1) / 2
+    for i, (dx, dy) in enumerate(offs.tolist()):
+        crops[i, 0, int(c + dy + 0.5), int(c + dx + 0.5)] = 1.0
+    out, moved = augment(crops, offs, torch.Generator().manual_seed(seed))
+    for i in range(2):
+        row, col = np.unravel_index(int(out[i, 0].argmax()), (size, size))
+        assert (col - c, row - c) == pytest.approx(tuple(moved[i].tolist()), abs=0.51)
+
+
+def test_select_verified_thresholds_keeps_inside_drops_duplicates_and_caps() -> None:
+    tips = np.array([[10.0, 10.0], [11.0, 10.0], [50.0, 50.0], [-3.0, 5.0], [80.0, 20.0], [30.0, 30.0]])
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.6, 0.1])
+    kept, s = select_verified(tips, scores, score_threshold=0.5, frame_shape=(64, 100), um_per_px=1.0, n_max=2)
+    # (11, 10) is 1 µm from a better one; (-3, 5) is outside; (30, 30) is below threshold; cap 2
+    np.testing.assert_allclose(kept, [[10.0, 10.0], [50.0, 50.0]])
+    np.testing.assert_allclose(s, [0.9, 0.7])
+
+
+@pytest.fixture(scope="module")
+def cascade_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped first stage with an (untrained, deterministic) verifier attached."""
+    model, cfg, payload = load_model(DEFAULT_CHECKPOINT)
+    first_threshold = payload.get("verifier", {}).get("first_stage_threshold", cfg.score_threshold)
+    torch.manual_seed(0)
+    vcfg = VerifierConfig()
+    verifier = TipVerifier(vcfg).eval()
+    path = tmp_path_factory.mktemp("cascade") / "cascade.pt"
+    save_checkpoint(path, model, cfg.with_overrides(score_threshold=0.0),
+                    verifier=verifier_payload(verifier, vcfg, first_stage_threshold=first_threshold))
+    return path
+
+
+def test_cascade_locates_in_input_pixels_deterministically(cascade_checkpoint: Path) -> None:
+    ex = sample_example(30_000_001, n_tips=(2, 3))
+    loc = TipLocaliser.load(cascade_checkpoint, device="cpu", threads=1)
+    assert loc.verifier is not None and loc.model.n_max == VerifierConfig().candidates
+    first = loc.locate(ex.pixels, ex.um_per_px)
+    again = loc.locate(ex.pixels, ex.um_per_px)
+    assert [(d.x_px, d.y_px, d.score) for d in first] == [(d.x_px, d.y_px, d.score) for d in again]
+    assert 0 < len(first) <= loc.cfg.n_max
+    h, w = ex.pixels.shape
+    assert all(-0.5 <= d.x_px <= w - 0.5 and -0.5 <= d.y_px <= h - 0.5 for d in first)
+    assert loc.last_timings_ms["verifier"] > 0
+    # the untrained verifier's offsets move each candidate by at most a crop
+    alone = TipLocaliser.load(cascade_checkpoint, device="cpu", threads=1, use_verifier=False, score_threshold=0.02)
+    alone.model.n_max = VerifierConfig().candidates
+    cands = np.array([[d.x_px, d.y_px] for d in alone.locate(ex.pixels, ex.um_per_px)])
+    half_crop_px = 32 * 0.75 / ex.um_per_px
+    for d in first:
+        assert np.min(np.linalg.norm(cands - [d.x_px, d.y_px], axis=1)) <= half_crop_px * np.sqrt(2)
+
+
+def test_first_stage_alone_uses_its_own_threshold(cascade_checkpoint: Path) -> None:
+    loc = TipLocaliser.load(cascade_checkpoint, device="cpu", threads=1, use_verifier=False)
+    assert loc.verifier is None
+    expected = read_checkpoint(cascade_checkpoint)["verifier"]["first_stage_threshold"]
+    assert loc.score_threshold == pytest.approx(expected)
+
+
+def test_malformed_verifier_is_refused(tmp_path: Path, cascade_checkpoint: Path) -> None:
+    payload = read_checkpoint(cascade_checkpoint)
+    payload["verifier"]["model_state"].pop(next(iter(payload["verifier"]["model_state"])))
+    broken = tmp_path / "broken.pt"
+    torch.save(payload, broken)
+    with pytest.raises(DataError, match="malformed verifier"):
+        TipLocaliser.load(broken, device="cpu", threads=1)
+    payload = read_checkpoint(cascade_checkpoint)
+    payload["verifier"]["config"]["colour"] = 3
+    torch.save(payload, broken)
+    with pytest.raises(DataError, match="unknown verifier config"):
+        TipLocaliser.load(broken, device="cpu", threads=1)

@@ -202,7 +202,7 @@ def plot_accuracy_curve(results: list[EvaluatedModel], path: Path) -> None:
     ax.set_ylim(0, 101)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Localisation accuracy against error threshold (matches gated at 10 µm)")
+    ax.set_title("Accuracy against error threshold\n(matches gated at 10 µm)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -15,6 +15,7 @@ failing deep inside ``load_state_dict``. Files are written atomically.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +118,20 @@ def load_model(
 TINY_WEIGHT = 1e-30
 
 
+@torch.no_grad()
+def zero_tiny_(tensors: Iterable[torch.Tensor]) -> None:
+    """Set the values with ``|v| < TINY_WEIGHT`` of floating tensors to exactly 0, in place
+    (used on loading and by the trainer)."""
+    for t in tensors:
+        if t.is_floating_point():
+            t.masked_fill_(t.abs() < TINY_WEIGHT, 0.0)
+
+
 def flush_tiny(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float32 copies of a state dict's floating tensors with ``|v| < TINY_WEIGHT`` set to 0
-    (other tensors unchanged)."""
-    out = {}
-    for k, v in state.items():
-        if v.is_floating_point():
-            v = v.float().clone()
-            v[v.abs() < TINY_WEIGHT] = 0.0
-        out[k] = v
+    """Float32 copies of a state dict's floating tensors with tiny values set to 0
+    (``zero_tiny_``; other tensors unchanged)."""
+    out = {k: v.float().clone() if v.is_floating_point() else v for k, v in state.items()}
+    zero_tiny_(out.values())
     return out
 
 

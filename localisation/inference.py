@@ -35,14 +35,15 @@ from torch import nn
 from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
 from localisation.configs import LocaliserConfig, model_stride
 from localisation.postprocess import detections
-from localisation.preprocess import Resampling, pad_to_multiple, prepare, validate_frame
+from localisation.preprocess import Resampling, pad_to_multiple, prepare_valid, validate_frame
 from localisation.types import TipDetection
-from localisation.verifier import VerifierConfig, load_verifier, select_verified, verify
-
-
-def image_shape(pixels: np.ndarray) -> tuple[int, int]:
-    """(height, width) in pixels of a greyscale or colour frame."""
-    return int(pixels.shape[0]), int(pixels.shape[1])
+from localisation.verifier import (
+    VerifierConfig,
+    first_stage_threshold,
+    load_verifier,
+    select_verified,
+    verify,
+)
 
 
 @dataclass
@@ -164,8 +165,7 @@ class TipLocaliser:
         if "verifier" in payload and use_verifier:
             ver = load_verifier(payload["verifier"], str(path))
         elif "verifier" in payload:
-            first_threshold = payload["verifier"].get("first_stage_threshold", cfg.score_threshold)
-            cfg = cfg.with_overrides(score_threshold=float(first_threshold))
+            cfg = cfg.with_overrides(score_threshold=first_stage_threshold(payload, cfg))
         torch.set_num_threads(int(threads if threads is not None else cfg.threads))
         dev = resolve_device(device)
         den = None
@@ -181,12 +181,13 @@ class TipLocaliser:
 
     def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
         """Validated, resampled, normalised frame on the model grid."""
-        return prepare(
-            pixels,
-            um_per_px,
-            mode=self.cfg.input_mode,
-            size=self.cfg.input_size,
-            model_um_per_px=self.cfg.model_um_per_px,
+        return self._prepare_valid(validate_frame(pixels, um_per_px), um_per_px)
+
+    def _prepare_valid(self, frame: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
+        """``prepare`` of a frame that ``validate_frame`` already returned."""
+        cfg = self.cfg
+        return prepare_valid(
+            frame, um_per_px, mode=cfg.input_mode, size=cfg.input_size, model_um_per_px=cfg.model_um_per_px
         )
 
     def locate_with_heatmap(
@@ -195,7 +196,8 @@ class TipLocaliser:
         """``locate`` plus the model-grid prediction (heatmap) and the resampling used."""
         with self._lock:
             t0 = time.perf_counter()
-            image_model, rs = self.prepare(pixels, um_per_px)
+            frame = validate_frame(pixels, um_per_px)  # once: the verifier crops the same frame
+            image_model, rs = self._prepare_valid(frame, um_per_px)
             t1 = time.perf_counter()
             timings: dict[str, float] = {"preprocess": (t1 - t0) * 1e3}
             vcfg = self.verifier_cfg
@@ -213,13 +215,11 @@ class TipLocaliser:
             timings["verifier"] = 0.0
             if self.verifier is not None and vcfg is not None:
                 tv = time.perf_counter()
-                xy_in, scores = verify(
-                    self.verifier, vcfg, validate_frame(pixels, um_per_px), um_per_px, xy_in, scores, device=self.device
-                )
+                xy_in, scores = verify(self.verifier, vcfg, frame, um_per_px, xy_in, scores, device=self.device)
                 _sync(self.device)
                 timings["verifier"] = (time.perf_counter() - tv) * 1e3
                 xy_in, scores = select_verified(
-                    xy_in, scores, score_threshold=self.score_threshold, frame_shape=image_shape(pixels),
+                    xy_in, scores, score_threshold=self.score_threshold, frame_shape=(frame.shape[0], frame.shape[1]),
                     um_per_px=um_per_px, n_max=self.cfg.n_max,
                 )
             dets = [

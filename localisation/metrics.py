@@ -25,6 +25,7 @@ accuracy per CNR band (``by_cnr``: how detection falls off as tips get fainter).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,3 +173,30 @@ def _band_summary(distances: list[float]) -> dict[str, float | int]:
     for e in THRESHOLDS_UM:
         out[f"acc_{e:g}um"] = float((d <= e).mean()) if len(d) else 0.0
     return out
+
+
+def threshold_sweep(
+    frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]], thresholds: Iterable[float]
+) -> list[dict[str, float]]:
+    """Overall metrics at each score threshold. ``frames``: per image (predictions (m, 2) px,
+    their scores (m,), true tips (t, 2) px, µm per px, faint tips (f, 2) px), with every
+    prediction a localiser keeps at its lowest threshold. Keeping the scores at or above a
+    higher threshold gives what that threshold gives: duplicate suppression and the n_max cap
+    only ever favour better scores."""
+    rows = []
+    for thr in thresholds:
+        acc = MetricsAccumulator()
+        for pred_px, scores, true_px, um_per_px, faint_px in frames:
+            acc.add(np.asarray(pred_px).reshape(-1, 2)[np.asarray(scores) >= thr], true_px, um_per_px, faint_px=faint_px)
+        o = acc.summary()["overall"]
+        assert isinstance(o, dict)
+        rows.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
+                     "acc_5um": o["acc_5um"], "acc_10um": o["acc_10um"]})
+    return rows
+
+
+def pick_threshold(rows: list[dict[str, float]], min_precision: float) -> dict[str, float]:
+    """The row of the lowest threshold whose precision reaches ``min_precision`` (rows sorted
+    by threshold), else the row with the best F1."""
+    ok = [r for r in rows if r["precision"] >= min_precision]
+    return ok[0] if ok else max(rows, key=lambda r: r["f1"])

@@ -122,7 +122,14 @@ def prepare(
 ) -> tuple[np.ndarray, Resampling]:
     """Validate, resample and normalise one frame: (model image float32 in [0, 1], resampling)."""
     pixels = validate_frame(pixels, um_per_px, what=what)
-    img, rs = resample(pixels, um_per_px, mode=mode, size=size, model_um_per_px=model_um_per_px)
+    return prepare_valid(pixels, um_per_px, mode=mode, size=size, model_um_per_px=model_um_per_px)
+
+
+def prepare_valid(
+    frame: np.ndarray, um_per_px: float, *, mode: str, size: int, model_um_per_px: float | None
+) -> tuple[np.ndarray, Resampling]:
+    """``prepare`` of a frame that ``validate_frame`` already returned (no second check)."""
+    img, rs = resample(frame, um_per_px, mode=mode, size=size, model_um_per_px=model_um_per_px)
     return normalise(img), rs
 
 

@@ -27,6 +27,7 @@ from localisation.data import cached_synthetic
 from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate, faint_tips_px, metrics_table
 from localisation.inference import TipLocaliser, predict_prepared
+from localisation.metrics import pick_threshold, threshold_sweep
 from rig.atomic import write_json_atomic
 
 TARGETS = {"acc_5um": 0.95, "acc_10um": 0.99, "precision": 0.98}
@@ -59,22 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     src = args.run / args.checkpoint_name
     model, cfg, payload = load_model(src)
-    threshold_sweep = None
+    sweep_rows = None
     verifier = payload.get("verifier")
     if verifier is not None:
         # a cascade: train-verifier picked a threshold on its validation frames; --pick-threshold
         # picks again, end to end, on --val-data (e.g. a larger validation set)
-        threshold_sweep = payload.get("metrics", {}).get("validation_threshold_sweep")
+        sweep_rows = payload.get("metrics", {}).get("validation_threshold_sweep")
         if args.pick_threshold and args.val_data is None:
             raise SystemExit("--pick-threshold for a checkpoint with a verifier needs --val-data")
     if args.pick_threshold:
         if verifier is not None:
-            threshold_sweep = sweep_cascade(src, args.val_data, threads=args.threads, progress=progress)
+            sweep_rows = sweep_cascade(src, args.val_data, threads=args.threads, progress=progress)
         else:
-            threshold_sweep = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
-        ok = [t for t in threshold_sweep if t["precision"] >= TARGETS["precision"] + args.precision_margin]
-        chosen = ok[0]["threshold"] if ok else max(threshold_sweep, key=lambda t: t["f1"])["threshold"]
-        cfg = cfg.with_overrides(score_threshold=chosen)
+            sweep_rows = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
+        chosen = pick_threshold(sweep_rows, TARGETS["precision"] + args.precision_margin)
+        cfg = cfg.with_overrides(score_threshold=chosen["threshold"])
     elif args.score_threshold is not None:
         cfg = cfg.with_overrides(score_threshold=args.score_threshold)
     history = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                              "val_precision": h["val"]["precision"]} for h in history],
         },
         "score_threshold": cfg.score_threshold,
-        "validation_threshold_sweep": threshold_sweep,
+        "validation_threshold_sweep": sweep_rows,
         "test_set": {"command": args.test_command, "path": str(args.test), "images": len(records),
                      "tips": int(sum(len(r.tips_px) for r in records))},
         "metrics": result.metrics,
@@ -121,29 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: The thresholds a validation sweep tries.
+SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.2, 0.91, 0.05), 2))
+
+
 def sweep_cascade(checkpoint: Path, val_data: Path, *, threads: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Validation metrics at score thresholds 0.2-0.9 of a checkpoint with a verifier, end to
-    end through ``TipLocaliser.locate`` at threshold 0. Thresholding afterwards gives what each
-    threshold gives: duplicate suppression and the n_max cap only ever favour better scores."""
+    """Validation metrics at ``SWEEP_THRESHOLDS`` of a checkpoint with a verifier, end to end
+    through ``TipLocaliser.locate`` at threshold 0 (see ``metrics.threshold_sweep``)."""
     from localisation.dataset_format import load_image
-    from localisation.metrics import MetricsAccumulator
     from localisation.progress import bar
 
     loc = TipLocaliser.load(checkpoint, device="cpu", threads=threads, score_threshold=0.0)
-    records = read_dataset(val_data).records
-    found = []
-    for rec in bar(records, enabled=progress, desc="validation sweep", unit="frame"):
+    frames = []
+    for rec in bar(read_dataset(val_data).records, enabled=progress, desc="validation sweep", unit="frame"):
         dets = loc.locate(load_image(rec), rec.um_per_px)
-        found.append((np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), np.array([d.score for d in dets])))
-    out = []
-    for thr in np.round(np.arange(0.2, 0.91, 0.05), 2):
-        acc = MetricsAccumulator()
-        for rec, (xy, scores) in zip(records, found, strict=True):
-            acc.add(xy[scores >= thr], rec.tips_px, rec.um_per_px, faint_px=faint_tips_px(rec))
-        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
-        out.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
-                    "acc_5um": o["acc_5um"]})
-    return out
+        frames.append((np.array([[d.x_px, d.y_px] for d in dets]).reshape(-1, 2), np.array([d.score for d in dets]),
+                       rec.tips_px, rec.um_per_px, faint_tips_px(rec)))
+    return threshold_sweep(frames, SWEEP_THRESHOLDS)
 
 
 def sweep_thresholds(
@@ -154,33 +148,23 @@ def sweep_thresholds(
     val_data: Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Validation metrics at score thresholds 0.2-0.9: on ``val_data`` (a dataset directory,
-    whose faint tips are neither required nor false positives, as in ``evaluate``) or else on the
+    """Validation metrics at ``SWEEP_THRESHOLDS``: on ``val_data`` (a dataset directory, whose
+    faint tips are neither required nor false positives, as in ``evaluate``) or else on the
     configuration's synthetic validation seeds."""
     from localisation.data import load_directory
-    from localisation.metrics import MetricsAccumulator
 
     if val_data is not None:
-        frames = load_directory(cfg, val_data, progress=progress)
+        prepared = load_directory(cfg, val_data, progress=progress)
         faint = [faint_tips_px(r) for r in read_dataset(val_data).records]
     else:
-        frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")
-        faint = [np.zeros((0, 2)) for _ in frames]
-    preds = []
-    for f in frames:
+        prepared = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")
+        faint = [np.zeros((0, 2)) for _ in prepared]
+    frames = []
+    for f, faint_px in zip(prepared, faint, strict=True):
         pred = predict_prepared(model, cfg, f.image_float(), device=torch.device("cpu"), score_threshold=0.0)
-        preds.append((f, pred))
-    out = []
-    for thr in np.round(np.arange(0.2, 0.91, 0.05), 2):
-        acc = MetricsAccumulator()
-        for (f, pred), faint_px in zip(preds, faint, strict=True):
-            keep = pred.scores >= thr
-            acc.add(f.resampling.to_input(pred.xy_model_px[keep]), f.resampling.to_input(f.tips_model_px), f.um_per_px,
-                    faint_px=faint_px)
-        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
-        out.append({"threshold": float(thr), "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
-                    "acc_5um": o["acc_5um"]})
-    return out
+        frames.append((f.resampling.to_input(pred.xy_model_px), pred.scores, f.resampling.to_input(f.tips_model_px),
+                       f.um_per_px, faint_px))
+    return threshold_sweep(frames, SWEEP_THRESHOLDS)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,11 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from localisation.checkpoint import (
-    TINY_WEIGHT,
     load_weights,
     read_checkpoint,
     save_checkpoint,
     unwrap,
+    zero_tiny_,
 )
 from localisation.configs import LocaliserConfig, Stage, build_model
 from localisation.data import (
@@ -57,16 +57,10 @@ from localisation.progress import bar
 from rig.errors import DataError
 from rig.logs import get_logger
 
-#: Weights that weight decay has shrunk below ``TINY_WEIGHT`` are set to 0 this often, so no
-#: step computes with subnormal floats (slow on x86; see checkpoint.TINY_WEIGHT).
+#: Weights that weight decay has shrunk below ``TINY_WEIGHT`` are set to 0 this often
+#: (``checkpoint.zero_tiny_``), so no step computes with subnormal floats (slow on x86; see
+#: checkpoint.TINY_WEIGHT).
 FLUSH_EVERY_STEPS = 50
-
-
-@torch.no_grad()
-def flush_tiny_(params: list[nn.Parameter]) -> None:
-    """Set parameters with ``|w| < TINY_WEIGHT`` to exactly 0, in place."""
-    for p in params:
-        p.masked_fill_(p.abs() < TINY_WEIGHT, 0.0)
 
 
 log = get_logger(__name__, channel="train")
@@ -327,7 +321,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
                 opt.step()
                 state["global_step"] += 1
                 if state["global_step"] % FLUSH_EVERY_STEPS == 0:
-                    flush_tiny_(params)
+                    zero_tiny_(params)
                 n_batches += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())

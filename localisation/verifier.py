@@ -171,6 +171,12 @@ def verifier_payload(
     return {"config": cfg.to_dict(), "model_state": state, "first_stage_threshold": float(first_stage_threshold)}
 
 
+def first_stage_threshold(payload: dict[str, Any], cfg: Any) -> float:
+    """The first stage's own score threshold of a checkpoint: stored beside its verifier, or
+    the configuration's (``cfg.score_threshold``) when it has none."""
+    return float(payload.get("verifier", {}).get("first_stage_threshold", cfg.score_threshold))
+
+
 def load_verifier(entry: Any, where: str) -> tuple[TipVerifier, VerifierConfig]:
     """Rebuild a verifier from a checkpoint's ``"verifier"`` entry (float32, tiny weights
     flushed to 0 as for the first stage, eval mode). A malformed entry raises DataError naming

@@ -43,13 +43,14 @@ import torch.nn.functional as F
 from localisation.checkpoint import load_model, save_checkpoint
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.evaluation import faint_tips_px
-from localisation.metrics import MetricsAccumulator
+from localisation.metrics import pick_threshold, threshold_sweep
 from localisation.progress import bar
 from localisation.verifier import (
     TipVerifier,
     VerifierConfig,
     crop_grid,
     crops_at,
+    first_stage_threshold,
     score_logit,
     select_verified,
     verifier_payload,
@@ -69,7 +70,8 @@ class Candidates:
     """First-stage candidates of a list of frames. ``frame``: index of the frame (n,);
     ``xy_px``: input pixels (n, 2); ``score``: first-stage score (n,); ``label``: 1 tip, 0 not
     a tip, -1 left out (n,); ``offset``: candidate -> tip in crop pixels (n, 2; zero unless a
-    tip); ``crops``: (n, S, S) float16."""
+    tip); ``crops``: (n, S, S) float16. Per frame: ``frame_shape`` (height, width) in pixels
+    and ``grid_scale`` (crop-grid pixels per input pixel in x and y), (n_frames, 2)."""
 
     frame: np.ndarray
     xy_px: np.ndarray
@@ -77,6 +79,8 @@ class Candidates:
     label: np.ndarray
     offset: np.ndarray
     crops: np.ndarray
+    frame_shape: np.ndarray
+    grid_scale: np.ndarray
 
 
 def label_candidates(
@@ -110,7 +114,9 @@ def _init_worker(first_stage: str, cfg: VerifierConfig) -> None:
     _WORKER.update(loc=loc, cfg=cfg)
 
 
-def _frame_candidates(record: TipRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _frame_candidates(
+    record: TipRecord,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int], tuple[float, float]]:
     loc, cfg = _WORKER["loc"], _WORKER["cfg"]
     pixels = load_image(record)
     dets = loc.locate(pixels, record.um_per_px)
@@ -119,7 +125,7 @@ def _frame_candidates(record: TipRecord) -> tuple[np.ndarray, np.ndarray, np.nda
     label, offset = label_candidates(xy, record.tips_px.reshape(-1, 2), faint_tips_px(record), record.um_per_px, cfg)
     grid, rs = crop_grid(pixels, record.um_per_px, cfg)
     crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
-    return xy, score, label, offset, crops
+    return xy, score, label, offset, crops, pixels.shape[:2], (rs.sx, rs.sy)
 
 
 def collect_candidates(
@@ -141,6 +147,8 @@ def collect_candidates(
         label=np.concatenate([f[2] for f in per_frame] or [np.zeros(0, np.int8)]),
         offset=np.concatenate([f[3] for f in per_frame] or [np.zeros((0, 2), np.float32)]),
         crops=np.concatenate([f[4] for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
+        frame_shape=np.array([f[5] for f in per_frame], dtype=np.int64).reshape(-1, 2),
+        grid_scale=np.array([f[6] for f in per_frame], dtype=np.float64).reshape(-1, 2),
     )
 
 
@@ -174,43 +182,21 @@ def verifier_outputs(verifier: TipVerifier, cands: Candidates, batch: int = 1024
 
 
 def sweep(
-    outputs: np.ndarray, cands: Candidates, records: list[TipRecord], cfg: VerifierConfig, n_max: int
+    outputs: np.ndarray, cands: Candidates, records: list[TipRecord], n_max: int
 ) -> list[dict[str, Any]]:
-    """End-to-end validation metrics of the cascade at each threshold of ``THRESHOLDS``, with
-    the inference's selection (``select_verified``) and the evaluator's metrics."""
+    """End-to-end validation metrics of the cascade at each threshold of ``THRESHOLDS``: the
+    offsets mapped back as ``verify`` maps them, the inference's selection
+    (``select_verified``) and the evaluator's metrics (``metrics.threshold_sweep``)."""
     probs = 1.0 / (1.0 + np.exp(-outputs[:, 0].astype(np.float64)))
-    per_frame = []
+    frames = []
     for i, rec in enumerate(records):
         sel = cands.frame == i
-        grid_px_per_px = rec.um_per_px / cfg.crop_um_per_px
-        tips = cands.xy_px[sel] + outputs[sel, 1:3] / grid_px_per_px
-        shape = (int(rec.extra.get("height", 0)), int(rec.extra.get("width", 0)))
-        per_frame.append((tips, probs[sel], shape))
-    out = []
-    for thr in THRESHOLDS:
-        acc = MetricsAccumulator()
-        for rec, (tips, p, shape) in zip(records, per_frame, strict=True):
-            kept, _ = select_verified(tips, p, score_threshold=thr, frame_shape=shape, um_per_px=rec.um_per_px, n_max=n_max)
-            acc.add(kept, rec.tips_px, rec.um_per_px, faint_px=faint_tips_px(rec))
-        o: dict[str, Any] = acc.summary()["overall"]  # type: ignore[assignment]
-        out.append({"threshold": thr, "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
-                    "acc_5um": o["acc_5um"], "acc_10um": o["acc_10um"]})
-    return out
-
-
-def pick(sweep_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The lowest threshold whose precision reaches the target (else the best F1)."""
-    ok = [r for r in sweep_rows if r["precision"] is not None and r["precision"] >= PRECISION_TARGET]
-    return ok[0] if ok else max(sweep_rows, key=lambda r: r["f1"])
-
-
-def _with_shapes(records: list[TipRecord]) -> list[TipRecord]:
-    """Records with the image height and width in ``extra`` (for the in-frame check)."""
-    out = []
-    for r in records:
-        h, w = load_image(r).shape[:2]
-        out.append(TipRecord(r.file, r.path, r.um_per_px, r.tips_px, {**r.extra, "height": h, "width": w}))
-    return out
+        tips = cands.xy_px[sel] + outputs[sel, 1:3] / cands.grid_scale[i]
+        h, w = cands.frame_shape[i]
+        kept, scores = select_verified(tips, probs[sel], score_threshold=0.0, frame_shape=(int(h), int(w)),
+                                       um_per_px=rec.um_per_px, n_max=n_max)
+        frames.append((kept, scores, rec.tips_px, rec.um_per_px, faint_tips_px(rec)))
+    return threshold_sweep(frames, THRESHOLDS)
 
 
 def train_verifier(
@@ -239,10 +225,10 @@ def train_verifier(
         raise DataError(f"{first_stage}: a verifier needs a 'fast' first stage, not {first_cfg.model!r}")
     data_dirs = [data] if isinstance(data, Path) else list(data)
     train_records = [r for d in data_dirs for r in read_dataset(d).records][: frames if frames else None]
-    val_records = _with_shapes(read_dataset(val_data).records)
+    val_records = read_dataset(val_data).records
     if not train_records or not val_records:
         raise DataError("the training and validation sets must not be empty")
-    first_threshold = float(payload.get("verifier", {}).get("first_stage_threshold", first_cfg.score_threshold))
+    first_threshold = first_stage_threshold(payload, first_cfg)
     t_start = time.monotonic()
     train = collect_candidates(first_stage, train_records, cfg, workers=workers, progress=progress, desc="candidates (train)")
     val = collect_candidates(first_stage, val_records, cfg, workers=workers, progress=progress, desc="candidates (val)")
@@ -282,8 +268,8 @@ def train_verifier(
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(b)
-        rows = sweep(verifier_outputs(verifier, val), val, val_records, cfg, first_cfg.n_max)
-        chosen = pick(rows)
+        rows = sweep(verifier_outputs(verifier, val), val, val_records, first_cfg.n_max)
+        chosen = pick_threshold(rows, PRECISION_TARGET)
         line = {"epoch": epoch, "lr": sched.get_last_lr()[0], "minutes": (time.monotonic() - t_start) / 60,
                 "train": {"total": total / len(labels)},
                 "val": {"threshold": chosen["threshold"], "acc_5um": chosen["acc_5um"], "acc_10um": chosen["acc_10um"],

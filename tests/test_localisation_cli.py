@@ -205,10 +205,11 @@ def test_train_verifier_writes_a_cascade_that_ships_and_evaluates(tmp_path: Path
     from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
     from localisation.inference import TipLocaliser
     from localisation.ship import main as ship_main
+    from localisation.verifier import first_stage_threshold
 
     first_stage = tmp_path / "first.pt"
     model, cfg, shipped_payload = load_model(DEFAULT_CHECKPOINT)
-    first_threshold = shipped_payload.get("verifier", {}).get("first_stage_threshold", cfg.score_threshold)
+    first_threshold = first_stage_threshold(shipped_payload, cfg)
     cfg = cfg.with_overrides(score_threshold=first_threshold)
     save_checkpoint(first_stage, model, cfg)  # the shipped first stage without any verifier
     out = tmp_path / "verifier"

@@ -197,8 +197,8 @@ def test_tiny_weights_load_as_zero_and_outputs_do_not_change(tmp_path: Path) -> 
 
 
 def test_trainer_flushes_tiny_weights_in_place() -> None:
-    from localisation.train import flush_tiny_
+    from localisation.checkpoint import zero_tiny_
 
     p = torch.nn.Parameter(torch.tensor([1e-39, -1e-33, 1e-3, -2.0]))
-    flush_tiny_([p])
+    zero_tiny_([p])
     assert p.tolist() == [0.0, 0.0, pytest.approx(1e-3), -2.0]

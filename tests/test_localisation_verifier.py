@@ -16,6 +16,7 @@ from localisation.verifier import (
     VerifierConfig,
     crop_grid,
     crops_at,
+    first_stage_threshold,
     select_verified,
     verifier_payload,
 )
@@ -89,7 +90,7 @@ def test_select_verified_thresholds_keeps_inside_drops_duplicates_and_caps() -> 
 def cascade_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped first stage with an (untrained, deterministic) verifier attached."""
     model, cfg, payload = load_model(DEFAULT_CHECKPOINT)
-    first_threshold = payload.get("verifier", {}).get("first_stage_threshold", cfg.score_threshold)
+    first_threshold = first_stage_threshold(payload, cfg)
     torch.manual_seed(0)
     vcfg = VerifierConfig()
     verifier = TipVerifier(vcfg).eval()

@@ -10,7 +10,8 @@ origin at the centre of the top-left pixel), best first. Steps, each timed in
    ``model_um_per_px`` µm, then padding to the network's multiple; ``resize``: S x S), robust
    intensity normalisation (preprocess.py);
 2. denoiser: the CycleGAN generator on the whole frame, when the configuration has one;
-3. model: the network's forward pass;
+3. model: the network's forward pass (each BatchNorm folded into the convolution before it,
+   fusion.py; the caller's module is copied, not changed);
 4. verifier (checkpoints that carry one, as the shipped ``fast.pt`` does): the first stage
    proposes up to ``candidates`` low-threshold peaks and the second stage re-scores and refines
    each one from a fine crop of the frame (verifier.py); the threshold then applies to the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
 from localisation.configs import LocaliserConfig, model_stride
+from localisation.fusion import fuse_conv_batchnorm_
 from localisation.postprocess import detections
 from localisation.preprocess import Resampling, pad_to_multiple, prepare_valid, validate_frame
 from localisation.types import TipDetection
@@ -114,6 +117,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """An eval-mode copy of ``model`` on ``device`` with each convolution's BatchNorm folded
+    into it (``fusion.fuse_conv_batchnorm_``); the caller's module is not changed."""
+    copy = deepcopy(model).eval()
+    fuse_conv_batchnorm_(copy)
+    return copy.to(device)
+
+
 class TipLocaliser:
     """A loaded localiser (see the module docstring). Thread-safe: one call at a time."""
 
@@ -128,17 +139,17 @@ class TipLocaliser:
         score_threshold: float | None = None,
         verifier: tuple[nn.Module, VerifierConfig] | None = None,
     ) -> None:
-        self.model = model.eval().to(device)
+        self.model = _for_inference(model, device)
         self.cfg = cfg
         self.device = device
         self.checkpoint = checkpoint
         self.denoiser = None if denoiser is None else denoiser.eval().to(device)
         self.score_threshold = cfg.score_threshold if score_threshold is None else score_threshold
-        self.verifier = None if verifier is None else verifier[0].eval().to(device)
+        self.verifier = None if verifier is None else _for_inference(verifier[0], device)
         self.verifier_cfg = None if verifier is None else verifier[1]
         if self.verifier_cfg is not None:
             # the first stage decodes as many peaks as the verifier examines
-            model.n_max = self.verifier_cfg.candidates  # type: ignore[assignment]
+            self.model.n_max = self.verifier_cfg.candidates  # type: ignore[assignment]
         self.last_timings_ms: dict[str, float] = {}
         self._lock = threading.Lock()
 

@@ -11,8 +11,9 @@ Steps:
    validation frame (``candidates`` peaks with score >= ``min_first_score``), exactly as at
    inference, and a crop is cut around each one with the inference code.
 2. Each candidate is labelled from the dataset: a tip when a labelled tip lies within
-   ``POSITIVE_UM`` (the offset target is the way to it, in crop pixels); not a tip when no
-   labelled tip lies within ``NEGATIVE_UM`` and no faint (``low_contrast``) real tip within
+   ``--positive-um`` (default ``POSITIVE_UM``; the offset target is the way to it, in crop
+   pixels); not a tip when no labelled tip lies within ``--negative-um`` (default
+   ``NEGATIVE_UM``) and no faint (``low_contrast``) real tip within
    10 µm; otherwise it is left out (ambiguous).
 3. The verifier is trained with binary cross-entropy on the label plus a smooth-L1 loss on the
    offset of tips, with rotations by 90°, flips and brightness/contrast changes.
@@ -84,9 +85,18 @@ class Candidates:
 
 
 def label_candidates(
-    xy_px: np.ndarray, tips_px: np.ndarray, faint_px: np.ndarray, um_per_px: float, cfg: VerifierConfig
+    xy_px: np.ndarray,
+    tips_px: np.ndarray,
+    faint_px: np.ndarray,
+    um_per_px: float,
+    cfg: VerifierConfig,
+    *,
+    positive_um: float = POSITIVE_UM,
+    negative_um: float = NEGATIVE_UM,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (n,) int8 and offsets (n, 2) crop pixels of candidates (input pixels)."""
+    """Labels (n,) int8 and offsets (n, 2) crop pixels of candidates (input pixels): a tip
+    within ``positive_um`` µm of a labelled tip, not a tip beyond ``negative_um`` µm of every
+    labelled tip (and ``FAINT_UM`` of every faint one), left out (-1) otherwise."""
     label = np.full(len(xy_px), -1, dtype=np.int8)
     offset = np.zeros((len(xy_px), 2), dtype=np.float32)
     crop_px_per_px = um_per_px / cfg.crop_um_per_px
@@ -94,10 +104,10 @@ def label_candidates(
         d_tip = np.linalg.norm(tips_px - p, axis=1) * um_per_px if len(tips_px) else np.array([np.inf])
         d_faint = (np.linalg.norm(faint_px - p, axis=1) * um_per_px).min() if len(faint_px) else np.inf
         j = int(np.argmin(d_tip))
-        if d_tip[j] <= POSITIVE_UM:
+        if d_tip[j] <= positive_um:
             label[k] = 1
             offset[k] = (tips_px[j] - p) * crop_px_per_px
-        elif d_tip[j] > NEGATIVE_UM and d_faint > FAINT_UM:
+        elif d_tip[j] > negative_um and d_faint > FAINT_UM:
             label[k] = 0
     return label, offset
 
@@ -105,13 +115,13 @@ def label_candidates(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(first_stage: str, cfg: VerifierConfig) -> None:
+def _init_worker(first_stage: str, cfg: VerifierConfig, radii_um: tuple[float, float]) -> None:
     from localisation.inference import TipLocaliser
 
     torch.set_num_threads(1)
     loc = TipLocaliser.load(first_stage, device="cpu", threads=1, use_verifier=False, score_threshold=cfg.min_first_score)
     loc.model.n_max = cfg.candidates  # type: ignore[assignment]
-    _WORKER.update(loc=loc, cfg=cfg)
+    _WORKER.update(loc=loc, cfg=cfg, radii_um=radii_um)
 
 
 def _frame_candidates(
@@ -122,22 +132,32 @@ def _frame_candidates(
     dets = loc.locate(pixels, record.um_per_px)
     xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
     score = np.array([d.score for d in dets], dtype=np.float64)
-    label, offset = label_candidates(xy, record.tips_px.reshape(-1, 2), faint_tips_px(record), record.um_per_px, cfg)
+    positive_um, negative_um = _WORKER["radii_um"]
+    label, offset = label_candidates(xy, record.tips_px.reshape(-1, 2), faint_tips_px(record), record.um_per_px, cfg,
+                                     positive_um=positive_um, negative_um=negative_um)
     grid, rs = crop_grid(pixels, record.um_per_px, cfg)
     crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
     return xy, score, label, offset, crops, pixels.shape[:2], (rs.sx, rs.sy)
 
 
 def collect_candidates(
-    first_stage: Path, records: list[TipRecord], cfg: VerifierConfig, *, workers: int, progress: bool, desc: str
+    first_stage: Path,
+    records: list[TipRecord],
+    cfg: VerifierConfig,
+    *,
+    workers: int,
+    progress: bool,
+    desc: str,
+    radii_um: tuple[float, float] = (POSITIVE_UM, NEGATIVE_UM),
 ) -> Candidates:
-    """Run the first stage on every record (``workers`` processes, one thread each)."""
+    """Run the first stage on every record (``workers`` processes, one thread each) and label
+    the candidates (``radii_um``: the positive and negative radii of ``label_candidates``)."""
     if workers > 1:
-        with get_context("fork").Pool(workers, _init_worker, (str(first_stage), cfg)) as pool:
+        with get_context("fork").Pool(workers, _init_worker, (str(first_stage), cfg, radii_um)) as pool:
             per_frame = list(bar(pool.imap(_frame_candidates, records, chunksize=8), enabled=progress,
                                  total=len(records), desc=desc, unit="frame"))
     else:
-        _init_worker(str(first_stage), cfg)
+        _init_worker(str(first_stage), cfg, radii_um)
         per_frame = [_frame_candidates(r) for r in bar(records, enabled=progress, desc=desc, unit="frame")]
     s = cfg.crop_size_px
     return Candidates(
@@ -213,13 +233,19 @@ def train_verifier(
     threads: int = 2,
     seed: int = 0,
     cfg: VerifierConfig | None = None,
+    positive_um: float = POSITIVE_UM,
+    negative_um: float = NEGATIVE_UM,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """See the module docstring (``cfg``: None = ``VerifierConfig()``). Returns a summary (best
-    epoch, threshold, validation metrics)."""
+    """See the module docstring (``cfg``: None = ``VerifierConfig()``; ``positive_um`` and
+    ``negative_um``: the labelling radii, µm). Returns a summary (best epoch, threshold,
+    validation metrics)."""
     cfg = cfg or VerifierConfig()
     if epochs < 1:
         raise DataError("--epochs must be at least 1")
+    if not 0 < positive_um < negative_um:
+        raise DataError(f"need 0 < --positive-um < --negative-um, got {positive_um} and {negative_um}")
+    radii_um = (float(positive_um), float(negative_um))
     model, first_cfg, payload = load_model(first_stage)
     if first_cfg.model != "fast":
         raise DataError(f"{first_stage}: a verifier needs a 'fast' first stage, not {first_cfg.model!r}")
@@ -230,8 +256,10 @@ def train_verifier(
         raise DataError("the training and validation sets must not be empty")
     first_threshold = first_stage_threshold(payload, first_cfg)
     t_start = time.monotonic()
-    train = collect_candidates(first_stage, train_records, cfg, workers=workers, progress=progress, desc="candidates (train)")
-    val = collect_candidates(first_stage, val_records, cfg, workers=workers, progress=progress, desc="candidates (val)")
+    train = collect_candidates(first_stage, train_records, cfg, workers=workers, progress=progress,
+                               desc="candidates (train)", radii_um=radii_um)
+    val = collect_candidates(first_stage, val_records, cfg, workers=workers, progress=progress,
+                             desc="candidates (val)", radii_um=radii_um)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
@@ -288,6 +316,7 @@ def train_verifier(
     assert best is not None
     summary = {"best_epoch": best["epoch"], "threshold": best["val"]["threshold"], "val": best["val"],
                "train_candidates": int(len(train.label)), "train_tips": int((train.label == 1).sum()),
+               "label_radii_um": {"positive": radii_um[0], "negative": radii_um[1]},
                "minutes": (time.monotonic() - t_start) / 60}
     with atomic_open(out_dir / "summary.json", "w") as fh:
         fh.write(json.dumps(summary, indent=1))
@@ -302,6 +331,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="use the first N training frames (default: all)")
     parser.add_argument("--widths", type=int, nargs=4, default=list(VerifierConfig().widths), metavar="C",
                         help="channels of the verifier's 4 stages (default: 12 24 48 96)")
+    parser.add_argument("--positive-um", type=float, default=POSITIVE_UM,
+                        help=f"a candidate this close to a labelled tip is a tip (µm, default {POSITIVE_UM:g})")
+    parser.add_argument("--negative-um", type=float, default=NEGATIVE_UM,
+                        help=f"a candidate farther than this from every labelled tip is not one (µm, default {NEGATIVE_UM:g})")
     parser.add_argument("--epochs", type=int, default=6, help="passes over the candidates (default 6)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -315,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     summary = train_verifier(
         args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed,
-        cfg=VerifierConfig(widths=tuple(args.widths)), progress=not args.no_progress,
+        cfg=VerifierConfig(widths=tuple(args.widths)), positive_um=args.positive_um, negative_um=args.negative_um,
+        progress=not args.no_progress,
     )
     print(json.dumps(summary))
     return 0

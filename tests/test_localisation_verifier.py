@@ -20,7 +20,7 @@ from localisation.verifier import (
     select_verified,
     verifier_payload,
 )
-from localisation.verifier_train import augment, label_candidates
+from localisation.verifier_train import augment, label_candidates, train_verifier
 from rig.errors import DataError
 from simulators.synth import sample_example
 
@@ -59,6 +59,16 @@ def test_candidates_are_labelled_by_distance_and_faint_tips_are_left_out() -> No
     assert label.tolist() == [1, -1, 0, 0, -1]
     np.testing.assert_allclose(offset[0], [-3.0 / 0.75, 0.0])
     assert np.all(offset[1:] == 0)
+    # wider radii: 6 µm is now a tip (offset to it), 10 µm ambiguous, 141 µm still not a tip
+    label, offset = label_candidates(cands, tips, faint, 1.0, cfg, positive_um=6.5, negative_um=12.0)
+    assert label.tolist() == [1, 1, -1, 0, -1]
+    np.testing.assert_allclose(offset[1], [-6.0 / 0.75, 0.0])
+
+
+def test_train_verifier_refuses_crossed_label_radii(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="positive-um"):
+        train_verifier(DEFAULT_CHECKPOINT, tmp_path, tmp_path, tmp_path / "out", positive_um=8.0, negative_um=8.0)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -28,6 +28,7 @@ from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate, faint_tips_px, metrics_table
 from localisation.inference import TipLocaliser, predict_prepared
 from localisation.metrics import pick_threshold, threshold_sweep
+from localisation.verifier import load_verifier
 from rig.atomic import write_json_atomic
 
 TARGETS = {"acc_5um": 0.95, "acc_10um": 0.99, "precision": 0.98}
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
         "verifier": None if verifier is None else {
             "config": verifier["config"], "first_stage_threshold": verifier.get("first_stage_threshold"),
-            "parameters": int(sum(v.numel() for k, v in verifier["model_state"].items() if "running" not in k
-                                  and "num_batches" not in k))},
+            "parameters": sum(p.numel() for p in load_verifier(verifier, str(src))[0].parameters())},
         "training_command": args.train_command,
         "training": {
             "source_checkpoint": str(src),

@@ -134,9 +134,15 @@ def verify(
     centres = rs.to_model(candidates_px)
     crops = torch.from_numpy(crops_at(grid, centres, cfg.crop_size_px))[:, None].to(device)
     logits = torch.from_numpy(score_logit(first_scores)).to(device)
-    out = verifier(crops, logits).float().cpu().numpy()
-    tips = rs.to_input(centres + out[:, 1:3])
-    return tips, 1.0 / (1.0 + np.exp(-out[:, 0].astype(np.float64)))
+    return read_outputs(verifier(crops, logits).float().cpu().numpy(), centres, rs)
+
+
+def read_outputs(outputs: np.ndarray, centres_grid_px: np.ndarray, rs: Resampling) -> tuple[np.ndarray, np.ndarray]:
+    """The verifier's raw outputs (n, 3) for crops centred on ``centres_grid_px`` (crop-grid
+    pixels; ``rs`` maps input pixels to that grid) -> (tips (n, 2) in input pixels, scores (n,)
+    as probabilities). Shared by inference and the trainer's validation sweep."""
+    tips = rs.to_input(centres_grid_px + outputs[:, 1:3])
+    return tips, 1.0 / (1.0 + np.exp(-outputs[:, 0].astype(np.float64)))
 
 
 def select_verified(

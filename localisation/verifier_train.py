@@ -45,6 +45,7 @@ from localisation.checkpoint import load_model, save_checkpoint
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.evaluation import faint_tips_px
 from localisation.metrics import pick_threshold, threshold_sweep
+from localisation.preprocess import Resampling
 from localisation.progress import bar
 from localisation.verifier import (
     TipVerifier,
@@ -52,6 +53,7 @@ from localisation.verifier import (
     crop_grid,
     crops_at,
     first_stage_threshold,
+    read_outputs,
     score_logit,
     select_verified,
     verifier_payload,
@@ -205,15 +207,15 @@ def sweep(
     outputs: np.ndarray, cands: Candidates, records: list[TipRecord], n_max: int
 ) -> list[dict[str, Any]]:
     """End-to-end validation metrics of the cascade at each threshold of ``THRESHOLDS``: the
-    offsets mapped back as ``verify`` maps them, the inference's selection
+    outputs read as ``verify`` reads them (``read_outputs``), the inference's selection
     (``select_verified``) and the evaluator's metrics (``metrics.threshold_sweep``)."""
-    probs = 1.0 / (1.0 + np.exp(-outputs[:, 0].astype(np.float64)))
     frames = []
     for i, rec in enumerate(records):
         sel = cands.frame == i
-        tips = cands.xy_px[sel] + outputs[sel, 1:3] / cands.grid_scale[i]
+        rs = Resampling(*(float(v) for v in cands.grid_scale[i]))
+        tips, probs = read_outputs(outputs[sel], rs.to_model(cands.xy_px[sel]), rs)
         h, w = cands.frame_shape[i]
-        kept, scores = select_verified(tips, probs[sel], score_threshold=0.0, frame_shape=(int(h), int(w)),
+        kept, scores = select_verified(tips, probs, score_threshold=0.0, frame_shape=(int(h), int(w)),
                                        um_per_px=rec.um_per_px, n_max=n_max)
         frames.append((kept, scores, rec.tips_px, rec.um_per_px, faint_tips_px(rec)))
     return threshold_sweep(frames, THRESHOLDS)

@@ -46,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localisation.checkpoint import read_checkpoint
     from localisation.dataset_format import read_dataset
     from localisation.evaluation import (
         evaluate,
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             use_verifier=args.ablation != "no-verifier",
         )
         if args.ablation == "no-verifier":
-            if read_checkpoint(loc.checkpoint).get("verifier") is None:
+            if not getattr(loc, "checkpoint_has_verifier", False):
                 raise DataError(f"{spec}: --ablation no-verifier needs a checkpoint with a verifier")
             name += " without verifier"
         if args.ablation == "no-offset":

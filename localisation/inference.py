@@ -138,6 +138,7 @@ class TipLocaliser:
         denoiser: nn.Module | None = None,
         score_threshold: float | None = None,
         verifier: tuple[nn.Module, VerifierConfig] | None = None,
+        checkpoint_has_verifier: bool | None = None,
     ) -> None:
         self.model = _for_inference(model, device)
         self.cfg = cfg
@@ -147,6 +148,8 @@ class TipLocaliser:
         self.score_threshold = cfg.score_threshold if score_threshold is None else score_threshold
         self.verifier = None if verifier is None else _for_inference(verifier[0], device)
         self.verifier_cfg = None if verifier is None else verifier[1]
+        #: the checkpoint carries a verifier (used or, for the ablation, switched off)
+        self.checkpoint_has_verifier = verifier is not None if checkpoint_has_verifier is None else checkpoint_has_verifier
         if self.verifier_cfg is not None:
             # the first stage decodes as many peaks as the verifier examines
             self.model.n_max = self.verifier_cfg.candidates  # type: ignore[assignment]
@@ -187,7 +190,8 @@ class TipLocaliser:
 
             den = Denoiser.load(resolve_denoiser(den_path))
         return cls(
-            model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold, verifier=ver
+            model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold, verifier=ver,
+            checkpoint_has_verifier="verifier" in payload,
         )
 
     def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:

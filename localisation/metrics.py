@@ -34,6 +34,8 @@ from scipy.optimize import linear_sum_assignment
 THRESHOLDS_UM = (3.0, 5.0, 10.0)
 CURVE_UM = tuple(float(x) for x in np.arange(0.0, 20.01, 0.5))
 CNR_BANDS = (0.0, 10.0, 20.0, 40.0)  # lower edges of the ``by_cnr`` bands
+#: score thresholds a validation sweep tries (``ship`` and ``train-verifier`` alike): 0.20-0.95
+SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.20, 0.951, 0.05), 2))
 
 
 def cnr_band(cnr: float) -> str:

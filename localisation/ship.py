@@ -27,7 +27,7 @@ from localisation.data import cached_synthetic
 from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate, faint_tips_px, metrics_table
 from localisation.inference import TipLocaliser, predict_prepared
-from localisation.metrics import pick_threshold, threshold_sweep
+from localisation.metrics import SWEEP_THRESHOLDS, pick_threshold, threshold_sweep
 from localisation.verifier import load_verifier
 from rig.atomic import write_json_atomic
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--score-threshold", type=float, help="override the configuration's threshold")
     p.add_argument("--pick-threshold", action="store_true",
-                   help="pick the threshold on the run's VALIDATION frames: the lowest in 0.2-0.9 whose "
+                   help="pick the threshold on the run's VALIDATION frames: the lowest in 0.20-0.95 whose "
                         "validation precision reaches the target plus a margin (--precision-margin; the test "
                         "set is never used for this)")
     p.add_argument("--precision-margin", type=float, default=0.0,
@@ -119,10 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics_table([result]))
     print(json.dumps(doc["targets"], indent=1))
     return 0
-
-
-#: The thresholds a validation sweep tries.
-SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.2, 0.91, 0.05), 2))
 
 
 def sweep_cascade(checkpoint: Path, val_data: Path, *, threads: int, progress: bool = True) -> list[dict[str, Any]]:

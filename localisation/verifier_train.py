@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from localisation.checkpoint import load_model, save_checkpoint
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.evaluation import faint_tips_px
-from localisation.metrics import pick_threshold, threshold_sweep
+from localisation.metrics import SWEEP_THRESHOLDS, pick_threshold, threshold_sweep
 from localisation.preprocess import Resampling
 from localisation.progress import bar
 from localisation.verifier import (
@@ -65,7 +65,6 @@ POSITIVE_UM = 4.0  # a candidate this close to a labelled tip is a tip
 NEGATIVE_UM = 8.0  # a candidate farther than this from every labelled tip is not a tip
 FAINT_UM = 10.0  # ... unless a faint real tip lies this close (then it is left out)
 PRECISION_TARGET = 0.98
-THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.20, 0.951, 0.05), 2))
 
 
 @dataclass
@@ -206,7 +205,7 @@ def verifier_outputs(verifier: TipVerifier, cands: Candidates, batch: int = 1024
 def sweep(
     outputs: np.ndarray, cands: Candidates, records: list[TipRecord], n_max: int
 ) -> list[dict[str, Any]]:
-    """End-to-end validation metrics of the cascade at each threshold of ``THRESHOLDS``: the
+    """End-to-end validation metrics of the cascade at each of ``metrics.SWEEP_THRESHOLDS``: the
     outputs read as ``verify`` reads them (``read_outputs``), the inference's selection
     (``select_verified``) and the evaluator's metrics (``metrics.threshold_sweep``)."""
     frames = []
@@ -218,7 +217,7 @@ def sweep(
         kept, scores = select_verified(tips, probs, score_threshold=0.0, frame_shape=(int(h), int(w)),
                                        um_per_px=rec.um_per_px, n_max=n_max)
         frames.append((kept, scores, rec.tips_px, rec.um_per_px, faint_tips_px(rec)))
-    return threshold_sweep(frames, THRESHOLDS)
+    return threshold_sweep(frames, SWEEP_THRESHOLDS)
 
 
 def train_verifier(

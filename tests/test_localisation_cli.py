@@ -244,7 +244,8 @@ def test_train_verifier_writes_a_cascade_that_ships_and_evaluates(tmp_path: Path
     resweep = json.loads(again.with_suffix(".json").read_text())["validation_threshold_sweep"]
     ok = [r["threshold"] for r in resweep if r["precision"] >= 0.98]
     assert read_checkpoint(again)["config"]["score_threshold"] == (ok[0] if ok else max(resweep, key=lambda r: r["f1"])["threshold"])
-    for mine, trainers in zip(resweep, sweep[:len(resweep)], strict=True):  # both sweeps measure the same cascade
+    assert len(resweep) == len(sweep)  # one threshold grid (metrics.SWEEP_THRESHOLDS)
+    for mine, trainers in zip(resweep, sweep, strict=True):  # both sweeps measure the same cascade
         assert mine["threshold"] == trainers["threshold"]
         assert mine["precision"] == pytest.approx(trainers["precision"], abs=1e-9)
         assert mine["acc_5um"] == pytest.approx(trainers["acc_5um"], abs=1e-9)

@@ -332,6 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="use the first N training frames (default: all)")
     parser.add_argument("--widths", type=int, nargs=4, default=list(VerifierConfig().widths), metavar="C",
                         help="channels of the verifier's 4 stages (default: 12 24 48 96)")
+    parser.add_argument("--candidates", type=int, default=VerifierConfig().candidates, metavar="N",
+                        help=f"first-stage peaks examined per frame, in training and at inference "
+                             f"(default {VerifierConfig().candidates}; more find more tips and cost more time)")
     parser.add_argument("--positive-um", type=float, default=POSITIVE_UM,
                         help=f"a candidate this close to a labelled tip is a tip (µm, default {POSITIVE_UM:g})")
     parser.add_argument("--negative-um", type=float, default=NEGATIVE_UM,
@@ -346,11 +349,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.candidates < 1 or min(args.widths) < 1:
+        raise DataError(f"--candidates and --widths must be at least 1, got {args.candidates} and {args.widths}")
     summary = train_verifier(
         args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed,
-        cfg=VerifierConfig(widths=tuple(args.widths)), positive_um=args.positive_um, negative_um=args.negative_um,
-        progress=not args.no_progress,
+        cfg=VerifierConfig(widths=tuple(args.widths), candidates=args.candidates), positive_um=args.positive_um,
+        negative_um=args.negative_um, progress=not args.no_progress,
     )
     print(json.dumps(summary))
     return 0

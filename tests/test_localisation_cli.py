@@ -256,3 +256,22 @@ def test_train_verifier_writes_a_cascade_that_ships_and_evaluates(tmp_path: Path
     assert json.loads(res.read_text())["models"][0]["name"].endswith("without verifier")
     assert main(["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(first_stage), "--ablation", "no-verifier",
                  "--out", str(res), "--no-figures", "--no-progress"]) == 1
+
+
+def test_train_verifier_candidates_option_sets_the_examined_peaks(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``--candidates N`` is stored in the cascade and is what inference examines; 0 is refused
+    with a clear error before anything is written."""
+    from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
+    from localisation.inference import TipLocaliser
+
+    first_stage = tmp_path / "first.pt"
+    model, cfg, _ = load_model(DEFAULT_CHECKPOINT)
+    save_checkpoint(first_stage, model, cfg)
+    common = ["train-verifier", "--first-stage", str(first_stage), "--data", str(tiny_dataset), "--val-data",
+              str(tiny_dataset), "--epochs", "1", "--workers", "1", "--threads", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "bad"), "--candidates", "0"]) == 1
+    assert not (tmp_path / "bad").exists()
+    assert main([*common, "--out", str(tmp_path / "four"), "--candidates", "4"]) == 0
+    assert read_checkpoint(tmp_path / "four" / "best.pt")["verifier"]["config"]["candidates"] == 4
+    loc = TipLocaliser.load(tmp_path / "four" / "best.pt", threads=1)
+    assert loc.verifier_cfg is not None and loc.verifier_cfg.candidates == 4 and loc.model.n_max == 4

@@ -125,6 +125,19 @@ def _for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.to(device)
 
 
+@dataclass
+class CascadeStages:
+    """What each stage of a cascade said about one frame, in the INPUT's pixels: the first
+    stage's candidates (``candidates_px`` (k, 2), ``first_scores`` (k,)) and, for each one, the
+    verifier's refined tip (``refined_px`` (k, 2)) and score (``verifier_scores`` (k,)), before
+    thresholding and duplicate suppression. For diagnostics (``localisation.miss_analysis``)."""
+
+    candidates_px: np.ndarray
+    first_scores: np.ndarray
+    refined_px: np.ndarray
+    verifier_scores: np.ndarray
+
+
 class TipLocaliser:
     """A loaded localiser (see the module docstring). Thread-safe: one call at a time."""
 
@@ -154,6 +167,8 @@ class TipLocaliser:
             # the first stage decodes as many peaks as the verifier examines
             self.model.n_max = self.verifier_cfg.candidates  # type: ignore[assignment]
         self.last_timings_ms: dict[str, float] = {}
+        #: the last frame's per-stage outputs (cascades only; None before the first frame)
+        self.last_cascade: CascadeStages | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -230,9 +245,11 @@ class TipLocaliser:
             timings["verifier"] = 0.0
             if self.verifier is not None and vcfg is not None:
                 tv = time.perf_counter()
-                xy_in, scores = verify(self.verifier, vcfg, frame, um_per_px, xy_in, scores, device=self.device)
+                refined, verified = verify(self.verifier, vcfg, frame, um_per_px, xy_in, scores, device=self.device)
                 _sync(self.device)
                 timings["verifier"] = (time.perf_counter() - tv) * 1e3
+                self.last_cascade = CascadeStages(xy_in, scores, refined, verified)
+                xy_in, scores = refined, verified
                 xy_in, scores = select_verified(
                     xy_in, scores, score_threshold=self.score_threshold, frame_shape=(frame.shape[0], frame.shape[1]),
                     um_per_px=um_per_px, n_max=self.cfg.n_max,

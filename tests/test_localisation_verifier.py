@@ -128,6 +128,16 @@ def test_cascade_locates_in_input_pixels_deterministically(cascade_checkpoint: P
     half_crop_px = 32 * 0.75 / ex.um_per_px
     for d in first:
         assert np.min(np.linalg.norm(cands - [d.x_px, d.y_px], axis=1)) <= half_crop_px * np.sqrt(2)
+    # the per-stage record: the candidates are the first stage's own peaks, each refined once,
+    # and every final detection is one of the refined tips with its verifier score
+    loc.locate(ex.pixels, ex.um_per_px)
+    stages = loc.last_cascade
+    assert stages is not None
+    np.testing.assert_allclose(stages.candidates_px, cands)
+    assert stages.refined_px.shape == stages.candidates_px.shape and stages.verifier_scores.shape == (len(cands),)
+    for d in first:
+        k = int(np.argmin(np.linalg.norm(stages.refined_px - [d.x_px, d.y_px], axis=1)))
+        assert stages.refined_px[k] == pytest.approx([d.x_px, d.y_px]) and stages.verifier_scores[k] == pytest.approx(d.score)
 
 
 def test_first_stage_alone_uses_its_own_threshold(cascade_checkpoint: Path) -> None:

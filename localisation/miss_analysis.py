@@ -156,12 +156,13 @@ def plot_misses(
         ax.set_title(f"{cls.replace('_', ' ')}  CNR {cnr_value:.0f}\n{rec.um_per_px:.2f} µm/px", fontsize=7)
     fig.suptitle("missed tips (80 µm crops): red, the tip; green +, first-stage candidates; cyan, refined", fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m localisation.miss_analysis", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="a labelled patchrig-tips/1 dataset")
     p.add_argument("--out", type=Path, required=True, help="JSON of the class counts")
     p.add_argument("--checkpoint", help="a cascade checkpoint (default: the shipped fast.pt)")

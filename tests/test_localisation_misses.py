@@ -73,7 +73,7 @@ def test_miss_analysis_refuses_a_checkpoint_without_a_verifier(tmp_path: Path, l
 def test_miss_figure_is_written(tmp_path: Path, labelled_set: Path) -> None:
     records = read_dataset(labelled_set).records
     loc = TipLocaliser.load(None, device="cpu", threads=1)
-    path = tmp_path / "misses.png"
+    path = tmp_path / "new" / "misses.png"  # folders are created
     with_tips = [i for i, r in enumerate(records) if len(r.tips_px)]
     assert len(with_tips) >= 2
     per_tip = [(with_tips[0], 0, "rejected", 15.0), (with_tips[1], 0, "no_candidate", 12.0), (with_tips[0], 0, "found", 30.0)]

@@ -249,9 +249,8 @@ class TipLocaliser:
                 _sync(self.device)
                 timings["verifier"] = (time.perf_counter() - tv) * 1e3
                 self.last_cascade = CascadeStages(xy_in, scores, refined, verified)
-                xy_in, scores = refined, verified
                 xy_in, scores = select_verified(
-                    xy_in, scores, score_threshold=self.score_threshold, frame_shape=(frame.shape[0], frame.shape[1]),
+                    refined, verified, score_threshold=self.score_threshold, frame_shape=(frame.shape[0], frame.shape[1]),
                     um_per_px=um_per_px, n_max=self.cfg.n_max,
                 )
             dets = [

@@ -119,10 +119,17 @@ def _sync(device: torch.device) -> None:
 
 def _for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """An eval-mode copy of ``model`` on ``device`` with each convolution's BatchNorm folded
-    into it (``fusion.fuse_conv_batchnorm_``); the caller's module is not changed."""
+    into it (``fusion.fuse_conv_batchnorm_``) and its 4-D weights stored channels-last; the
+    caller's module is not changed.
+
+    Channels-last lets the CPU's convolution library (oneDNN) skip reordering every
+    activation. Measured on 2 threads of this machine (stop 13): the verifier's network from
+    8.4 to 3.6 ms for 16 crops, the first stage's from 15.6 to 12.1 ms on a 352x352 input, with
+    outputs equal to float32 rounding (tested). A one-channel frame is already channels-last
+    in memory, so the inputs need no conversion."""
     copy = deepcopy(model).eval()
     fuse_conv_batchnorm_(copy)
-    return copy.to(device)
+    return copy.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 @dataclass

@@ -84,6 +84,10 @@ def test_localiser_folds_a_copy_and_finds_the_same_tips() -> None:
     original = copy.deepcopy(model.state_dict())
     loc = TipLocaliser(model, cfg, device=torch.device("cpu"), checkpoint="shipped")
     assert _batchnorms(loc.model) == 0
+    # the copy's convolution weights are channels-last (faster on CPU), the caller's are not
+    conv_weights = [p for p in loc.model.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     # the caller's module keeps its layers and weights
     assert _batchnorms(model) > 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
@@ -95,3 +99,18 @@ def test_localiser_folds_a_copy_and_finds_the_same_tips() -> None:
         folded, plain = loc.model(x), model(x)
     for key in ("center_logits", "offset"):
         assert torch.allclose(folded[key], plain[key], atol=1e-4), key
+
+
+@torch.no_grad()
+def test_localisers_verifier_copy_gives_the_same_outputs() -> None:
+    """The verifier as ``TipLocaliser`` runs it (folded, channels-last) against the module it
+    was given, on a batch of crops: the flatten before the fully connected layer must read the
+    features in the same order whatever their memory layout."""
+    model, cfg, _ = load_model(DEFAULT_CHECKPOINT)
+    verifier = _randomise_batchnorm(TipVerifier(VerifierConfig()), seed=5)
+    loc = TipLocaliser(model, cfg, device=torch.device("cpu"), checkpoint="x", verifier=(verifier, VerifierConfig()))
+    assert loc.verifier is not None and loc.verifier is not verifier
+    assert _batchnorms(verifier) == 8 and _batchnorms(loc.verifier) == 0  # the given module is not changed
+    crops = torch.rand(7, 1, 64, 64, generator=torch.Generator().manual_seed(6))
+    logits = torch.linspace(-4, 4, 7)
+    assert torch.allclose(loc.verifier(crops, logits), verifier(crops, logits), atol=1e-4)

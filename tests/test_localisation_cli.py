@@ -179,6 +179,7 @@ def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, ti
     """``localisation.ship`` turns a run into a shipped checkpoint + JSON: the threshold is
     picked on the validation set, the metrics are measured on the test set, nothing by hand."""
     from localisation.inference import TipLocaliser
+    from localisation.metrics import SWEEP_THRESHOLDS
     from localisation.ship import main as ship_main
 
     out = tmp_path / "shipped.pt"
@@ -187,7 +188,7 @@ def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, ti
                       "--pick-threshold", "--out", str(out), "--no-progress"]) == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     sweep = doc["validation_threshold_sweep"]
-    assert [t["threshold"] for t in sweep] == sorted(t["threshold"] for t in sweep) and len(sweep) == 15
+    assert [t["threshold"] for t in sweep] == list(SWEEP_THRESHOLDS)  # 0.20, 0.25, ..., 0.95
     picked = doc["score_threshold"]
     ok = [t["threshold"] for t in sweep if t["precision"] >= 0.98]
     assert picked == (ok[0] if ok else max(sweep, key=lambda t: t["f1"])["threshold"])

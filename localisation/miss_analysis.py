@@ -74,16 +74,19 @@ def analyse(
     tolerance_um: float = 5.0,
     candidate_um: float = 6.0,
     progress: bool = True,
-) -> tuple[dict[str, Any], list[tuple[int, int, str, float]]]:
+) -> tuple[dict[str, Any], list[tuple[int, int, str, float]], list[CascadeStages]]:
     """Class counts ({"overall": {...}, "by_cnr": {band: {...}}}, each with ``tips`` and a
-    count and fraction per class) and the per-tip list (record index, tip index, class, CNR)."""
+    count and fraction per class), the per-tip list (record index, tip index, class, CNR) and
+    each record's ``CascadeStages`` (for ``plot_misses``)."""
     if loc.verifier is None:
         raise DataError(f"{loc.checkpoint}: miss analysis needs a checkpoint with a verifier (a cascade)")
     per_tip: list[tuple[int, int, str, float]] = []
+    per_frame: list[CascadeStages] = []
     for i, rec in enumerate(bar(records, enabled=progress, desc="miss analysis", unit="image")):
         loc.locate(load_image(rec), rec.um_per_px)
         stages = loc.last_cascade
         assert stages is not None  # a cascade always records its stages
+        per_frame.append(stages)
         classes = classify_tips(stages, rec.tips_px, rec.um_per_px, threshold=loc.score_threshold,
                                 tolerance_um=tolerance_um, candidate_um=candidate_um)
         cnr = true_tip_cnr(rec)
@@ -101,7 +104,7 @@ def analyse(
 
     bands = [cnr_band(lower) for lower in CNR_BANDS]  # in order, "<10" first
     by_cnr = {b: summary(groups[b]) for b in bands if b in groups}
-    return {"overall": summary(groups["overall"]), "by_cnr": by_cnr}, per_tip
+    return {"overall": summary(groups["overall"]), "by_cnr": by_cnr}, per_tip, per_frame
 
 
 def table(result: dict[str, Any]) -> str:
@@ -114,10 +117,16 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot_misses(
-    loc: TipLocaliser, records: list[TipRecord], per_tip: list[tuple[int, int, str, float]], path: Path, *, per_class: int = 12
+    records: list[TipRecord],
+    per_tip: list[tuple[int, int, str, float]],
+    per_frame: list[CascadeStages],
+    path: Path,
+    *,
+    per_class: int = 12,
 ) -> None:
     """Crops of up to ``per_class`` ``no_candidate`` and ``rejected`` misses with CNR >= 10
-    (see the module docstring), one row of six per line, written to ``path`` (PNG)."""
+    (see the module docstring), one row of six per line, written to ``path`` (PNG). ``per_tip``
+    and ``per_frame`` are what ``analyse`` returned for ``records``."""
     import cv2
     import matplotlib
 
@@ -137,9 +146,7 @@ def plot_misses(
     for ax, (i, j, cls, cnr_value) in zip(axes.ravel(), picked, strict=False):
         rec = records[i]
         pixels = load_image(rec).astype(np.float32)
-        loc.locate(pixels, rec.um_per_px)
-        stages = loc.last_cascade
-        assert stages is not None
+        stages = per_frame[i]
         tip = rec.tips_px[j]
         half = 40.0 / rec.um_per_px  # 80 µm crop
         side = int(round(2 * half))
@@ -177,18 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.tolerance_um <= 0 or args.candidate_um <= 0:
         raise SystemExit("--tolerance-um and --candidate-um must be positive")
     try:
-        records = read_dataset(args.data).records[: args.limit] if args.limit else read_dataset(args.data).records
+        records = read_dataset(args.data).records[: args.limit or None]
         if not records:
             raise DataError(f"{args.data}: the dataset has no images")
         loc = TipLocaliser.load(args.checkpoint, device="cpu", threads=args.threads, score_threshold=args.threshold)
-        result, per_tip = analyse(loc, records, tolerance_um=args.tolerance_um, candidate_um=args.candidate_um,
+        result, per_tip, per_frame = analyse(loc, records, tolerance_um=args.tolerance_um, candidate_um=args.candidate_um,
                                   progress=not args.no_progress)
         doc = {"data": str(args.data), "checkpoint": loc.checkpoint, "threshold": loc.score_threshold,
                "tolerance_um": args.tolerance_um, "candidate_um": args.candidate_um, "images": len(records), **result}
         write_json_atomic(args.out, doc, allow_nan=True)
         print(table(result))
         if args.figure:
-            plot_misses(loc, records, per_tip, args.figure)
+            plot_misses(records, per_tip, per_frame, args.figure)
             print(f"figure: {args.figure}")
     except DataError as exc:
         print(f"error: {exc}")

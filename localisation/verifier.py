@@ -47,6 +47,15 @@ class VerifierConfig:
     crop_um_per_px: float = 0.75
     widths: tuple[int, int, int, int] = (12, 24, 48, 96)
 
+    def __post_init__(self) -> None:
+        """ValueError for a configuration no verifier can be built from."""
+        if self.crop_size_px % 16 or self.crop_size_px < 16:
+            raise ValueError(f"crop_size_px must be a multiple of 16, got {self.crop_size_px}")
+        if self.candidates < 1 or not 0 <= self.min_first_score < 1 or self.crop_um_per_px <= 0:
+            raise ValueError(f"bad verifier config {self}")
+        if len(self.widths) != 4 or min(self.widths) < 1:
+            raise ValueError(f"widths must be 4 channel counts of at least 1, got {self.widths}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -59,12 +68,7 @@ class VerifierConfig:
         d = dict(d)
         if "widths" in d:
             d["widths"] = tuple(int(w) for w in d["widths"])
-        cfg = cls(**d)
-        if cfg.crop_size_px % 16 or cfg.crop_size_px < 16:
-            raise ValueError(f"crop_size_px must be a multiple of 16, got {cfg.crop_size_px}")
-        if cfg.candidates < 1 or not 0 <= cfg.min_first_score < 1 or cfg.crop_um_per_px <= 0:
-            raise ValueError(f"bad verifier config {cfg}")
-        return cfg
+        return cls(**d)
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:

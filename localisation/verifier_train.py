@@ -349,13 +349,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.candidates < 1 or min(args.widths) < 1:
-        raise DataError(f"--candidates and --widths must be at least 1, got {args.candidates} and {args.widths}")
+    try:
+        cfg = VerifierConfig(widths=tuple(args.widths), candidates=args.candidates)
+    except ValueError as exc:
+        raise DataError(f"--candidates / --widths: {exc}") from exc
     summary = train_verifier(
         args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed,
-        cfg=VerifierConfig(widths=tuple(args.widths), candidates=args.candidates), positive_um=args.positive_um,
-        negative_um=args.negative_um, progress=not args.no_progress,
+        batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed, cfg=cfg,
+        positive_um=args.positive_um, negative_um=args.negative_um, progress=not args.no_progress,
     )
     print(json.dumps(summary))
     return 0

@@ -11,7 +11,7 @@ import pytest
 from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate
 from localisation.inference import CascadeStages, TipLocaliser
-from localisation.miss_analysis import CLASSES, classify_tips, main, plot_misses
+from localisation.miss_analysis import CLASSES, analyse, classify_tips, main, plot_misses
 from rig.cli import main as rig_main
 
 
@@ -73,9 +73,10 @@ def test_miss_analysis_refuses_a_checkpoint_without_a_verifier(tmp_path: Path, l
 def test_miss_figure_is_written(tmp_path: Path, labelled_set: Path) -> None:
     records = read_dataset(labelled_set).records
     loc = TipLocaliser.load(None, device="cpu", threads=1)
+    _, _, per_frame = analyse(loc, records, progress=False)
     path = tmp_path / "new" / "misses.png"  # folders are created
     with_tips = [i for i, r in enumerate(records) if len(r.tips_px)]
     assert len(with_tips) >= 2
     per_tip = [(with_tips[0], 0, "rejected", 15.0), (with_tips[1], 0, "no_candidate", 12.0), (with_tips[0], 0, "found", 30.0)]
-    plot_misses(loc, records, per_tip, path)
+    plot_misses(records, per_tip, per_frame, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000

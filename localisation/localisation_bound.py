@@ -190,7 +190,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.bar(x + 0.2, [100 * bands[b]["localiser_found"] for b in names], 0.4, label="localiser (within 5 µm)",
                color="#d62")
     for xi, b in zip(x, names, strict=True):
-        ax.text(xi, 102, f"n={bands[b]['tips']}", ha="center", fontsize=7)
+        ax.text(float(xi), 102, f"n={bands[b]['tips']}", ha="center", fontsize=7)
     ax.set_xticks(x, [f"d' {b}" for b in names])
     ax.set_ylim(0, 128)
     ax.set_ylabel("% of tips")

@@ -335,6 +335,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=VerifierConfig().candidates, metavar="N",
                         help=f"first-stage peaks examined per frame, in training and at inference "
                              f"(default {VerifierConfig().candidates}; more find more tips and cost more time)")
+    parser.add_argument("--crop-px", type=int, default=VerifierConfig().crop_size_px, metavar="S",
+                        help=f"side of the verifier's crop in pixels of {VerifierConfig().crop_um_per_px:g} µm, a "
+                             f"multiple of 16 (default {VerifierConfig().crop_size_px}; larger sees more context "
+                             "and costs more time)")
     parser.add_argument("--positive-um", type=float, default=POSITIVE_UM,
                         help=f"a candidate this close to a labelled tip is a tip (µm, default {POSITIVE_UM:g})")
     parser.add_argument("--negative-um", type=float, default=NEGATIVE_UM,
@@ -350,9 +354,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = VerifierConfig(widths=tuple(args.widths), candidates=args.candidates)
+        cfg = VerifierConfig(widths=tuple(args.widths), candidates=args.candidates, crop_size_px=args.crop_px)
     except ValueError as exc:
-        raise DataError(f"--candidates / --widths: {exc}") from exc
+        raise DataError(f"--candidates / --widths / --crop-px: {exc}") from exc
     summary = train_verifier(
         args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed, cfg=cfg,

@@ -276,3 +276,30 @@ def test_train_verifier_candidates_option_sets_the_examined_peaks(tmp_path: Path
     assert read_checkpoint(tmp_path / "four" / "best.pt")["verifier"]["config"]["candidates"] == 4
     loc = TipLocaliser.load(tmp_path / "four" / "best.pt", threads=1)
     assert loc.verifier_cfg is not None and loc.verifier_cfg.candidates == 4 and loc.model.n_max == 4
+
+
+def test_train_verifier_crop_option_sets_the_crop_the_verifier_sees(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``--crop-px S`` is stored in the cascade and is the crop inference cuts (its verifier's
+    fully connected layer has (S/16)^2 cells); a size that is not a multiple of 16 is refused
+    with a clear error before anything is written."""
+    from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
+    from localisation.dataset_format import load_image, read_dataset
+    from localisation.inference import TipLocaliser
+
+    first_stage = tmp_path / "first.pt"
+    model, cfg, _ = load_model(DEFAULT_CHECKPOINT)
+    save_checkpoint(first_stage, model, cfg)
+    common = ["train-verifier", "--first-stage", str(first_stage), "--data", str(tiny_dataset), "--val-data",
+              str(tiny_dataset), "--epochs", "1", "--workers", "1", "--threads", "1", "--no-progress",
+              "--widths", "4", "8", "8", "8"]
+    assert main([*common, "--out", str(tmp_path / "bad"), "--crop-px", "90"]) == 1
+    assert not (tmp_path / "bad").exists()
+    assert main([*common, "--out", str(tmp_path / "wide"), "--crop-px", "96"]) == 0
+    assert read_checkpoint(tmp_path / "wide" / "best.pt")["verifier"]["config"]["crop_size_px"] == 96
+    loc = TipLocaliser.load(tmp_path / "wide" / "best.pt", threads=1)
+    assert loc.verifier_cfg is not None and loc.verifier_cfg.crop_size_px == 96
+    rec = read_dataset(tiny_dataset).records[0]
+    dets = loc.locate(load_image(rec), rec.um_per_px)
+    assert loc.last_cascade is not None and len(loc.last_cascade.verifier_scores) > 0
+    assert [(d.x_px, d.y_px, d.score) for d in dets] == [
+        (d.x_px, d.y_px, d.score) for d in loc.locate(load_image(rec), rec.um_per_px)]

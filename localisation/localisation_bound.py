@@ -18,8 +18,9 @@ read noise; contrast above the detector's full scale does not count, as for the 
 both scenes equally likely it still errs with probability ``Phi(-d'/2)``. Every simplification
 here (no scan-line noise, interference, smear or background clutter; the whole scene known)
 makes that observer stronger than any real localiser, so ``Phi(-d'/2)`` is a lower bound on the
-error of the two-way choice. Averaged over the tips, it estimates the share of tips that even
-this observer would put more than 5 µm off, which no localiser can beat.
+error of the two-way choice: over such a pair of equally likely scenes, no localiser puts the
+tip within 5 µm more often than ``1 - Phi(-d'/2)`` on average. The mean over the tips is
+therefore a floor (under this idealisation) on the share of tips any localiser misplaces.
 
 With ``--checkpoint`` the localiser's own result (a detection within 5 µm at its threshold) is
 recorded per tip too, so the report shows where it falls short of what the frames allow.
@@ -37,7 +38,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from localisation.dataset_format import TipRecord, load_image, read_dataset
-from localisation.metrics import cnr_band
+from localisation.metrics import CNR_BANDS, cnr_band
 from localisation.progress import bar
 from rig.atomic import write_json_atomic
 from rig.errors import DataError
@@ -156,7 +157,7 @@ def summarise(per_tip: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "overall": block(per_tip),
         "by_d_prime": {b: block(bands[b]) for b in order if b in bands},
-        "by_cnr": {b: block(cnr_bands[b]) for b in sorted(cnr_bands, key=lambda s: float(s.strip("<+").split("-")[0]))},
+        "by_cnr": {b: block(cnr_bands[b]) for b in (cnr_band(lo + 1e-9) for lo in CNR_BANDS) if b in cnr_bands},
     }
 
 

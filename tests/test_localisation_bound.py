@@ -100,6 +100,9 @@ def test_cli_reports_per_band_and_refuses_a_dataset_without_seeds(tmp_path: Path
     n_tips = sum(len(r.tips_px) for r in read_dataset(synth_dataset).records)
     assert doc["summary"]["overall"]["tips"] == n_tips == len(doc["per_tip"])
     assert sum(b["tips"] for b in doc["summary"]["by_d_prime"].values()) == n_tips
+    by_cnr = doc["summary"]["by_cnr"]
+    assert sum(b["tips"] for b in by_cnr.values()) == n_tips  # every labelled tip has a CNR
+    assert list(by_cnr) == [b for b in ("<10", "10-20", "20-40", "40+") if b in by_cnr]  # faint to bright
     found = [r["found"] for r in doc["per_tip"]]
     assert doc["summary"]["overall"]["localiser_found"] == pytest.approx(np.mean(found))
     assert doc["summary"]["overall"]["ideal_error_bound"] == pytest.approx(np.mean([r["error_bound"] for r in doc["per_tip"]]))

@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure is not None:
         plot(result, args.figure)
     s = result["summary"]
-    print(f"{s['overall']['tips']} tips; ideal observer misplaces at least {100 * s['overall']['ideal_error_bound']:.1f} %")
+    print(f"{s['overall']['tips']} tips; ideal observer misplaces at least {100 * s['overall']['ideal_error_bound']:.2g} %")
     for name, block in s["by_d_prime"].items():
         found = "" if block["localiser_found"] is None else f", localiser finds {100 * block['localiser_found']:.1f} %"
-        print(f"  d' {name}: {block['tips']} tips, ideal misplaces >= {100 * block['ideal_error_bound']:.1f} %{found}")
+        print(f"  d' {name}: {block['tips']} tips, ideal misplaces >= {100 * block['ideal_error_bound']:.2g} %{found}")
     return 0
 
 

@@ -22,8 +22,8 @@ error of the two-way choice: over such a pair of equally likely scenes, no local
 tip within 5 µm more often than ``1 - Phi(-d'/2)`` on average. The mean over the tips is
 therefore a floor (under this idealisation) on the share of tips any localiser misplaces.
 
-With ``--checkpoint`` the localiser's own result (a detection within 5 µm at its threshold) is
-recorded per tip too, so the report shows where it falls short of what the frames allow.
+With ``--checkpoint`` the localiser's own result (matched to a detection within 5 µm at its
+threshold, as ``evaluate`` matches) is recorded per tip too, so the report shows where it falls short of what the frames allow.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from localisation.dataset_format import TipRecord, load_image, read_dataset
-from localisation.metrics import CNR_BANDS, cnr_band
+from localisation.metrics import CNR_BANDS, cnr_band, gated_pairs
 from localisation.progress import bar
 from rig.atomic import write_json_atomic
 from rig.errors import DataError
@@ -70,9 +70,10 @@ def discriminability(expected: np.ndarray, alternative: np.ndarray, sensor: Any)
     Gaussian approximation of the Poisson likelihood ratio, sqrt(sum((e1 - e0)^2 / var)) in
     photons, ``var`` = shot noise of ``expected`` + read noise. Both are clipped at the
     detector's full scale first (saturated contrast is lost)."""
+    from simulators.render import full_scale_units
+
     k = float(sensor.photons_per_unit)
-    top = 255.0 if sensor.bit_depth == 8 else 65535.0
-    full_scale = max(top - sensor.offset_adu, 1.0) / max(k * sensor.gain_adu, 1e-12)
+    full_scale = full_scale_units(sensor)
     e0 = np.minimum(expected, full_scale).astype(np.float64)
     e1 = np.minimum(alternative, full_scale).astype(np.float64)
     changed = e0 != e1
@@ -81,15 +82,16 @@ def discriminability(expected: np.ndarray, alternative: np.ndarray, sensor: Any)
     return float(math.sqrt(float((diff * diff / var).sum())))
 
 
-def rebuild_scene(record: TipRecord, meta: dict[str, Any]) -> Any:
+def rebuild_scene(record: TipRecord, meta: dict[str, Any], shape_hw: tuple[int, int]) -> Any:
     """The scene of one synthetic record, drawn again from its seed with the dataset's ranges
-    and the image's size (``simulators.synth.sample_example`` draws it the same way)."""
+    and the image's size ``shape_hw`` (``simulators.synth.sample_example`` draws it the same
+    way)."""
     from simulators.scene import sample_scene
 
     seed = record.extra.get("seed")
     if seed is None or "tips_range" not in meta or "um_per_px_range" not in meta:
         raise DataError(f"{record.file}: not a `patchrig data synth` image (no seed or ranges recorded)")
-    h, w = load_image(record).shape[:2]
+    h, w = shape_hw
     return sample_scene(
         np.random.default_rng(int(seed)),
         domain=str(meta.get("domain", "in_vivo")),
@@ -99,13 +101,16 @@ def rebuild_scene(record: TipRecord, meta: dict[str, Any]) -> Any:
     )
 
 
-def frame_bounds(record: TipRecord, meta: dict[str, Any], back_um: float = RETRACT_UM) -> list[dict[str, Any]]:
-    """Per labelled tip of one record (in the record's order): its d', the two-way error bound
-    ``Phi(-d'/2)`` and its CNR. DataError if the rebuilt scene's visible tips are not the
-    record's labels (a dataset not made by this simulator version)."""
+def frame_bounds(
+    record: TipRecord, meta: dict[str, Any], shape_hw: tuple[int, int], back_um: float = RETRACT_UM
+) -> list[dict[str, Any]]:
+    """Per labelled tip of one record whose image is ``shape_hw`` (height, width) pixels, in the
+    record's order: its d', the two-way error bound ``Phi(-d'/2)`` and its CNR. DataError if
+    the rebuilt scene's visible tips are not the record's labels (a dataset not made by this
+    simulator version)."""
     from simulators.scene import expected_image, render_background, scene_labels, with_pipettes
 
-    scene = rebuild_scene(record, meta)
+    scene = rebuild_scene(record, meta, shape_hw)
     background = render_background(scene.background, scene.optics)
     expected, references = expected_image(scene, background)
     labels = scene_labels(scene, expected, references)
@@ -161,16 +166,17 @@ def summarise(per_tip: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def localiser_found(loc: Any, record: TipRecord, tolerance_um: float = 5.0) -> list[bool]:
-    """Per labelled tip: does ``loc`` (a ``TipLocaliser``) put a detection within
-    ``tolerance_um`` of it (at the localiser's own threshold)?"""
-    dets = loc.locate(load_image(record), record.um_per_px)
-    xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
-    out = []
-    for tip in np.asarray(record.tips_px, dtype=np.float64).reshape(-1, 2):
-        dist = np.linalg.norm(xy - tip, axis=1) * record.um_per_px if len(xy) else np.array([np.inf])
-        out.append(bool(dist.min() <= tolerance_um))
-    return out
+def localiser_found(loc: Any, pixels: np.ndarray, record: TipRecord, tolerance_um: float = 5.0) -> list[bool]:
+    """Per labelled tip of ``record`` (image ``pixels``): is it matched to a detection of ``loc``
+    (a ``TipLocaliser``, at its own threshold) within ``tolerance_um``? Matched one to one as
+    ``evaluate`` matches (``metrics.gated_pairs``), so the share found is its accuracy."""
+    dets = loc.locate(pixels, record.um_per_px)
+    pred_um = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2) * record.um_per_px
+    true_um = np.asarray(record.tips_px, dtype=np.float64).reshape(-1, 2) * record.um_per_px
+    found = np.zeros(len(true_um), dtype=bool)
+    _, cols, dist = gated_pairs(pred_um, true_um, tolerance_um)
+    found[cols[dist <= tolerance_um]] = True
+    return found.tolist()
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -215,9 +221,10 @@ def analyse(data: Path, *, checkpoint: str | None = None, limit: int | None = No
         loc = TipLocaliser.load(None if checkpoint == "default" else checkpoint, threads=threads)
     per_tip: list[dict[str, Any]] = []
     for index, record in enumerate(bar(records, enabled=progress, desc="ideal observer", unit="image")):
-        rows = frame_bounds(record, ds.meta)
+        pixels = load_image(record)
+        rows = frame_bounds(record, ds.meta, pixels.shape[:2])
         if loc is not None:
-            for row, hit in zip(rows, localiser_found(loc, record), strict=True):
+            for row, hit in zip(rows, localiser_found(loc, pixels, record), strict=True):
                 row["found"] = hit
         for j, row in enumerate(rows):
             per_tip.append({"image": index, "tip": j, **row})

@@ -143,9 +143,12 @@ def plot_misses(
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.0 * ncols, 2.15 * nrows), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
+    images: dict[int, np.ndarray] = {}  # each shown frame read once
     for ax, (i, j, cls, cnr_value) in zip(axes.ravel(), picked, strict=False):
         rec = records[i]
-        pixels = load_image(rec).astype(np.float32)
+        if i not in images:
+            images[i] = load_image(rec).astype(np.float32)
+        pixels = images[i]
         stages = per_frame[i]
         tip = rec.tips_px[j]
         half = 40.0 / rec.um_per_px  # 80 µm crop

@@ -462,6 +462,13 @@ def quantise(image: np.ndarray, bit_depth: int) -> np.ndarray:
     return out.astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 
+def full_scale_units(sensor: Sensor) -> float:
+    """The expected-image value (background units) at which ``sensor``'s counts reach the top of
+    its bit depth: contrast above it is lost to saturation."""
+    top = 255.0 if sensor.bit_depth == 8 else 65535.0
+    return max(top - sensor.offset_adu, 1.0) / max(sensor.photons_per_unit * sensor.gain_adu, 1e-12)
+
+
 def tip_contrast_to_noise(
     expected: np.ndarray,
     reference: Callable[[slice, slice], np.ndarray],
@@ -492,8 +499,7 @@ def tip_contrast_to_noise(
     k = sensor.photons_per_unit
     # the detector saturates: contrast above full scale is lost (a tip in a saturated dye
     # cloud is not visible however strong its expected contrast)
-    top = 255.0 if sensor.bit_depth == 8 else 65535.0
-    full_scale = max(top - sensor.offset_adu, 1.0) / max(k * sensor.gain_adu, 1e-12)
+    full_scale = full_scale_units(sensor)
     ref_win = np.minimum(reference(slice(y0, y1), slice(x0, x1)), np.float32(full_scale)).astype(np.float32)
     exp_win = np.minimum(expected[y0:y1, x0:x1], np.float32(full_scale)).astype(np.float32)
     fine = ref_win - cv2.GaussianBlur(ref_win, (0, 0), max(radius_px / 2, 1.0), borderType=cv2.BORDER_REFLECT)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from localisation.dataset_format import read_dataset, write_dataset
+from localisation.dataset_format import load_image, read_dataset, write_dataset
 from localisation.localisation_bound import (
     RETRACT_UM,
     discriminability,
@@ -76,7 +76,7 @@ def test_frame_bounds_rebuild_each_scene_from_its_seed(synth_dataset: Path) -> N
     ds = read_dataset(synth_dataset)
     total = 0
     for rec in ds.records:
-        rows = frame_bounds(rec, ds.meta)
+        rows = frame_bounds(rec, ds.meta, load_image(rec).shape[:2])
         assert len(rows) == len(rec.tips_px)
         total += len(rows)
         for row in rows:
@@ -88,7 +88,7 @@ def test_frame_bounds_rebuild_each_scene_from_its_seed(synth_dataset: Path) -> N
     rec = ds.records[0]
     rec.extra["seed"] = int(rec.extra["seed"]) + 1
     with pytest.raises(DataError, match="does not match its labels"):
-        frame_bounds(rec, ds.meta)
+        frame_bounds(rec, ds.meta, load_image(rec).shape[:2])
 
 
 def test_cli_reports_per_band_and_refuses_a_dataset_without_seeds(tmp_path: Path, synth_dataset: Path) -> None:

@@ -44,9 +44,11 @@ from localisation.verifier import (
     VerifierConfig,
     first_stage_threshold,
     load_verifier,
+    sample_context,
     select_verified,
     verify,
 )
+from rig.errors import DataError
 
 
 @dataclass
@@ -110,6 +112,37 @@ def predict_prepared(
         timings["denoiser"] = (t1 - t0) * 1e3
         timings["model"] = (t2 - t1) * 1e3
     return ModelPrediction(xy, scores, heat, out)
+
+
+def first_stage_context(pred: ModelPrediction, model: nn.Module, vcfg: VerifierConfig) -> np.ndarray | None:
+    """The first stage's decoder features at each of its candidates (n, C), for a verifier
+    that reads them (``vcfg.context_channels`` > 0); None for one that does not. DataError
+    when the first stage gives no features of that width."""
+    if not vcfg.context_channels:
+        return None
+    feats = pred.outputs.get("features")
+    if feats is None or feats.shape[1] != vcfg.context_channels:
+        got = None if feats is None else int(feats.shape[1])
+        raise DataError(f"the verifier reads {vcfg.context_channels} first-stage feature channels; the first stage gives {got}")
+    return sample_context(feats, pred.xy_model_px, int(getattr(model, "out_stride", 1)))
+
+
+def feature_width(model: nn.Module) -> int | None:
+    """Channels of the ``features`` a first stage returns (a ``fast`` network's decoder width,
+    its ``lat4`` output); None for a network without them."""
+    lat4 = getattr(model, "lat4", None)
+    return int(lat4.out_channels) if isinstance(lat4, nn.Conv2d) else None
+
+
+def check_context_width(model: nn.Module, vcfg: VerifierConfig, where: str) -> None:
+    """DataError naming ``where`` when a verifier reads first-stage features that the first
+    stage does not give."""
+    if not vcfg.context_channels:
+        return
+    width = feature_width(model)
+    if width != vcfg.context_channels:
+        raise DataError(f"checkpoint {where}: the verifier reads {vcfg.context_channels} first-stage feature "
+                        f"channels; the first stage gives {width}")
 
 
 def _sync(device: torch.device) -> None:
@@ -200,6 +233,7 @@ class TipLocaliser:
         ver = None
         if "verifier" in payload and use_verifier:
             ver = load_verifier(payload["verifier"], str(path))
+            check_context_width(model, ver[1], str(path))
         elif "verifier" in payload:
             cfg = cfg.with_overrides(score_threshold=first_stage_threshold(payload, cfg))
         torch.set_num_threads(int(threads if threads is not None else cfg.threads))
@@ -252,7 +286,10 @@ class TipLocaliser:
             timings["verifier"] = 0.0
             if self.verifier is not None and vcfg is not None:
                 tv = time.perf_counter()
-                refined, verified = verify(self.verifier, vcfg, frame, um_per_px, xy_in, scores, device=self.device)
+                context = first_stage_context(pred, self.model, vcfg)
+                refined, verified = verify(
+                    self.verifier, vcfg, frame, um_per_px, xy_in, scores, device=self.device, context=context
+                )
                 _sync(self.device)
                 timings["verifier"] = (time.perf_counter() - tv) * 1e3
                 self.last_cascade = CascadeStages(xy_in, scores, refined, verified)

@@ -13,6 +13,10 @@ here the finer look is spent only where the first stage proposes a tip:
    plus the candidate's first-stage logit, and returns a tip logit and a sub-pixel offset
    (crop pixels, x = column, y = row) from the candidate to the tip.
 
+   With ``context_channels`` > 0 it also reads the first stage's decoder features at the
+   candidate (``sample_context``): what the first stage saw over its whole receptive field
+   (about 200 µm), beyond the crop's 48 µm.
+
 The final score is ``sigmoid(tip logit)`` and the tip lies at candidate + offset. The trainer
 (``verifier_train.py``) labels candidates from the first stage's own proposals on training
 frames, so the verifier learns exactly the mistakes that the first stage makes (hard negatives:
@@ -28,6 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from localisation.postprocess import suppress_duplicates
@@ -39,13 +44,16 @@ from rig.errors import DataError
 class VerifierConfig:
     """What defines a verifier. ``candidates``: first-stage peaks examined per frame;
     ``min_first_score``: first-stage score a peak needs to be examined; ``crop_size_px`` and
-    ``crop_um_per_px``: the crop (pixels, µm per pixel); ``widths``: channels of the 4 stages."""
+    ``crop_um_per_px``: the crop (pixels, µm per pixel); ``widths``: channels of the 4 stages;
+    ``context_channels``: channels of the first stage's decoder features read at each
+    candidate (0: none, the verifier sees only its crop and the first-stage logit)."""
 
     candidates: int = 16
     min_first_score: float = 0.02
     crop_size_px: int = 64
     crop_um_per_px: float = 0.75
     widths: tuple[int, int, int, int] = (12, 24, 48, 96)
+    context_channels: int = 0
 
     def __post_init__(self) -> None:
         """ValueError for a configuration no verifier can be built from."""
@@ -53,6 +61,8 @@ class VerifierConfig:
             raise ValueError(f"crop_size_px must be a multiple of 16, got {self.crop_size_px}")
         if self.candidates < 1 or not 0 <= self.min_first_score < 1 or self.crop_um_per_px <= 0:
             raise ValueError(f"bad verifier config {self}")
+        if self.context_channels < 0:
+            raise ValueError(f"context_channels must be >= 0, got {self.context_channels}")
         if len(self.widths) != 4 or min(self.widths) < 1:
             raise ValueError(f"widths must be 4 channel counts of at least 1, got {self.widths}")
 
@@ -76,9 +86,12 @@ def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class TipVerifier(nn.Module):
-    """Crops (N, 1, S, S) in [0, 1] and first-stage logits (N,) -> (N, 3): tip logit, offset
-    x and offset y in crop pixels. Four stride-2 stages, then a fully connected layer over
-    the (S/16)^2 cells, so the output knows where in the crop things are."""
+    """Crops (N, 1, S, S) in [0, 1], first-stage logits (N,) and, when
+    ``cfg.context_channels`` > 0, the first stage's features at each candidate (N, C) ->
+    (N, 3): tip logit, offset x and offset y in crop pixels. Four stride-2 stages, then a fully
+    connected layer over the (S/16)^2 cells, so the output knows where in the crop things are.
+    With context, the crop's embedding and an embedding of the features meet in a hidden
+    layer, so the two can interact (not only add their votes)."""
 
     def __init__(self, cfg: VerifierConfig = VerifierConfig()) -> None:
         super().__init__()
@@ -89,11 +102,37 @@ class TipVerifier(nn.Module):
         )
         cells = (cfg.crop_size_px // 16) ** 2
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(d * cells, 128), nn.ReLU(inplace=True))
-        self.head = nn.Linear(128 + 1, 3)
+        self.context_channels = cfg.context_channels
+        if cfg.context_channels:
+            self.context_embed = nn.Sequential(nn.Linear(cfg.context_channels, 64), nn.ReLU(inplace=True))
+            self.head: nn.Module = nn.Sequential(nn.Linear(128 + 64 + 1, 128), nn.ReLU(inplace=True), nn.Linear(128, 3))
+        else:
+            self.head = nn.Linear(128 + 1, 3)
 
-    def forward(self, crops: torch.Tensor, first_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, crops: torch.Tensor, first_logits: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.embed(self.body(crops))
-        return self.head(torch.cat([h, first_logits.reshape(-1, 1).to(h.dtype)], 1))
+        parts = [h, first_logits.reshape(-1, 1).to(h.dtype)]
+        if self.context_channels:
+            if context is None or context.shape != (h.shape[0], self.context_channels):
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(f"this verifier needs context features ({h.shape[0]}, {self.context_channels}), got {got}")
+            parts.insert(1, self.context_embed(context.to(h.dtype)))
+        return self.head(torch.cat(parts, 1))
+
+
+def sample_context(features: torch.Tensor, xy_model_px: np.ndarray, stride: int) -> np.ndarray:
+    """The first stage's decoder features (1, C, h, w; cells of ``stride`` model pixels) read
+    bilinearly at points (n, 2; x, y in model pixels, pixel-centre origin), edges replicated:
+    (n, C) float32. The same function serves inference and the trainer."""
+    xy = torch.as_tensor(np.asarray(xy_model_px, dtype=np.float32).reshape(-1, 2), device=features.device)
+    h, w = features.shape[-2:]
+    gx = (xy[:, 0] + 0.5) / (w * stride) * 2 - 1
+    gy = (xy[:, 1] + 0.5) / (h * stride) * 2 - 1
+    grid = torch.stack([gx, gy], -1)[None, None]  # (1, 1, n, 2)
+    vals = F.grid_sample(features[:1].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return vals[0, :, 0].T.contiguous().cpu().numpy().astype(np.float32)
 
 
 def score_logit(scores: np.ndarray) -> np.ndarray:
@@ -128,9 +167,12 @@ def verify(
     first_scores: np.ndarray,
     *,
     device: torch.device,
+    context: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-score and refine first-stage candidates (input pixels) of one validated frame.
-    Returns (tips (n, 2) in input pixels, scores (n,)), in the candidates' order."""
+    ``context``: the first stage's features at each candidate (n, C; ``sample_context``),
+    needed when ``cfg.context_channels`` > 0. Returns (tips (n, 2) in input pixels, scores
+    (n,)), in the candidates' order."""
     candidates_px = np.asarray(candidates_px, dtype=np.float64).reshape(-1, 2)
     if len(candidates_px) == 0:
         return candidates_px, np.zeros(0)
@@ -138,7 +180,8 @@ def verify(
     centres = rs.to_model(candidates_px)
     crops = torch.from_numpy(crops_at(grid, centres, cfg.crop_size_px))[:, None].to(device)
     logits = torch.from_numpy(score_logit(first_scores)).to(device)
-    return read_outputs(verifier(crops, logits).float().cpu().numpy(), centres, rs)
+    ctx = None if context is None else torch.from_numpy(np.asarray(context, dtype=np.float32)).to(device)
+    return read_outputs(verifier(crops, logits, ctx).float().cpu().numpy(), centres, rs)
 
 
 def read_outputs(outputs: np.ndarray, centres_grid_px: np.ndarray, rs: Resampling) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,8 @@ Steps:
    pixels); not a tip when no labelled tip lies within ``--negative-um`` (default
    ``NEGATIVE_UM``) and no faint (``low_contrast``) real tip within
    10 µm; otherwise it is left out (ambiguous).
+   With ``--context``, the first stage's decoder features at each candidate are stored beside
+   its crop (``inference.first_stage_context``, as at inference).
 3. The verifier is trained with binary cross-entropy on the label plus a smooth-L1 loss on the
    offset of tips, with rotations by 90°, flips and brightness/contrast changes.
 4. After every epoch the whole cascade is measured on the validation frames, end to end as the
@@ -30,6 +32,7 @@ daemon and ``localisation.ship``) and ``OUT/metrics.jsonl`` (one line per epoch)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from localisation.checkpoint import load_model, save_checkpoint
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.evaluation import faint_tips_px
+from localisation.inference import feature_width, first_stage_context
 from localisation.metrics import SWEEP_THRESHOLDS, pick_threshold, threshold_sweep
 from localisation.preprocess import Resampling
 from localisation.progress import bar
@@ -72,7 +76,8 @@ class Candidates:
     """First-stage candidates of a list of frames. ``frame``: index of the frame (n,);
     ``xy_px``: input pixels (n, 2); ``score``: first-stage score (n,); ``label``: 1 tip, 0 not
     a tip, -1 left out (n,); ``offset``: candidate -> tip in crop pixels (n, 2; zero unless a
-    tip); ``crops``: (n, S, S) float16. Per frame: ``frame_shape`` (height, width) in pixels
+    tip); ``crops``: (n, S, S) float16; ``context``: the first stage's features at each
+    candidate (n, C) float16, C = 0 for a verifier without context. Per frame: ``frame_shape`` (height, width) in pixels
     and ``grid_scale`` (crop-grid pixels per input pixel in x and y), (n_frames, 2)."""
 
     frame: np.ndarray
@@ -81,6 +86,7 @@ class Candidates:
     label: np.ndarray
     offset: np.ndarray
     crops: np.ndarray
+    context: np.ndarray
     frame_shape: np.ndarray
     grid_scale: np.ndarray
 
@@ -127,10 +133,13 @@ def _init_worker(first_stage: str, cfg: VerifierConfig, radii_um: tuple[float, f
 
 def _frame_candidates(
     record: TipRecord,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int], tuple[float, float]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int], tuple[float, float]]:
     loc, cfg = _WORKER["loc"], _WORKER["cfg"]
     pixels = load_image(record)
-    dets = loc.locate(pixels, record.um_per_px)
+    dets, pred, _ = loc.locate_with_heatmap(pixels, record.um_per_px)
+    context = first_stage_context(pred, loc.model, cfg)
+    if context is None:
+        context = np.zeros((len(dets), 0), np.float32)
     xy = np.array([[d.x_px, d.y_px] for d in dets], dtype=np.float64).reshape(-1, 2)
     score = np.array([d.score for d in dets], dtype=np.float64)
     positive_um, negative_um = _WORKER["radii_um"]
@@ -138,7 +147,7 @@ def _frame_candidates(
                                      positive_um=positive_um, negative_um=negative_um)
     grid, rs = crop_grid(pixels, record.um_per_px, cfg)
     crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
-    return xy, score, label, offset, crops, pixels.shape[:2], (rs.sx, rs.sy)
+    return xy, score, label, offset, crops, context.astype(np.float16), pixels.shape[:2], (rs.sx, rs.sy)
 
 
 def collect_candidates(
@@ -168,8 +177,9 @@ def collect_candidates(
         label=np.concatenate([f[2] for f in per_frame] or [np.zeros(0, np.int8)]),
         offset=np.concatenate([f[3] for f in per_frame] or [np.zeros((0, 2), np.float32)]),
         crops=np.concatenate([f[4] for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
-        frame_shape=np.array([f[5] for f in per_frame], dtype=np.int64).reshape(-1, 2),
-        grid_scale=np.array([f[6] for f in per_frame], dtype=np.float64).reshape(-1, 2),
+        context=np.concatenate([f[5] for f in per_frame] or [np.zeros((0, cfg.context_channels), np.float16)]),
+        frame_shape=np.array([f[6] for f in per_frame], dtype=np.int64).reshape(-1, 2),
+        grid_scale=np.array([f[7] for f in per_frame], dtype=np.float64).reshape(-1, 2),
     )
 
 
@@ -198,7 +208,8 @@ def verifier_outputs(verifier: TipVerifier, cands: Candidates, batch: int = 1024
     outs = [np.zeros((0, 3), np.float32)]
     for i in range(0, len(cands.score), batch):
         crops = torch.from_numpy(cands.crops[i : i + batch].astype(np.float32))[:, None]
-        outs.append(verifier(crops, torch.from_numpy(score_logit(cands.score[i : i + batch]))).numpy())
+        context = torch.from_numpy(cands.context[i : i + batch].astype(np.float32)) if verifier.context_channels else None
+        outs.append(verifier(crops, torch.from_numpy(score_logit(cands.score[i : i + batch])), context).numpy())
     return np.concatenate(outs)
 
 
@@ -236,11 +247,13 @@ def train_verifier(
     cfg: VerifierConfig | None = None,
     positive_um: float = POSITIVE_UM,
     negative_um: float = NEGATIVE_UM,
+    context: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """See the module docstring (``cfg``: None = ``VerifierConfig()``; ``positive_um`` and
-    ``negative_um``: the labelling radii, µm). Returns a summary (best epoch, threshold,
-    validation metrics)."""
+    ``negative_um``: the labelling radii, µm; ``context``: the verifier also reads the first
+    stage's decoder features at each candidate, ``cfg.context_channels`` set to their width).
+    Returns a summary (best epoch, threshold, validation metrics)."""
     cfg = cfg or VerifierConfig()
     if epochs < 1:
         raise DataError("--epochs must be at least 1")
@@ -250,6 +263,10 @@ def train_verifier(
     model, first_cfg, payload = load_model(first_stage)
     if first_cfg.model != "fast":
         raise DataError(f"{first_stage}: a verifier needs a 'fast' first stage, not {first_cfg.model!r}")
+    width = feature_width(model)
+    if context and not width:
+        raise DataError(f"{first_stage}: this first stage gives no features for --context")
+    cfg = dataclasses.replace(cfg, context_channels=int(width or 0) if context else 0)
     data_dirs = [data] if isinstance(data, Path) else list(data)
     train_records = [r for d in data_dirs for r in read_dataset(d).records][: frames if frames else None]
     val_records = read_dataset(val_data).records
@@ -269,6 +286,7 @@ def train_verifier(
     logits = torch.from_numpy(score_logit(train.score[use]))
     labels = torch.from_numpy(train.label[use].astype(np.float32))
     offsets = torch.from_numpy(train.offset[use])
+    contexts = torch.from_numpy(train.context[use].astype(np.float32))
     if labels.sum() == 0 or labels.sum() == len(labels):
         raise DataError("the first stage's candidates hold only one class; more training frames are needed")
     verifier = TipVerifier(cfg)
@@ -287,7 +305,7 @@ def train_verifier(
                      total=steps_per_epoch, unit="batch"):
             b = order[i : i + batch_size]
             x, off = augment(crops[b].float()[:, None], offsets[b], gen)
-            out = verifier(x, logits[b])
+            out = verifier(x, logits[b], contexts[b] if cfg.context_channels else None)
             loss = F.binary_cross_entropy_with_logits(out[:, 0], labels[b])
             tip = labels[b] > 0
             if tip.any():
@@ -318,6 +336,7 @@ def train_verifier(
     summary = {"best_epoch": best["epoch"], "threshold": best["val"]["threshold"], "val": best["val"],
                "train_candidates": int(len(train.label)), "train_tips": int((train.label == 1).sum()),
                "label_radii_um": {"positive": radii_um[0], "negative": radii_um[1]},
+               "context_channels": cfg.context_channels,
                "minutes": (time.monotonic() - t_start) / 60}
     with atomic_open(out_dir / "summary.json", "w") as fh:
         fh.write(json.dumps(summary, indent=1))
@@ -339,6 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"side of the verifier's crop in pixels of {VerifierConfig().crop_um_per_px:g} µm, a "
                              f"multiple of 16 (default {VerifierConfig().crop_size_px}; larger sees more context "
                              "and costs more time)")
+    parser.add_argument("--context", action="store_true",
+                        help="the verifier also reads the first stage's decoder features at each candidate "
+                             "(what the first stage saw around the crop; stored in the checkpoint)")
     parser.add_argument("--positive-um", type=float, default=POSITIVE_UM,
                         help=f"a candidate this close to a labelled tip is a tip (µm, default {POSITIVE_UM:g})")
     parser.add_argument("--negative-um", type=float, default=NEGATIVE_UM,
@@ -360,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train_verifier(
         args.first_stage, args.data, args.val_data, args.out, frames=args.frames, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, seed=args.seed, cfg=cfg,
-        positive_um=args.positive_um, negative_um=args.negative_um, progress=not args.no_progress,
+        positive_um=args.positive_um, negative_um=args.negative_um, context=args.context, progress=not args.no_progress,
     )
     print(json.dumps(summary))
     return 0

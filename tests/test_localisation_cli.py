@@ -303,3 +303,35 @@ def test_train_verifier_crop_option_sets_the_crop_the_verifier_sees(tmp_path: Pa
     assert loc.last_cascade is not None and len(loc.last_cascade.verifier_scores) > 0
     assert [(d.x_px, d.y_px, d.score) for d in dets] == [
         (d.x_px, d.y_px, d.score) for d in loc.locate(load_image(rec), rec.um_per_px)]
+
+
+def test_train_verifier_context_option_trains_and_infers_on_the_same_features(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``--context``: the verifier reads the first stage's 32 decoder channels at each
+    candidate; the trainer's validation sweep (features stored at collection) equals the sweep
+    through ``TipLocaliser.locate`` (features read at inference), so both read the same
+    features at the same points."""
+    from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model
+    from localisation.inference import TipLocaliser
+    from localisation.ship import main as ship_main
+
+    first_stage = tmp_path / "first.pt"
+    model, cfg, _ = load_model(DEFAULT_CHECKPOINT)
+    save_checkpoint(first_stage, model, cfg)
+    out = tmp_path / "ctx"
+    assert main(["train-verifier", "--first-stage", str(first_stage), "--data", str(tiny_dataset), "--val-data",
+                 str(tiny_dataset), "--epochs", "2", "--workers", "1", "--threads", "1", "--no-progress",
+                 "--widths", "4", "8", "8", "8", "--context", "--out", str(out)]) == 0
+    payload = read_checkpoint(out / "best.pt")
+    assert payload["verifier"]["config"]["context_channels"] == 32
+    loc = TipLocaliser.load(out / "best.pt", threads=1)
+    assert loc.verifier_cfg is not None and loc.verifier_cfg.context_channels == 32
+    again = tmp_path / "again.pt"
+    assert ship_main(["--run", str(out), "--test", str(tiny_dataset), "--val-data", str(tiny_dataset), "--train-command",
+                      "x", "--test-command", "y", "--out", str(again), "--pick-threshold", "--no-progress"]) == 0
+    resweep = json.loads(again.with_suffix(".json").read_text())["validation_threshold_sweep"]
+    sweep = payload["metrics"]["validation_threshold_sweep"]
+    assert any(r["acc_5um"] > 0 for r in sweep)  # the comparison is not between two empty cascades
+    for mine, trainers in zip(resweep, sweep, strict=True):
+        assert mine["threshold"] == trainers["threshold"]
+        assert mine["acc_5um"] == pytest.approx(trainers["acc_5um"], abs=1e-9)
+        assert mine["precision"] == pytest.approx(trainers["precision"], abs=1e-9)

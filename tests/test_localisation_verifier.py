@@ -1,5 +1,6 @@
 """The second stage of the fast localiser (localisation/verifier.py): crop geometry, labels,
-augmentation, selection, checkpoints carrying a verifier, and the cascade end to end."""
+augmentation, selection, the first-stage context, checkpoints carrying a verifier, and the
+cascade end to end."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from localisation.verifier import (
     crop_grid,
     crops_at,
     first_stage_threshold,
+    sample_context,
     select_verified,
     verifier_payload,
 )
@@ -159,3 +161,44 @@ def test_malformed_verifier_is_refused(tmp_path: Path, cascade_checkpoint: Path)
     torch.save(payload, broken)
     with pytest.raises(DataError, match="unknown verifier config"):
         TipLocaliser.load(broken, device="cpu", threads=1)
+
+
+def test_context_is_read_at_the_candidates_model_pixels() -> None:
+    """Features of cells of 4 model pixels, read bilinearly at model pixels with the
+    pixel-centre convention: model pixel 4 j + 1.5 is the centre of cell j; beyond the last
+    cell centre the edge is replicated."""
+    h, w = 5, 6
+    feats = torch.stack([
+        torch.arange(w, dtype=torch.float32)[None, :].expand(h, w),  # channel 0: cell column
+        torch.arange(h, dtype=torch.float32)[:, None].expand(h, w),  # channel 1: cell row
+    ])[None]
+    points = np.array([[9.5, 5.5], [11.5, 5.5], [-10.0, 100.0], [1.5, 17.5]])
+    np.testing.assert_allclose(sample_context(feats, points, 4), [[2, 1], [2.5, 1], [0, 4], [0, 4]], atol=1e-6)
+    assert sample_context(feats, np.zeros((0, 2)), 4).shape == (0, 2)
+
+
+def test_a_context_verifier_needs_and_uses_its_features() -> None:
+    torch.manual_seed(0)
+    verifier = TipVerifier(VerifierConfig(context_channels=4)).eval()
+    crops, logits = torch.rand(3, 1, 64, 64), torch.zeros(3)
+    with pytest.raises(ValueError, match="needs context features"):
+        verifier(crops, logits)
+    with pytest.raises(ValueError, match="needs context features"):
+        verifier(crops, logits, torch.zeros(3, 5))
+    a = verifier(crops, logits, torch.zeros(3, 4))
+    b = verifier(crops, logits, torch.full((3, 4), 3.0))
+    assert a.shape == (3, 3) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="context_channels"):
+        VerifierConfig(context_channels=-1)
+
+
+def test_a_context_verifier_of_another_width_is_refused(tmp_path: Path) -> None:
+    """The shipped first stage's decoder has 32 channels: a verifier reading 7 is refused when
+    the checkpoint loads, not at the first frame."""
+    model, cfg, payload = load_model(DEFAULT_CHECKPOINT)
+    vcfg = VerifierConfig(context_channels=7)
+    path = tmp_path / "wrong.pt"
+    save_checkpoint(path, model, cfg, verifier=verifier_payload(TipVerifier(vcfg).eval(), vcfg,
+                                                                first_stage_threshold=first_stage_threshold(payload, cfg)))
+    with pytest.raises(DataError, match="reads 7 first-stage feature channels; the first stage gives 32"):
+        TipLocaliser.load(path, device="cpu", threads=1)

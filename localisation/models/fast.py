@@ -118,14 +118,14 @@ class FastTipNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 1, H, W) in [0, 1] -> dict of ``center_logits``, ``offset``, ``coords``,
-        ``presence`` (see the module docstring)."""
+        ``presence`` and ``features`` (see the module docstring)."""
         feats = self.features(x - 0.5)
         center = self.center_head(feats)
         offset = self.offset_head(feats)
         if not self.use_offset:
             offset = torch.zeros_like(offset)
         coords, presence = decode_peaks(center, offset, self.out_stride, self.n_max)
-        return {"center_logits": center, "offset": offset, "coords": coords, "presence": presence}
+        return {"center_logits": center, "offset": offset, "coords": coords, "presence": presence, "features": feats}
 
 
 def decode_peaks(

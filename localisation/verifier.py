@@ -14,8 +14,8 @@ here the finer look is spent only where the first stage proposes a tip:
    (crop pixels, x = column, y = row) from the candidate to the tip.
 
    With ``context_channels`` > 0 it also reads the first stage's decoder features at the
-   candidate (``sample_context``): what the first stage saw over its whole receptive field
-   (about 200 µm), beyond the crop's 48 µm.
+   candidate (``sample_context``): what the first stage saw over its receptive field (the
+   whole 352-pixel input, up to 528 µm), beyond the crop's 48 µm.
 
 The final score is ``sigmoid(tip logit)`` and the tip lies at candidate + offset. The trainer
 (``verifier_train.py``) labels candidates from the first stage's own proposals on training

@@ -77,8 +77,9 @@ class Candidates:
     ``xy_px``: input pixels (n, 2); ``score``: first-stage score (n,); ``label``: 1 tip, 0 not
     a tip, -1 left out (n,); ``offset``: candidate -> tip in crop pixels (n, 2; zero unless a
     tip); ``crops``: (n, S, S) float16; ``context``: the first stage's features at each
-    candidate (n, C) float16, C = 0 for a verifier without context. Per frame: ``frame_shape`` (height, width) in pixels
-    and ``grid_scale`` (crop-grid pixels per input pixel in x and y), (n_frames, 2)."""
+    candidate (n, C) float16, C = 0 for a verifier without context. Per frame:
+    ``frame_shape`` (height, width) in pixels and ``grid_scale`` (crop-grid pixels per input
+    pixel in x and y), (n_frames, 2)."""
 
     frame: np.ndarray
     xy_px: np.ndarray

@@ -116,15 +116,12 @@ def predict_prepared(
 
 def first_stage_context(pred: ModelPrediction, model: nn.Module, vcfg: VerifierConfig) -> np.ndarray | None:
     """The first stage's decoder features at each of its candidates (n, C), for a verifier
-    that reads them (``vcfg.context_channels`` > 0); None for one that does not. DataError
-    when the first stage gives no features of that width."""
+    that reads them (``vcfg.context_channels`` > 0); None for one that does not. The widths
+    match: ``TipLocaliser.load`` checks them (``check_context_width``) and the trainer sets
+    the verifier's width from its first stage."""
     if not vcfg.context_channels:
         return None
-    feats = pred.outputs.get("features")
-    if feats is None or feats.shape[1] != vcfg.context_channels:
-        got = None if feats is None else int(feats.shape[1])
-        raise DataError(f"the verifier reads {vcfg.context_channels} first-stage feature channels; the first stage gives {got}")
-    return sample_context(feats, pred.xy_model_px, int(getattr(model, "out_stride", 1)))
+    return sample_context(pred.outputs["features"], pred.xy_model_px, int(getattr(model, "out_stride", 1)))
 
 
 def feature_width(model: nn.Module) -> int | None:

@@ -38,7 +38,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from localisation.dataset_format import TipRecord, load_image, read_dataset
-from localisation.metrics import CNR_BANDS, cnr_band, gated_pairs
+from localisation.metrics import CNR_BAND_NAMES, cnr_band, gated_pairs
 from localisation.progress import bar
 from rig.atomic import write_json_atomic
 from rig.errors import DataError
@@ -162,7 +162,7 @@ def summarise(per_tip: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "overall": block(per_tip),
         "by_d_prime": {b: block(bands[b]) for b in order if b in bands},
-        "by_cnr": {b: block(cnr_bands[b]) for b in (cnr_band(lo + 1e-9) for lo in CNR_BANDS) if b in cnr_bands},
+        "by_cnr": {b: block(cnr_bands[b]) for b in CNR_BAND_NAMES if b in cnr_bands},
     }
 
 

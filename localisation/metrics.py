@@ -47,6 +47,10 @@ def cnr_band(cnr: float) -> str:
     return f"<{edges[1]:g}" if cnr < edges[1] else f"{edges[-1]:g}+"
 
 
+#: the ``by_cnr`` band names, faint to bright ("<10", "10-20", "20-40", "40+")
+CNR_BAND_NAMES = tuple(cnr_band(lo) for lo in CNR_BANDS)
+
+
 def gated_pairs(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The gated Hungarian matches between (p, 2) and (t, 2) points: prediction indices, true
     indices and distances (µm), pairs farther apart than ``gate_um`` left out."""
@@ -165,8 +169,7 @@ class MetricsAccumulator:
 
 
 def _band_order(bands: dict[str, list[float]]) -> list[str]:
-    names = [cnr_band(lo + 1e-9) for lo in CNR_BANDS]
-    return [n for n in names if n in bands]
+    return [n for n in CNR_BAND_NAMES if n in bands]
 
 
 def _band_summary(distances: list[float]) -> dict[str, float | int]:

@@ -34,7 +34,7 @@ import numpy as np
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.evaluation import true_tip_cnr
 from localisation.inference import CascadeStages, TipLocaliser
-from localisation.metrics import CNR_BANDS, cnr_band
+from localisation.metrics import CNR_BAND_NAMES, cnr_band
 from localisation.progress import bar
 from rig.atomic import write_json_atomic
 from rig.errors import DataError
@@ -102,7 +102,7 @@ def analyse(
         n = sum(counts.values())
         return {"tips": n, **{c: {"count": counts[c], "fraction": counts[c] / n if n else None} for c in CLASSES}}
 
-    bands = [cnr_band(lower) for lower in CNR_BANDS]  # in order, "<10" first
+    bands = list(CNR_BAND_NAMES)  # in order, "<10" first
     by_cnr = {b: summary(groups[b]) for b in bands if b in groups}
     return {"overall": summary(groups["overall"]), "by_cnr": by_cnr}, per_tip, per_frame
 

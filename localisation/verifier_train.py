@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -132,9 +132,20 @@ def _init_worker(first_stage: str, cfg: VerifierConfig, radii_um: tuple[float, f
     _WORKER.update(loc=loc, cfg=cfg, radii_um=radii_um)
 
 
-def _frame_candidates(
-    record: TipRecord,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int], tuple[float, float]]:
+class _FrameCandidates(NamedTuple):
+    """One frame's share of ``Candidates`` (the same fields, for one frame)."""
+
+    xy_px: np.ndarray
+    score: np.ndarray
+    label: np.ndarray
+    offset: np.ndarray
+    crops: np.ndarray
+    context: np.ndarray
+    frame_shape: tuple[int, int]
+    grid_scale: tuple[float, float]
+
+
+def _frame_candidates(record: TipRecord) -> _FrameCandidates:
     loc, cfg = _WORKER["loc"], _WORKER["cfg"]
     pixels = load_image(record)
     dets, pred, _ = loc.locate_with_heatmap(pixels, record.um_per_px)
@@ -148,7 +159,8 @@ def _frame_candidates(
                                      positive_um=positive_um, negative_um=negative_um)
     grid, rs = crop_grid(pixels, record.um_per_px, cfg)
     crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
-    return xy, score, label, offset, crops, context.astype(np.float16), pixels.shape[:2], (rs.sx, rs.sy)
+    return _FrameCandidates(xy, score, label, offset, crops, context.astype(np.float16), (pixels.shape[0], pixels.shape[1]),
+                            (rs.sx, rs.sy))
 
 
 def collect_candidates(
@@ -172,15 +184,16 @@ def collect_candidates(
         per_frame = [_frame_candidates(r) for r in bar(records, enabled=progress, desc=desc, unit="frame")]
     s = cfg.crop_size_px
     return Candidates(
-        frame=np.concatenate([np.full(len(f[0]), i, dtype=np.int64) for i, f in enumerate(per_frame)] or [np.zeros(0, np.int64)]),
-        xy_px=np.concatenate([f[0] for f in per_frame] or [np.zeros((0, 2))]),
-        score=np.concatenate([f[1] for f in per_frame] or [np.zeros(0)]),
-        label=np.concatenate([f[2] for f in per_frame] or [np.zeros(0, np.int8)]),
-        offset=np.concatenate([f[3] for f in per_frame] or [np.zeros((0, 2), np.float32)]),
-        crops=np.concatenate([f[4] for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
-        context=np.concatenate([f[5] for f in per_frame] or [np.zeros((0, cfg.context_channels), np.float16)]),
-        frame_shape=np.array([f[6] for f in per_frame], dtype=np.int64).reshape(-1, 2),
-        grid_scale=np.array([f[7] for f in per_frame], dtype=np.float64).reshape(-1, 2),
+        frame=np.concatenate([np.full(len(f.xy_px), i, dtype=np.int64) for i, f in enumerate(per_frame)]
+                             or [np.zeros(0, np.int64)]),
+        xy_px=np.concatenate([f.xy_px for f in per_frame] or [np.zeros((0, 2))]),
+        score=np.concatenate([f.score for f in per_frame] or [np.zeros(0)]),
+        label=np.concatenate([f.label for f in per_frame] or [np.zeros(0, np.int8)]),
+        offset=np.concatenate([f.offset for f in per_frame] or [np.zeros((0, 2), np.float32)]),
+        crops=np.concatenate([f.crops for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
+        context=np.concatenate([f.context for f in per_frame] or [np.zeros((0, cfg.context_channels), np.float16)]),
+        frame_shape=np.array([f.frame_shape for f in per_frame], dtype=np.int64).reshape(-1, 2),
+        grid_scale=np.array([f.grid_scale for f in per_frame], dtype=np.float64).reshape(-1, 2),
     )
 
 

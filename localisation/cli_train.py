@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="override every stage's epoch count")
     parser.add_argument("--lr", type=float, help="override every stage's learning rate")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument(
+        "--um-per-px", type=float, metavar="UM",
+        help="the model's scale in µm per model pixel (fixed-scale configurations such as fast; "
+        "default the configuration's). Stored in the checkpoint: inference resamples frames to it",
+    )
     parser.add_argument("--train-examples", type=int, help="synthetic training frames")
     parser.add_argument("--val-examples", type=int, help="synthetic validation frames")
     parser.add_argument("--denoiser", type=Path, help="CycleGAN generator checkpoint to run first")
@@ -59,6 +64,12 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocaliserConfi
             changes[field] = getattr(args, field)
     if args.denoiser is not None:
         changes["denoiser"] = str(args.denoiser)
+    if args.um_per_px is not None:
+        if cfg.input_mode != "fixed_scale":
+            raise ValueError(f"--um-per-px needs a fixed-scale configuration; {cfg.name} resizes its input")
+        if not args.um_per_px > 0:
+            raise ValueError(f"--um-per-px must be > 0, got {args.um_per_px}")
+        changes["model_um_per_px"] = float(args.um_per_px)
     return cfg.with_overrides(**changes) if changes else cfg
 
 

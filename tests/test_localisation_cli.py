@@ -59,6 +59,30 @@ def test_train_stops_on_budget_and_resumes(tmp_path: Path, tiny_dataset: Path) -
     assert (out / "best.pt").is_file()
 
 
+def test_train_um_per_px_sets_the_scale_inference_resamples_to(tmp_path: Path, tiny_dataset: Path) -> None:
+    from localisation.inference import TipLocaliser
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "fast-tiny", "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+            "--no-progress", "--epochs", "1", "--max-minutes", "0"]
+    assert main([*args, "--um-per-px", "2.0"]) == 0
+    assert read_checkpoint(out / "last.pt")["config"]["model_um_per_px"] == 2.0
+    loc = TipLocaliser.load(out / "last.pt", device="cpu", threads=1)
+    image, _ = loc.prepare(np.full((256, 256), 100, np.uint16), um_per_px=1.0)
+    assert image.shape[-2:] == (128, 128)  # 256 µm at 2 µm per model pixel
+
+
+@pytest.mark.parametrize(("config", "value"), [("fast-tiny", "0"), ("fast-tiny", "-1.5"), ("paper-small", "1.0")])
+def test_train_um_per_px_refuses_bad_values_and_resizing_configs(
+    tmp_path: Path, tiny_dataset: Path, config: str, value: str
+) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--config", config, "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+               "--no-progress", "--max-minutes", "0", "--um-per-px", value])
+    assert rc == 1
+    assert not out.exists()
+
+
 def test_resume_refuses_another_config(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()

@@ -4,6 +4,10 @@
         --train-command "patchrig train --config fast ..." \\
         --test-command "patchrig data synth --out runs/testset-777 --n 500 --seed 777"
 
+``--verifier-from CHECKPOINT`` ships the run's first stage (a ``fast`` run without a verifier)
+with the second stage of another cascade checkpoint, e.g. a retrained first stage under the
+shipped verifier; the threshold is then picked end to end on ``--val-data`` as for any cascade.
+
 Copies the run's ``best.pt`` without its optimiser state, evaluates it end to end on the test
 set (``evaluation.evaluate``: the same path as ``patchrig evaluate``) and records in the JSON
 the exact training and test-set commands, the training history summary, the measured metrics
@@ -15,21 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model, save_checkpoint
+from localisation.checkpoint import DEFAULT_CHECKPOINT, load_model, read_checkpoint, save_checkpoint
 from localisation.configs import LocaliserConfig
 from localisation.data import cached_synthetic
 from localisation.dataset_format import read_dataset
 from localisation.evaluation import evaluate, faint_tips_px, metrics_table
-from localisation.inference import TipLocaliser, predict_prepared
+from localisation.inference import TipLocaliser, check_context_width, predict_prepared
 from localisation.metrics import SWEEP_THRESHOLDS, pick_threshold, threshold_sweep
 from localisation.verifier import load_verifier
 from rig.atomic import write_json_atomic
+from rig.errors import DataError
 
 TARGETS = {"acc_5um": 0.95, "acc_10um": 0.99, "precision": 0.98}
 
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-command", required=True)
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--verifier-from", type=Path, metavar="CHECKPOINT",
+                   help="take the second stage (verifier) from this cascade checkpoint and put it on the run's "
+                        "first stage (which must have none); needs --pick-threshold")
     p.add_argument("--score-threshold", type=float, help="override the configuration's threshold")
     p.add_argument("--pick-threshold", action="store_true",
                    help="pick the threshold on the run's VALIDATION frames: the lowest in 0.20-0.95 whose "
@@ -63,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, payload = load_model(src)
     sweep_rows = None
     verifier = payload.get("verifier")
+    verifier_src = src
+    if args.verifier_from is not None:
+        if not args.pick_threshold:
+            raise SystemExit("--verifier-from needs --pick-threshold (the pair's threshold is picked anew)")
+        verifier = verifier_from(args.verifier_from, model, payload, cfg, src)
+        verifier_src = args.verifier_from
     if verifier is not None:
         # a cascade: train-verifier picked a threshold on its validation frames; --pick-threshold
         # picks again, end to end, on --val-data (e.g. a larger validation set)
@@ -70,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.pick_threshold and args.val_data is None:
             raise SystemExit("--pick-threshold for a checkpoint with a verifier needs --val-data")
     if args.pick_threshold:
-        if verifier is not None:
+        if verifier is not None and args.verifier_from is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                pair = Path(tmp) / "pair.pt"
+                save_checkpoint(pair, model, cfg, verifier=verifier)
+                sweep_rows = sweep_cascade(pair, args.val_data, threads=args.threads, progress=progress)
+        elif verifier is not None:
             sweep_rows = sweep_cascade(src, args.val_data, threads=args.threads, progress=progress)
         else:
             sweep_rows = sweep_thresholds(model, cfg, args.cache_dir, val_data=args.val_data, progress=progress)
@@ -94,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
         "verifier": None if verifier is None else {
             "config": verifier["config"], "first_stage_threshold": verifier.get("first_stage_threshold"),
-            "parameters": sum(p.numel() for p in load_verifier(verifier, str(src))[0].parameters())},
+            "source_checkpoint": str(verifier_src),
+            "parameters": sum(p.numel() for p in load_verifier(verifier, str(verifier_src))[0].parameters())},
         "training_command": args.train_command,
         "training": {
             "source_checkpoint": str(src),
@@ -119,6 +140,30 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics_table([result]))
     print(json.dumps(doc["targets"], indent=1))
     return 0
+
+
+def verifier_from(
+    donor_path: Path, model: torch.nn.Module, payload: dict[str, Any], cfg: LocaliserConfig, src: Path
+) -> dict[str, Any]:
+    """The ``"verifier"`` entry of the cascade checkpoint ``donor_path``, to put on the first
+    stage ``model`` of ``src`` (SystemExit with a clear message if either does not fit). Its
+    first-stage threshold (the ``no-verifier`` ablation's) becomes the new first stage's own."""
+    if payload.get("verifier") is not None:
+        raise SystemExit(f"--verifier-from: {src} already has a verifier")
+    if cfg.model != "fast":
+        raise SystemExit(f"--verifier-from: {src} is a {cfg.model!r} model; a verifier needs a 'fast' first stage")
+    try:
+        donor = read_checkpoint(donor_path)
+    except DataError as exc:
+        raise SystemExit(f"--verifier-from: {exc}") from exc
+    entry = donor.get("verifier")
+    if entry is None:
+        raise SystemExit(f"--verifier-from: {donor_path} has no verifier")
+    try:
+        check_context_width(model, load_verifier(entry, str(donor_path))[1], str(donor_path))
+    except DataError as exc:
+        raise SystemExit(f"--verifier-from: {exc}") from exc
+    return {**entry, "first_stage_threshold": float(cfg.score_threshold)}
 
 
 def sweep_cascade(checkpoint: Path, val_data: Path, *, threads: int, progress: bool = True) -> list[dict[str, Any]]:

@@ -223,6 +223,51 @@ def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, ti
     assert loc.score_threshold == picked and loc.cfg.name == "fast-tiny"
 
 
+def test_ship_verifier_from_puts_another_cascades_verifier_on_the_runs_first_stage(
+    tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path
+) -> None:
+    """``ship --verifier-from``: the run's first stage with the donor's verifier, unchanged, and a
+    threshold picked end to end on the validation frames through both stages."""
+    from localisation.checkpoint import DEFAULT_CHECKPOINT
+    from localisation.inference import TipLocaliser
+    from localisation.ship import main as ship_main
+
+    donor = tmp_path / "donor.pt"
+    donor.write_bytes(DEFAULT_CHECKPOINT.read_bytes())
+    out = tmp_path / "pair.pt"
+    common = ["--run", str(tiny_checkpoint.parent), "--test", str(tiny_dataset), "--val-data", str(tiny_dataset),
+              "--train-command", "train ...", "--test-command", "synth ...", "--out", str(out), "--no-progress"]
+    assert ship_main([*common, "--verifier-from", str(donor), "--pick-threshold"]) == 0
+    pair, donor_payload = read_checkpoint(out), read_checkpoint(donor)
+    run_payload = read_checkpoint(tiny_checkpoint.parent / "best.pt")
+    for key, value in donor_payload["verifier"]["model_state"].items():
+        assert torch.equal(pair["verifier"]["model_state"][key], value), key
+    for key, value in run_payload["model_state"].items():
+        assert torch.equal(pair["model_state"][key], value), key
+    assert pair["verifier"]["first_stage_threshold"] == run_payload["config"]["score_threshold"]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    sweep = doc["validation_threshold_sweep"]
+    ok = [t["threshold"] for t in sweep if t["precision"] >= 0.98]
+    assert doc["score_threshold"] == (ok[0] if ok else max(sweep, key=lambda t: t["f1"])["threshold"])
+    assert doc["verifier"]["source_checkpoint"] == str(donor)
+    loc = TipLocaliser.load(out, threads=1)
+    assert loc.verifier is not None and loc.cfg.name == "fast-tiny" and loc.score_threshold == doc["score_threshold"]
+
+    # refused, and nothing written: no threshold pick, a donor without a verifier, a run with one
+    out.unlink()
+    with pytest.raises(SystemExit, match="needs --pick-threshold"):
+        ship_main([*common, "--verifier-from", str(donor)])
+    with pytest.raises(SystemExit, match="has no verifier"):
+        ship_main([*common, "--verifier-from", str(tiny_checkpoint), "--pick-threshold"])
+    cascade_run = tmp_path / "cascade"
+    cascade_run.mkdir()
+    (cascade_run / "best.pt").write_bytes(donor.read_bytes())
+    (cascade_run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="already has a verifier"):
+        ship_main([*common[:1], str(cascade_run), *common[2:], "--verifier-from", str(donor), "--pick-threshold"])
+    assert not out.exists()
+
+
 def test_train_verifier_writes_a_cascade_that_ships_and_evaluates(tmp_path: Path, tiny_dataset: Path) -> None:
     """``patchrig train-verifier`` on the shipped first stage: a complete cascade checkpoint
     whose threshold comes from the validation sweep; ``localisation.ship`` keeps the verifier;

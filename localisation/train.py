@@ -245,6 +245,13 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     if opts.resume:
         last = out / "last.pt"
         payload = read_checkpoint(last, expect_config=cfg.name)
+        stored_scale = payload.get("config", {}).get("model_um_per_px")
+        if stored_scale != cfg.model_um_per_px:
+            # a resumed run never changes the scale its frames are resampled to
+            raise DataError(
+                f"{last} was trained at {stored_scale} µm per model pixel, not {cfg.model_um_per_px}: "
+                f"resume with --um-per-px {stored_scale}"
+            )
         load_weights(model, payload, last)
         ts = payload.get("trainer_state") or {}
         state.update({k: ts[k] for k in state if k in ts})

@@ -70,6 +70,12 @@ def test_train_um_per_px_sets_the_scale_inference_resamples_to(tmp_path: Path, t
     loc = TipLocaliser.load(out / "last.pt", device="cpu", threads=1)
     image, _ = loc.prepare(np.full((256, 256), 100, np.uint16), um_per_px=1.0)
     assert image.shape[-2:] == (128, 128)  # 256 µm at 2 µm per model pixel
+    # resuming never changes the scale: without the run's --um-per-px it is refused, unchanged
+    before = (out / "last.pt").read_bytes()
+    assert main([*args[:-2], "--resume"]) == 1
+    assert (out / "last.pt").read_bytes() == before
+    assert main([*args[:-2], "--resume", "--um-per-px", "2.0"]) == 0
+    assert read_checkpoint(out / "last.pt")["trainer_state"]["epochs_done"] == 1
 
 
 @pytest.mark.parametrize(("config", "value"), [("fast-tiny", "0"), ("fast-tiny", "-1.5"), ("paper-small", "1.0")])

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,20 +132,8 @@ def _init_worker(first_stage: str, cfg: VerifierConfig, radii_um: tuple[float, f
     _WORKER.update(loc=loc, cfg=cfg, radii_um=radii_um)
 
 
-class _FrameCandidates(NamedTuple):
-    """One frame's share of ``Candidates`` (the same fields, for one frame)."""
-
-    xy_px: np.ndarray
-    score: np.ndarray
-    label: np.ndarray
-    offset: np.ndarray
-    crops: np.ndarray
-    context: np.ndarray
-    frame_shape: tuple[int, int]
-    grid_scale: tuple[float, float]
-
-
-def _frame_candidates(record: TipRecord) -> _FrameCandidates:
+def _frame_candidates(record: TipRecord) -> Candidates:
+    """One frame's candidates (``frame`` all 0; ``collect_candidates`` numbers the frames)."""
     loc, cfg = _WORKER["loc"], _WORKER["cfg"]
     pixels = load_image(record)
     dets, pred, _ = loc.locate_with_heatmap(pixels, record.um_per_px)
@@ -159,8 +147,22 @@ def _frame_candidates(record: TipRecord) -> _FrameCandidates:
                                      positive_um=positive_um, negative_um=negative_um)
     grid, rs = crop_grid(pixels, record.um_per_px, cfg)
     crops = crops_at(grid, rs.to_model(xy), cfg.crop_size_px).astype(np.float16)
-    return _FrameCandidates(xy, score, label, offset, crops, context.astype(np.float16), (pixels.shape[0], pixels.shape[1]),
-                            (rs.sx, rs.sy))
+    return Candidates(
+        frame=np.zeros(len(xy), np.int64), xy_px=xy, score=score, label=label, offset=offset, crops=crops,
+        context=context.astype(np.float16), frame_shape=np.array([pixels.shape[:2]], np.int64),
+        grid_scale=np.array([[rs.sx, rs.sy]], np.float64),
+    )
+
+
+def _no_candidates(cfg: VerifierConfig) -> Candidates:
+    """``Candidates`` of no frame, with every field's dtype and trailing shape."""
+    s = cfg.crop_size_px
+    return Candidates(
+        frame=np.zeros(0, np.int64), xy_px=np.zeros((0, 2)), score=np.zeros(0), label=np.zeros(0, np.int8),
+        offset=np.zeros((0, 2), np.float32), crops=np.zeros((0, s, s), np.float16),
+        context=np.zeros((0, cfg.context_channels), np.float16), frame_shape=np.zeros((0, 2), np.int64),
+        grid_scale=np.zeros((0, 2)),
+    )
 
 
 def collect_candidates(
@@ -182,19 +184,9 @@ def collect_candidates(
     else:
         _init_worker(str(first_stage), cfg, radii_um)
         per_frame = [_frame_candidates(r) for r in bar(records, enabled=progress, desc=desc, unit="frame")]
-    s = cfg.crop_size_px
-    return Candidates(
-        frame=np.concatenate([np.full(len(f.xy_px), i, dtype=np.int64) for i, f in enumerate(per_frame)]
-                             or [np.zeros(0, np.int64)]),
-        xy_px=np.concatenate([f.xy_px for f in per_frame] or [np.zeros((0, 2))]),
-        score=np.concatenate([f.score for f in per_frame] or [np.zeros(0)]),
-        label=np.concatenate([f.label for f in per_frame] or [np.zeros(0, np.int8)]),
-        offset=np.concatenate([f.offset for f in per_frame] or [np.zeros((0, 2), np.float32)]),
-        crops=np.concatenate([f.crops for f in per_frame] or [np.zeros((0, s, s), np.float16)]),
-        context=np.concatenate([f.context for f in per_frame] or [np.zeros((0, cfg.context_channels), np.float16)]),
-        frame_shape=np.array([f.frame_shape for f in per_frame], dtype=np.int64).reshape(-1, 2),
-        grid_scale=np.array([f.grid_scale for f in per_frame], dtype=np.float64).reshape(-1, 2),
-    )
+    parts = [_no_candidates(cfg), *(dataclasses.replace(f, frame=f.frame + i) for i, f in enumerate(per_frame))]
+    return Candidates(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(Candidates)})
 
 
 def augment(crops: torch.Tensor, offsets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,21 +84,23 @@ def discriminability(expected: np.ndarray, alternative: np.ndarray, sensor: Any)
 
 def rebuild_scene(record: TipRecord, meta: dict[str, Any], shape_hw: tuple[int, int]) -> Any:
     """The scene of one synthetic record, drawn again from its seed with the dataset's ranges
-    and the image's size ``shape_hw`` (``simulators.synth.sample_example`` draws it the same
-    way)."""
+    and the image's size ``shape_hw``, seen through the dataset's ``frames_averaged`` (1 when
+    not recorded) as ``simulators.synth.sample_example`` draws it."""
     from simulators.scene import sample_scene
+    from simulators.synth import averaged_scene
 
     seed = record.extra.get("seed")
     if seed is None or "tips_range" not in meta or "um_per_px_range" not in meta:
         raise DataError(f"{record.file}: not a `patchrig data synth` image (no seed or ranges recorded)")
     h, w = shape_hw
-    return sample_scene(
+    scene = sample_scene(
         np.random.default_rng(int(seed)),
         domain=str(meta.get("domain", "in_vivo")),
         n_tips=(int(meta["tips_range"][0]), int(meta["tips_range"][1])),
         um_per_px=(float(meta["um_per_px_range"][0]), float(meta["um_per_px_range"][1])),
         size_px=(int(h), int(w)),
     )
+    return averaged_scene(scene, int(meta.get("frames_averaged", 1)))
 
 
 def frame_bounds(

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", type=int, default=512, help="image size in pixels (default 512)")
     p.add_argument("--workers", type=int, default=2, help="render processes (default 2)")
+    p.add_argument(
+        "--frames-averaged", type=int, default=1, metavar="K",
+        help="each image the mean of K frames of its still scene, as acquisition software "
+        "averages them: K times the photons, read and scan-line noise / sqrt(K); the same "
+        "--seed gives the same scenes (default 1)",
+    )
 
     p = sub.add_parser(
         "show",
@@ -121,12 +127,14 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise InvalidParams(f"--size must be at least 32, got {args.size}")
     if args.workers < 1:
         raise InvalidParams(f"--workers must be at least 1, got {args.workers}")
+    if args.frames_averaged < 1:
+        raise InvalidParams(f"--frames-averaged must be at least 1, got {args.frames_averaged}")
     lo_um, hi_um = args.um_per_px
     if not (0 < lo_um <= hi_um):
         raise InvalidParams(f"--um-per-px must be 0 < MIN <= MAX, got {lo_um}-{hi_um}")
     ds = synthesise_dataset(
         args.out, args.n, args.seed, args.domain, args.tips, args.workers,
-        um_per_px=(lo_um, hi_um), size_px=args.size,
+        um_per_px=(lo_um, hi_um), size_px=args.size, frames_averaged=args.frames_averaged,
     )
     n_tips = sum(len(r.tips_px) for r in ds)
     print(f"wrote {len(ds)} images with {n_tips} visible tips to {args.out}")

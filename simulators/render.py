@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import cv2
@@ -417,6 +417,30 @@ def vignette(size_px: tuple[int, int], strength: float, scan_edge: float) -> np.
 
 # --------------------------------------------------------------------------------------------
 # detector
+
+
+def mean_of_frames(sensor: Sensor, frames: int) -> Sensor:
+    """The detector as seen through the mean of ``frames`` independent frames of a still scene
+    (the frame averaging of acquisition software): ``frames`` times the photons at
+    ``1/frames`` of the gain (so the mean counts are unchanged), and the read, scan-line and
+    pick-up noise, independent from frame to frame, divided by sqrt(``frames``). Shot-noise
+    variance falls by ``frames`` too; the scene (background clutter, smear, gamma) does not
+    change. ``frames`` = 1 gives ``sensor`` itself; below 1 is a ValueError."""
+    if int(frames) != frames or frames < 1:
+        raise ValueError(f"frames must be a whole number >= 1, got {frames}")
+    if frames == 1:
+        return sensor
+    k = float(frames)
+    root = math.sqrt(k)
+    return replace(
+        sensor,
+        photons_per_unit=sensor.photons_per_unit * k,
+        gain_adu=sensor.gain_adu / k,
+        read_noise_adu=sensor.read_noise_adu / root,
+        line_offset_adu=sensor.line_offset_adu / root,
+        line_gain_jitter=sensor.line_gain_jitter / root,
+        interference_adu=sensor.interference_adu / root,
+    )
 
 
 def expose(expected: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from localisation.dataset_format import (
     write_labels,
 )
 from rig.errors import DataError
-from simulators.scene import DOMAINS, render_scene, sample_scene
+from simulators.render import mean_of_frames
+from simulators.scene import DOMAINS, Scene, render_scene, sample_scene
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,16 @@ def sample_example(
     n_tips: tuple[int, int] = (0, 6),
     um_per_px: float | tuple[float, float] = (0.35, 1.0),
     size_px: int = 512,
+    frames_averaged: int = 1,
 ) -> SyntheticExample:
-    """Render one random labelled frame; the same arguments always give the same example."""
+    """Render one random labelled frame; the same arguments always give the same example.
+    ``frames_averaged`` > 1: the frame is the mean of that many frames of the same still scene
+    (``averaged_scene``): the same scene and pipettes, less detector noise, so some tips too
+    faint to label in one frame become visible."""
     rng = np.random.default_rng(seed)
-    scene = sample_scene(rng, domain=domain, n_tips=n_tips, um_per_px=um_per_px, size_px=size_px)
+    scene = averaged_scene(
+        sample_scene(rng, domain=domain, n_tips=n_tips, um_per_px=um_per_px, size_px=size_px), frames_averaged
+    )
     pixels, labels = render_scene(scene, rng)
     visible = [(lab.x_px, lab.y_px) for lab in labels if lab.visible]
     all_tips = [
@@ -88,6 +95,11 @@ def sample_example(
     )
 
 
+def averaged_scene(scene: Scene, frames_averaged: int) -> Scene:
+    """``scene`` seen as the mean of ``frames_averaged`` frames (``render.mean_of_frames``)."""
+    return replace(scene, sensor=mean_of_frames(scene.sensor, frames_averaged))
+
+
 def example_seed(seed: int, index: int) -> int:
     """The seed of example ``index`` of a dataset with master ``seed`` (independent streams)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
@@ -102,11 +114,13 @@ class _Job:
     n_tips: tuple[int, int]
     um_per_px: tuple[float, float]
     size_px: int
+    frames_averaged: int
 
 
 def _render_job(job: _Job) -> dict[str, Any]:
     ex = sample_example(
-        job.seed, domain=job.domain, n_tips=job.n_tips, um_per_px=job.um_per_px, size_px=job.size_px
+        job.seed, domain=job.domain, n_tips=job.n_tips, um_per_px=job.um_per_px, size_px=job.size_px,
+        frames_averaged=job.frames_averaged,
     )
     file = f"images/{job.index:06d}.png"
     write_image(Path(job.root) / file, ex.pixels)
@@ -138,23 +152,28 @@ def synthesise_dataset(
     *,
     um_per_px: tuple[float, float] = (0.35, 1.0),
     size_px: int = 512,
+    frames_averaged: int = 1,
     progress: bool = True,
 ) -> TipDataset:
     """Write ``n`` synthetic examples to ``out_dir`` as patchrig-tips/1, on ``workers``
     processes, with a progress bar. ``out_dir`` must not exist or be empty; it appears only
-    when the dataset is complete. Deterministic per ``seed`` whatever ``workers`` is."""
+    when the dataset is complete. Deterministic per ``seed`` whatever ``workers`` is.
+    ``frames_averaged``: each image the mean of that many frames of its scene (see
+    ``sample_example``; the same seed gives the same scenes), recorded in the dataset's meta."""
     out = Path(out_dir)
     if domain not in DOMAINS:
         raise DataError(f"domain must be one of {DOMAINS}, got {domain!r}")
     if n < 1:
         raise DataError(f"n must be at least 1, got {n}")
+    if int(frames_averaged) != frames_averaged or frames_averaged < 1:
+        raise DataError(f"frames averaged must be a whole number >= 1, got {frames_averaged}")
     lo, hi = int(tips_range[0]), int(tips_range[1])
     if lo < 0 or hi < lo or hi > MAX_TIPS:
         raise DataError(f"tips range must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_TIPS}, got {lo}-{hi}")
     with new_dataset_directory(out) as tmp:
         (tmp / "images").mkdir()
         jobs = [
-            _Job(str(tmp), i, example_seed(seed, i), domain, (lo, hi), tuple(um_per_px), size_px)  # type: ignore[arg-type]
+            _Job(str(tmp), i, example_seed(seed, i), domain, (lo, hi), tuple(um_per_px), size_px, int(frames_averaged))  # type: ignore[arg-type]
             for i in range(n)
         ]
         entries: list[dict[str, Any]] = []
@@ -179,6 +198,7 @@ def synthesise_dataset(
             "n": int(n),
             "tips_range": [lo, hi],
             "um_per_px_range": [float(um_per_px[0]), float(um_per_px[1])],
+            "frames_averaged": int(frames_averaged),
         }
         write_labels(tmp, entries, meta=meta)
     return read_dataset(out)

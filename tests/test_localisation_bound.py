@@ -91,6 +91,16 @@ def test_frame_bounds_rebuild_each_scene_from_its_seed(synth_dataset: Path) -> N
         frame_bounds(rec, ds.meta, load_image(rec).shape[:2])
 
 
+def test_frame_bounds_rebuild_a_frame_averaged_dataset(tmp_path: Path) -> None:
+    """A `data synth --frames-averaged` set is rebuilt through its recorded K (more tips are
+    visible than in one frame, so a rebuild ignoring K would not match its labels)."""
+    root = tmp_path / "avg"
+    synthesise_dataset(root, 3, seed=5, tips_range=(2, 3), workers=1, size_px=256, frames_averaged=16, progress=False)
+    ds = read_dataset(root)
+    for rec in ds.records:
+        assert len(frame_bounds(rec, ds.meta, load_image(rec).shape[:2])) == len(rec.tips_px)
+
+
 def test_cli_reports_per_band_and_refuses_a_dataset_without_seeds(tmp_path: Path, synth_dataset: Path) -> None:
     out = tmp_path / "bound.json"
     fig = tmp_path / "bound.png"

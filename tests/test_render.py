@@ -15,6 +15,7 @@ from simulators.render import (
     Sensor,
     expose,
     label_tip,
+    mean_of_frames,
     render_pipettes,
     um_to_px,
 )
@@ -180,6 +181,28 @@ def test_fast_noise_matches_mean_and_variance_and_line_noise_is_per_row() -> Non
     row_means = img.mean(axis=1)
     assert row_means.std() > 30  # whole rows shift together
     assert img.mean(axis=0).std() < 10
+
+
+def test_the_mean_of_k_frames_keeps_the_counts_and_divides_the_noise_variance_by_k() -> None:
+    """``mean_of_frames``: K times the photons at 1/K of the gain; every noise variance / K."""
+    expected = np.full((256, 256), 2.0, np.float32)
+    one = Sensor(photons_per_unit=5.0, gain_adu=20.0, offset_adu=300.0, read_noise_adu=10.0,
+                 line_offset_adu=8.0, exact_poisson=False)
+    four = mean_of_frames(one, 4)
+    assert mean_of_frames(one, 1) is one
+    assert four.photons_per_unit == 20.0 and four.gain_adu == 5.0
+    assert (four.read_noise_adu, four.line_offset_adu) == (5.0, 4.0)
+    a = expose(expected, one, np.random.default_rng(5)).astype(np.float64)
+    b = expose(expected, four, np.random.default_rng(5)).astype(np.float64)
+    assert b.mean() == pytest.approx(a.mean(), rel=0.01)
+    def within_rows_var(img: np.ndarray) -> float:
+        return float((img - img.mean(axis=1, keepdims=True)).var())
+
+    assert within_rows_var(b) == pytest.approx(within_rows_var(a) / 4, rel=0.08)
+    assert b.mean(axis=1).std() == pytest.approx(a.mean(axis=1).std() / 2, rel=0.25)  # scan-line offsets
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="whole number"):
+            mean_of_frames(one, bad)  # type: ignore[arg-type]
 
 
 def test_bit_depths_and_clipping() -> None:

@@ -23,8 +23,9 @@ The SDK's quirks (protocols/sensapex-smcp.md) and how this driver copes with eac
   such speeds are rejected. libum itself refuses targets outside -1000..125000 µm: limits must
   lie inside that range.
 - **Stop sends STOP twice** (``ump.stop`` then ``MoveRequest.interrupt``); harmless.
-- **Stop that fails or is ignored.** If STOP is not acknowledged, the pending ``MoveRequest``
-  is taken from the SDK (else its poller would send the GOTO again). After a STOP the device
+- **Stop that fails or is ignored.** The pending ``MoveRequest`` is taken from the SDK before
+  the STOP is sent (else its poller, seeing the device idle short of its target, would send
+  the GOTO again, e.g. while a STOP whose ACK never came is being retried). After a STOP the device
   must report idle or stop changing position; STOP is re-sent up to 3 times, else
   ``DeviceError`` ("kept moving").
 - **is_busy** reports a stale error when the drive status is "failed" (after a STOP), so the
@@ -492,19 +493,22 @@ class SensapexManipulator(Manipulator):
         move_at_stop = self.current_move  # a move started after this one supersedes the stop
         self._sdk.unwatch(self.device_id)
         ump = self._sdk.ump
-        try:
-            ump.stop(self.device_id, reason=reason)
-        except (UMError, UserWarning) as exc:
-            # ump.stop raised before forgetting the move; left alone, the SDK's poller would see
-            # the device idle short of its target and send the GOTO again. Forget it here.
-            with ump.lock:
-                request = ump._last_move.pop(self.device_id, None)
-            if request is not None:
-                request.interrupted = True
-                request.interrupt_reason = f"stop failed: {exc}"
-                request.finished = True
-                request.finished_event.set()
-            raise self._error(exc, "stop") from None
+        with ump.lock:
+            # Take the pending move from the SDK BEFORE the STOP: once the device has obeyed it,
+            # the SDK's poller would see it idle short of its target and send the GOTO again
+            # (it could, between a STOP whose ACK never came and our handling of that error).
+            request = ump._last_move.pop(self.device_id, None)
+            try:
+                ump.stop(self.device_id, reason=reason)
+                if request is not None:  # what ump.stop does with a pending move (a second STOP)
+                    request.interrupt(f"stop requested before move finished ({reason})")
+            except (UMError, UserWarning) as exc:
+                if request is not None and not request.finished:
+                    request.interrupted = True
+                    request.interrupt_reason = f"stop failed: {exc}"
+                    request.finished = True
+                    request.finished_event.set()
+                raise self._error(exc, "stop") from None
         self._lost = False  # it answered the STOP: reachable again
         self._verify_stopped(move_at_stop)
 

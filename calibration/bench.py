@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from rig.errors import PatchrigError
+from rig.errors import InvalidParams, PatchrigError
 
 TARGETS = {
     "calibration_moves_max": 20,
@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-um-per-min", type=float, default=0.5)
     parser.add_argument("--speed-um-s", type=float, default=500.0, help="manipulator speed (default 500 µm/s)")
     parser.add_argument("--frame-rate-hz", type=float, default=30.0, help="simulated frame rate (default 30)")
+    parser.add_argument("--frames-averaged", type=int, default=1, metavar="K",
+                        help="each closed-loop look localises the mean of K fresh frames "
+                        "([calibration] frames_averaged; default 1)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the error distributions here")
 
@@ -113,7 +116,7 @@ def _one_seed(seed: int, args: argparse.Namespace, localiser_model: Any) -> dict
     try:
         with tempfile.TemporaryDirectory() as tmp:
             service = CalibrationService(
-                RigIdentity(um_per_px=world.um_per_px), CalibrationConfig(), manipulators, frames, localiser, store_dir=Path(tmp)
+                RigIdentity(um_per_px=world.um_per_px), CalibrationConfig(frames_averaged=args.frames_averaged), manipulators, frames, localiser, store_dir=Path(tmp)
             )
             # -- calibration ---------------------------------------------------------------
             for name, m in manipulators.items():
@@ -293,6 +296,10 @@ def run(args: argparse.Namespace) -> int:
 
     tqdm.monitor_interval = 0  # no monitor thread: the bench leaves no thread behind
 
+    if args.frames_averaged < 1:
+        raise InvalidParams(f"--frames-averaged must be at least 1, got {args.frames_averaged}")
+    if args.frames_averaged > 1 and args.localiser == "oracle":
+        raise InvalidParams("--frames-averaged needs the real localiser (the oracle reads each frame's id from its pixels)")
     configure_logging("WARNING")
     localiser_model = None
     if args.localiser == "real":
@@ -308,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(_one_seed(seed, args, localiser_model))
     summary = summarise(results)
     summary["seconds"] = time.monotonic() - t0
+    summary["frames_averaged"] = args.frames_averaged
     summary["localiser"] = args.localiser if localiser_model is None else f"real ({localiser_model.checkpoint})"
     width = max(len(k) for k in summary)
     print(f"calibration benchmark: {args.seeds} simulated quad rigs, localiser {summary['localiser']}")

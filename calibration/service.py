@@ -138,6 +138,7 @@ class CalibrationService:
             localiser_lock=localiser_lock,
             settle_s=settle_s,
             focal_z_um=focal_z_um,
+            frames_averaged=cfg.frames_averaged,
         )
         self.log = get_logger("patchrig.calibration")
         self.store = CalibrationStore(store_dir if store_dir is not None else cfg.directory, rig)

@@ -134,6 +134,7 @@ class CalibrationConfig(Strict):
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 6
     min_tip_separation_um: Annotated[float, Field(ge=0)] = 10.0
     unverified_final_um: Annotated[float, Field(ge=0, le=50)] = 15.0
+    frames_averaged: Annotated[int, Field(ge=1, le=32)] = 1
 
 
 class ServerConfig(Strict):

@@ -86,8 +86,7 @@ def rebuild_scene(record: TipRecord, meta: dict[str, Any], shape_hw: tuple[int, 
     """The scene of one synthetic record, drawn again from its seed with the dataset's ranges
     and the image's size ``shape_hw``, seen through the dataset's ``frames_averaged`` (1 when
     not recorded) as ``simulators.synth.sample_example`` draws it."""
-    from simulators.scene import sample_scene
-    from simulators.synth import averaged_scene
+    from simulators.scene import averaged_scene, sample_scene
 
     seed = record.extra.get("seed")
     if seed is None or "tips_range" not in meta or "um_per_px_range" not in meta:

@@ -436,10 +436,7 @@ class SensapexManipulator(Manipulator):
         if handle.done:
             return
         if not request.finished_event.is_set() and p.exhausted_since_s is not None:
-            ump = self._sdk.ump
-            with ump.lock:  # take the move away from the SDK so that its poller forgets it
-                if ump._last_move.get(self.device_id) is request:
-                    del ump._last_move[self.device_id]
+            self._take_move_from_sdk(request)
             try:
                 position = np.asarray(self._read_fresh_um(), float)
             except PatchrigError as exc:
@@ -487,6 +484,17 @@ class SensapexManipulator(Manipulator):
             return
         handle.finish(MoveState.DONE, position_um=position.tolist())
 
+    def _take_move_from_sdk(self, only: Any = None) -> Any:
+        """Remove this device's pending ``MoveRequest`` from the SDK (only if it is ``only``,
+        when given), so that the SDK's poller never sends its GOTO again; the removed request or
+        None."""
+        ump = self._sdk.ump
+        with ump.lock:
+            pending = ump._last_move.get(self.device_id)
+            if pending is None or (only is not None and pending is not only):
+                return None
+            return ump._last_move.pop(self.device_id)
+
     def _do_stop(self, reason: str) -> None:
         from sensapex import UMError
 
@@ -494,10 +502,9 @@ class SensapexManipulator(Manipulator):
         self._sdk.unwatch(self.device_id)
         ump = self._sdk.ump
         with ump.lock:
-            # Take the pending move from the SDK BEFORE the STOP: once the device has obeyed it,
-            # the SDK's poller would see it idle short of its target and send the GOTO again
-            # (it could, between a STOP whose ACK never came and our handling of that error).
-            request = ump._last_move.pop(self.device_id, None)
+            # BEFORE the STOP: once the device has obeyed it, the poller would otherwise see it
+            # idle short of its target, between a STOP whose ACK never came and our clean-up
+            request = self._take_move_from_sdk()
             try:
                 ump.stop(self.device_id, reason=reason)
                 if request is not None:  # what ump.stop does with a pending move (a second STOP)

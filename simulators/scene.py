@@ -39,6 +39,7 @@ from simulators.render import (
     blobs,
     expose,
     label_tips,
+    mean_of_frames,
     quantise,
     render_pipettes,
     smooth_field,
@@ -526,3 +527,8 @@ def _sample_ex_vivo(
 def with_pipettes(scene: Scene, pipettes: tuple[Pipette, ...]) -> Scene:
     """The same scene with other pipettes (the live microscope moves them every frame)."""
     return replace(scene, pipettes=pipettes)
+
+
+def averaged_scene(scene: Scene, frames_averaged: int) -> Scene:
+    """``scene`` seen as the mean of ``frames_averaged`` frames (``render.mean_of_frames``)."""
+    return replace(scene, sensor=mean_of_frames(scene.sensor, frames_averaged))

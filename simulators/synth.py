@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ from localisation.dataset_format import (
     write_labels,
 )
 from rig.errors import DataError
-from simulators.render import mean_of_frames
-from simulators.scene import DOMAINS, Scene, render_scene, sample_scene
+from simulators.scene import DOMAINS, averaged_scene, render_scene, sample_scene
 
 
 @dataclass(frozen=True)
@@ -93,11 +92,6 @@ def sample_example(
         um_per_px=scene.optics.um_per_px,
         meta=meta,
     )
-
-
-def averaged_scene(scene: Scene, frames_averaged: int) -> Scene:
-    """``scene`` seen as the mean of ``frames_averaged`` frames (``render.mean_of_frames``)."""
-    return replace(scene, sensor=mean_of_frames(scene.sensor, frames_averaged))
 
 
 def example_seed(seed: int, index: int) -> int:

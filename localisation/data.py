@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ from localisation.preprocess import Resampling, prepare
 from localisation.progress import bar
 from rig.atomic import atomic_open
 from rig.errors import DataError
+
+if TYPE_CHECKING:
+    from localisation.models.cyclegan import Denoiser
+    from localisation.models.photon_denoiser import PhotonDenoiser
 
 MAX_TIPS = 16  # padding rows per training sample (more tips than this in one crop: DataError)
 
@@ -131,12 +135,29 @@ def resolve_denoiser(path: str | Path) -> Path:
     raise DataError(f"denoiser checkpoint not found: {path}")
 
 
-def denoise_frames(frames: Sequence[PreparedFrame], denoiser_path: str | Path, *, progress: bool = True) -> None:
-    """Run the CycleGAN denoiser once on every prepared frame, in place (the model then trains
-    on what it will see at inference, where the same denoiser runs first)."""
+def load_frame_denoiser(path: str | Path) -> Denoiser | PhotonDenoiser:
+    """The denoiser in a file, by its format: a CycleGAN generator (``patchrig-denoiser/1``,
+    ``gan_train.py``) or a supervised ``PhotonDenoiser`` (``patchrig-photon-denoiser/1``,
+    ``denoiser_train.py``). Either has ``denoise(x)``: (B, 1, H, W) in [0, 1] -> the same.
+    Anything else, or a missing or damaged file: DataError."""
+    from localisation.denoiser_train import DENOISER_FORMAT as PHOTON_FORMAT
+    from localisation.denoiser_train import denoiser_from_payload
     from localisation.models.cyclegan import Denoiser
 
-    den = Denoiser.load(resolve_denoiser(denoiser_path))
+    p = resolve_denoiser(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot read denoiser checkpoint {p}: {exc}") from exc
+    if isinstance(payload, dict) and payload.get("format") == PHOTON_FORMAT:
+        return denoiser_from_payload(payload, str(p))
+    return Denoiser.load(p)
+
+
+def denoise_frames(frames: Sequence[PreparedFrame], denoiser_path: str | Path, *, progress: bool = True) -> None:
+    """Run the denoiser (``load_frame_denoiser``) once on every prepared frame, in place (the
+    model then trains on what it will see at inference, where the same denoiser runs first)."""
+    den = load_frame_denoiser(denoiser_path)
     for f in bar(frames, enabled=progress, desc="denoise", unit="frame"):
         x = torch.from_numpy(f.image_float())[None, None]
         y = den.denoise(x)[0, 0].clamp(0, 1).numpy()

@@ -238,10 +238,9 @@ class TipLocaliser:
         den = None
         den_path = denoiser if denoiser is not None else cfg.denoiser
         if den_path:
-            from localisation.data import resolve_denoiser
-            from localisation.models.cyclegan import Denoiser
+            from localisation.data import load_frame_denoiser
 
-            den = Denoiser.load(resolve_denoiser(den_path))
+            den = load_frame_denoiser(den_path)
         return cls(
             model, cfg, device=dev, checkpoint=str(path), denoiser=den, score_threshold=score_threshold, verifier=ver,
             checkpoint_has_verifier="verifier" in payload,

@@ -29,7 +29,7 @@ import torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="append", help="checkpoint to time (repeatable; 'default' or nothing: the shipped fast.pt)")
     parser.add_argument("--config", action="append", help="configuration to time with untrained weights (repeatable)")
-    parser.add_argument("--denoiser", help="CycleGAN generator checkpoint to include as the denoiser stage")
+    parser.add_argument("--denoiser", help="denoiser file (CycleGAN generator or PhotonDenoiser) to include as the denoiser stage")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, the issue's budget)")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations at batch 1")
     parser.add_argument("--batch-iters", type=int, default=5, help="timed iterations at batch 32")

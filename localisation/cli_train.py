@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train-examples", type=int, help="synthetic training frames")
     parser.add_argument("--val-examples", type=int, help="synthetic validation frames")
-    parser.add_argument("--denoiser", type=Path, help="CycleGAN generator checkpoint to run first")
+    parser.add_argument("--denoiser", type=Path, help="denoiser file to run first (CycleGAN generator or PhotonDenoiser)")
     parser.add_argument("--pretrained-vit", type=Path, help="local torchvision vit_b_16 weights")
     parser.add_argument("--pretrained-resnet", type=Path, help="local torchvision resnet18 weights")
     parser.add_argument("--pretrained-backbone", type=Path, help="local torchvision weights of a baseline")

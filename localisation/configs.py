@@ -78,7 +78,7 @@ class LocaliserConfig:
     # inference
     score_threshold: float = 0.5
     threads: int = 2
-    denoiser: str | None = None  # path of a CycleGAN generator checkpoint, or None
+    denoiser: str | None = None  # a denoiser file (CycleGAN generator or PhotonDenoiser), or None
 
     def with_overrides(self, **changes: Any) -> LocaliserConfig:
         """A copy with some fields changed (unknown names -> ValueError)."""

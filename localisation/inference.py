@@ -9,7 +9,8 @@ origin at the centre of the top-left pixel), best first. Steps, each timed in
 1. pre-processing: validation, resampling to the model's scale (``fixed_scale``: 1 model px =
    ``model_um_per_px`` µm, then padding to the network's multiple; ``resize``: S x S), robust
    intensity normalisation (preprocess.py);
-2. denoiser: the CycleGAN generator on the whole frame, when the configuration has one;
+2. denoiser: the configuration's denoiser (a CycleGAN generator or a ``PhotonDenoiser``) on
+   the whole frame, when it has one;
 3. model: the network's forward pass (each BatchNorm folded into the convolution before it,
    fusion.py; the caller's module is copied, not changed);
 4. verifier (checkpoints that carry one, as the shipped ``fast.pt`` does): the first stage
@@ -222,7 +223,7 @@ class TipLocaliser:
     ) -> TipLocaliser:
         """Load a checkpoint (None: the shipped ``fast.pt``). ``threads``: torch CPU threads
         (None: the configuration's). ``expect_config``: refuse a checkpoint of another
-        configuration (DataError). ``denoiser``: a CycleGAN generator file overriding the
+        configuration (DataError). ``denoiser``: a denoiser file (CycleGAN or photon) overriding the
         configuration's. ``use_verifier=False``: the first stage alone (ablation; its own
         threshold is then ``score_threshold`` or the configuration's)."""
         path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT

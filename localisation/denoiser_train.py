@@ -29,7 +29,7 @@ import torch
 
 from localisation.dataset_format import TipRecord, load_image, read_dataset
 from localisation.models.photon_denoiser import DenoiserSpec, PhotonDenoiser
-from localisation.preprocess import resample, validate_frame
+from localisation.preprocess import resample, robust_range, validate_frame
 from localisation.progress import bar
 from rig.atomic import atomic_open
 from rig.errors import DataError
@@ -46,13 +46,6 @@ class FramePair:
     averaged: np.ndarray
 
 
-def normalising_map(img: np.ndarray) -> tuple[float, float]:
-    """(lo, hi) of ``preprocess.normalise`` for one resampled frame."""
-    step = max(1, int(np.sqrt(img.size / 16384)))
-    lo, hi = np.percentile(img[::step, ::step], (0.5, 99.8))
-    return float(lo), float(hi)
-
-
 def pair_of(single: TipRecord, averaged: TipRecord, model_um_per_px: float) -> FramePair | None:
     """The training pair of two records of the same scene (None for a flat frame)."""
     if single.extra.get("seed") != averaged.extra.get("seed") or single.um_per_px != averaged.um_per_px:
@@ -65,7 +58,7 @@ def pair_of(single: TipRecord, averaged: TipRecord, model_um_per_px: float) -> F
     kw: dict[str, Any] = {"mode": "fixed_scale", "size": 0, "model_um_per_px": model_um_per_px}
     ra, _ = resample(a, single.um_per_px, **kw)
     rb, _ = resample(b, single.um_per_px, **kw)
-    lo, hi = normalising_map(ra)
+    lo, hi = robust_range(ra)
     if not hi > lo:
         return None
     scale = np.float32(1.0 / (hi - lo))
@@ -242,7 +235,15 @@ def run(args: argparse.Namespace) -> int:
         um = LocaliserConfig.from_dict(read_checkpoint(DEFAULT_CHECKPOINT)["config"]).model_um_per_px
     if not (0 < args.val_share < 1):
         raise DataError(f"--val-share must be between 0 and 1, got {args.val_share}")
-    spec = DenoiserSpec(args.channels, args.depth, args.factor)
+    for name in ("steps", "batch", "eval_every"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.crop < 8 or not args.lr > 0:
+        raise DataError(f"--crop must be at least 8 and --lr positive, got {args.crop} and {args.lr}")
+    try:
+        spec = DenoiserSpec(args.channels, args.depth, args.factor)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     pairs = load_pairs(args.single, args.averaged, float(um), progress=not args.no_progress)
     n_val = max(1, round(len(pairs) * args.val_share))
     if len(pairs) - n_val < 1:

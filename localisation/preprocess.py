@@ -96,14 +96,19 @@ def resample(
     return img, Resampling(out_w / w, out_h / h)
 
 
-def normalise(img: np.ndarray) -> np.ndarray:
-    """Map intensities to [0, 1] with robust percentiles (0.5 % -> 0, 99.8 % -> 1).
-
-    Percentiles come from a strided subsample (fast, deterministic). A flat image maps to 0.
-    """
+def robust_range(img: np.ndarray) -> tuple[float, float]:
+    """(lo, hi): the 0.5th and 99.8th percentiles of a strided subsample of ``img`` (about
+    16,384 pixels; fast, deterministic)."""
     step = max(1, int(np.sqrt(img.size / 16384)))
-    sample = img[::step, ::step]
-    lo, hi = np.percentile(sample, (0.5, 99.8))
+    lo, hi = np.percentile(img[::step, ::step], (0.5, 99.8))
+    return float(lo), float(hi)
+
+
+def normalise(img: np.ndarray) -> np.ndarray:
+    """Map intensities to [0, 1] with robust percentiles (``robust_range``: 0.5 % -> 0,
+    99.8 % -> 1). A flat image maps to 0.
+    """
+    lo, hi = robust_range(img)
     if not hi > lo:
         return np.zeros_like(img, dtype=np.float32)
     out = (img - np.float32(lo)) * np.float32(1.0 / (hi - lo))

@@ -149,4 +149,9 @@ def test_cli_trains_and_refuses_bad_input(pair_sets: tuple[Path, Path], tmp_path
                "--um-per-px", "1.25", "--no-progress"])
     assert rc == 2 and not (tmp_path / "x.pt").exists()
     assert "error:" in capsys.readouterr().err
+    for bad in (["--steps", "0"], ["--depth", "1"], ["--crop", "4"], ["--val-share", "1"]):
+        rc = main(["--single", str(single), "--averaged", str(avg), "--out", str(tmp_path / "x.pt"),
+                   "--um-per-px", "1.25", "--no-progress", *bad])
+        assert rc == 2 and not (tmp_path / "x.pt").exists(), bad
+        assert "error:" in capsys.readouterr().err
     assert json.dumps(meta)  # the meta stays plain JSON

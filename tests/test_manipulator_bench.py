@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support_cli import one_line_error
+from support_cli import ctrl_c_reaches_the_child, one_line_error
 from support_sensapex import free_group
 
 from rig.cli import main
@@ -57,7 +57,7 @@ def test_simulate_sensapex_serves_the_sdk_until_interrupted() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rig.cli", "simulate", "sensapex", "--group", str(group), "--ids", "1,2", "--axes", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ctrl_c_reaches_the_child,
     )
     try:
         assert proc.stdout is not None

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from support_cli import one_line_error
+from support_cli import ctrl_c_reaches_the_child, one_line_error
 
 from rig.frame import Frame
 from rig.frame_sender import FrameSender
@@ -214,7 +214,7 @@ def test_cli_simulate_microscope_stops_cleanly_on_ctrl_c_or_sigterm(signal_name:
     proc = subprocess.Popen(
         [sys.executable, "-m", "rig.cli", "simulate", "microscope", "--endpoint", "tcp://127.0.0.1:*",
          "--size", "64", "--channels", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_the_child,
     )
     try:
         assert proc.stdout is not None

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import serial
+from support_cli import ctrl_c_reaches_the_child
 
 from simulators.scientifica_device import ScientificaSimulator
 from simulators.world import SimWorld
@@ -409,7 +410,7 @@ def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", "from rig.cli import main; raise SystemExit(main())",
          "simulate", "scientifica", "--version", "3", "--baud", "38400"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_the_child,
     )
     try:
         assert proc.stdout is not None

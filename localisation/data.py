@@ -142,16 +142,13 @@ def load_frame_denoiser(path: str | Path) -> Denoiser | PhotonDenoiser:
     Anything else, or a missing or damaged file: DataError."""
     from localisation.denoiser_train import DENOISER_FORMAT as PHOTON_FORMAT
     from localisation.denoiser_train import denoiser_from_payload
-    from localisation.models.cyclegan import Denoiser
+    from localisation.models.cyclegan import Denoiser, read_denoiser_file
 
     p = resolve_denoiser(path)
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"cannot read denoiser checkpoint {p}: {exc}") from exc
+    payload = read_denoiser_file(p)
     if isinstance(payload, dict) and payload.get("format") == PHOTON_FORMAT:
         return denoiser_from_payload(payload, str(p))
-    return Denoiser.load(p)
+    return Denoiser.from_payload(payload, p)
 
 
 def denoise_frames(frames: Sequence[PreparedFrame], denoiser_path: str | Path, *, progress: bool = True) -> None:

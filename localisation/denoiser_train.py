@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from localisation.dataset_format import TipRecord, load_image, read_dataset
+from localisation.models.cyclegan import atomic_torch_save, read_denoiser_file
 from localisation.models.photon_denoiser import DenoiserSpec, PhotonDenoiser
 from localisation.preprocess import resample, robust_range, validate_frame
 from localisation.progress import bar
-from rig.atomic import atomic_open
 from rig.errors import DataError
 
 DENOISER_FORMAT = "patchrig-photon-denoiser/1"
@@ -130,8 +130,7 @@ def validation_mse(model: PhotonDenoiser, pairs: list[FramePair]) -> tuple[float
 def save_denoiser(path: Path, model: PhotonDenoiser, meta: dict[str, Any]) -> None:
     """Write ``{"format", "spec", "state", "meta"}`` atomically."""
     payload = {"format": DENOISER_FORMAT, "spec": model.spec.to_dict(), "state": model.state_dict(), "meta": meta}
-    with atomic_open(path, "wb") as fh:
-        torch.save(payload, fh)
+    atomic_torch_save(payload, Path(path))
 
 
 def denoiser_from_payload(payload: Any, where: str) -> PhotonDenoiser:
@@ -148,11 +147,7 @@ def denoiser_from_payload(payload: Any, where: str) -> PhotonDenoiser:
 
 def load_denoiser(path: str | Path) -> PhotonDenoiser:
     """Read a file written by ``save_denoiser``."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise DataError(f"cannot read photon denoiser {path}: {exc}") from exc
-    return denoiser_from_payload(payload, str(path))
+    return denoiser_from_payload(read_denoiser_file(Path(path)), str(path))
 
 
 def train_denoiser(

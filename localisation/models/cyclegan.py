@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -197,12 +198,12 @@ class Denoiser(nn.Module):
     def load(cls, path: str | Path, *, tile: int | None = None, overlap: int = 16) -> Denoiser:
         """Read a ``patchrig-denoiser/1`` file; anything else raises ``DataError``."""
         p = Path(path)
-        if not p.is_file():
-            raise DataError(f"denoiser checkpoint not found: {p}")
-        try:
-            payload = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DataError(f"cannot read denoiser checkpoint {p}: {exc}") from exc
+        return cls.from_payload(read_denoiser_file(p), p, tile=tile, overlap=overlap)
+
+    @classmethod
+    def from_payload(cls, payload: Any, p: Path, *, tile: int | None = None, overlap: int = 16) -> Denoiser:
+        """The generator in a payload ``read_denoiser_file`` returned from ``p`` (DataError
+        unless it is a consistent ``patchrig-denoiser/1`` payload)."""
         if not isinstance(payload, dict) or payload.get("format") != DENOISER_FORMAT:
             raise DataError(f"{p} is not a {DENOISER_FORMAT} checkpoint")
         try:
@@ -232,6 +233,16 @@ def blend_ramp(tile: int, overlap: int, device: torch.device) -> torch.Tensor:
         w[:overlap] = ramp
         w[-overlap:] = ramp.flip(0)
     return w
+
+
+def read_denoiser_file(p: Path) -> Any:
+    """The payload of a denoiser file, read once (DataError when it is missing or unreadable)."""
+    if not p.is_file():
+        raise DataError(f"denoiser checkpoint not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot read denoiser checkpoint {p}: {exc}") from exc
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -22,7 +22,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy rig config manipulators simulators calibration localisation
+	$(BIN)/mypy rig config manipulators simulators calibration localisation tools
 
 bench: $(STAMP)
 	$(BIN)/patchrig bench manipulators

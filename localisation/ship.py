@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": {
             "source_checkpoint": str(src),
             "selected_epoch": payload.get("metrics", {}).get("epoch"),
+            "soup": payload.get("metrics", {}).get("soup"),
             "epochs_run": len(history),
             "minutes": history[-1]["minutes"] if history else None,
             "val_history": [{"epoch": h["epoch"], "lr": h["lr"], "train_loss": h["train"]["total"],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from localisation.checkpoint import read_checkpoint, save_checkpoint
+from localisation.checkpoint import load_model, read_checkpoint, save_checkpoint
 from localisation.configs import get_config
 from localisation.dataset_format import read_dataset, write_dataset
 from localisation.train import TrainOptions, train
@@ -410,3 +410,26 @@ def test_train_verifier_context_option_trains_and_infers_on_the_same_features(tm
         assert mine["threshold"] == trainers["threshold"]
         assert mine["acc_5um"] == pytest.approx(trainers["acc_5um"], abs=1e-9)
         assert mine["precision"] == pytest.approx(trainers["precision"], abs=1e-9)
+
+
+def test_ship_takes_a_soup_and_records_its_ingredients(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+    """``localisation.soup`` writes a run directory that ``ship --run`` reads; the shipped JSON
+    names the soup's ingredients."""
+    from localisation.ship import main as ship_main
+    from localisation.soup import write_soup
+
+    model, cfg, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, model, cfg)
+    soup_dir = tmp_path / "soup"
+    write_soup(soup_dir, [tiny_checkpoint, other])
+    out = tmp_path / "shipped.pt"
+    assert ship_main(["--run", str(soup_dir), "--test", str(tiny_dataset), "--val-data", str(tiny_dataset),
+                      "--train-command", "python -m localisation.soup ...", "--test-command", "synth ...",
+                      "--pick-threshold", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert [i["path"] for i in doc["training"]["soup"]["ingredients"]] == [str(tiny_checkpoint), str(other)]
+    assert doc["training"]["epochs_run"] == 0 and doc["test_set"]["images"] == 6

@@ -1,0 +1,140 @@
+"""A weight soup: the element-wise mean of several first stages fine-tuned from one start.
+
+    python -m localisation.soup --out runs/soup runs/fast-v5s/best.pt runs/fast-v6/best.pt ...
+
+Networks fine-tuned from the same weights (other seeds, data or learning rates) stay in one
+basin of the loss, and the mean of their weights is usually better than any one of them
+("model soups", Wortsman et al. 2022): it costs nothing at inference, since the soup is one
+network of the same size and speed. Averaging networks trained from DIFFERENT starts gives
+garbage; this module cannot check where a network started, so that is the caller's promise
+(every ingredient named in the soup's record).
+
+What is checked: every ingredient is a localiser checkpoint of the same configuration name,
+with the same model and input preparation (model, model_kwargs, input mode and size, µm per
+model pixel, n_max, denoiser) and the same tensors by name and shape, and none carries a
+second stage (soup first stages; ``localisation.ship --verifier-from`` adds a verifier).
+Anything else is a ``DataError`` before anything is written.
+
+Floating tensors (weights and BatchNorm running statistics) are averaged in float64 and
+stored as float32; integer buffers (BatchNorm's step counter) take the first ingredient's
+value. The output is a run directory that ``localisation.ship --run`` reads: ``best.pt``
+(written atomically, its ``metrics.soup`` naming the ingredients and their SHA-256),
+``metrics.jsonl`` (empty: a soup has no epochs) and ``soup.json`` (the same record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from localisation.checkpoint import load_model, save_checkpoint
+from localisation.configs import LocaliserConfig
+from rig.atomic import write_json_atomic
+from rig.errors import DataError
+
+#: Configuration fields that must agree for two networks' weights to be averaged and run alike.
+MODEL_FIELDS = ("model", "model_kwargs", "input_mode", "input_size", "model_um_per_px", "n_max", "denoiser")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_compatible(first: tuple[Path, LocaliserConfig, dict[str, torch.Tensor]],
+                      other: tuple[Path, LocaliserConfig, dict[str, torch.Tensor]]) -> None:
+    (p0, cfg0, s0), (p1, cfg1, s1) = first, other
+    if cfg1.name != cfg0.name:
+        raise DataError(f"soup: {p1} is configuration {cfg1.name!r}, {p0} is {cfg0.name!r}")
+    for name in MODEL_FIELDS:
+        a, b = getattr(cfg0, name), getattr(cfg1, name)
+        if a != b:
+            raise DataError(f"soup: {p1} has {name} = {b!r}, {p0} has {a!r}")
+    if s1.keys() != s0.keys():
+        extra = sorted(set(s1) ^ set(s0))[:3]
+        raise DataError(f"soup: {p1} and {p0} hold different tensors (e.g. {extra})")
+    for key, t0 in s0.items():
+        if s1[key].shape != t0.shape or s1[key].is_floating_point() != t0.is_floating_point():
+            raise DataError(f"soup: tensor {key} is {tuple(s1[key].shape)} in {p1}, {tuple(t0.shape)} in {p0}")
+
+
+def average_first_stages(checkpoints: Sequence[Path]) -> tuple[nn.Module, LocaliserConfig, dict[str, Any]]:
+    """The soup of ``checkpoints``: (model in eval mode, the first ingredient's configuration,
+    the record naming every ingredient). DataError for no ingredient, an unreadable or
+    incompatible one, or one with a verifier (see the module docstring)."""
+    paths = [Path(p) for p in checkpoints]
+    if not paths:
+        raise DataError("soup: name at least one checkpoint")
+    loaded = []
+    for path in paths:
+        model, cfg, payload = load_model(path)
+        if "verifier" in payload:
+            raise DataError(f"soup: {path} is a cascade with a verifier; soup first stages only "
+                            "(training runs' best.pt or last.pt)")
+        loaded.append((path, cfg, model.state_dict()))
+    for other in loaded[1:]:
+        _check_compatible(loaded[0], other)
+    model, cfg, _ = load_model(paths[0])
+    states = [state for _, _, state in loaded]
+    mean: dict[str, torch.Tensor] = {}
+    for key, t0 in states[0].items():
+        if t0.is_floating_point():
+            total = torch.zeros(t0.shape, dtype=torch.float64)
+            for state in states:
+                total += state[key].double()
+            mean[key] = (total / len(states)).to(t0.dtype)
+        else:
+            mean[key] = t0.clone()
+    model.load_state_dict(mean)
+    model.eval()
+    record = {"ingredients": [{"path": str(p), "sha256": _sha256(p)} for p in paths]}
+    return model, cfg, record
+
+
+def write_soup(out_dir: Path, checkpoints: Sequence[Path]) -> Path:
+    """Average ``checkpoints`` and write the run directory ``out_dir`` (see the module
+    docstring); returns the path of ``best.pt``. A non-empty ``out_dir`` (a training run, say)
+    is refused, and nothing is written when averaging fails."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError(f"soup: {out_dir} is not empty; name a new run directory")
+    model, cfg, record = average_first_stages(checkpoints)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = out_dir / "best.pt"
+    save_checkpoint(best, model, cfg, metrics={"soup": record})
+    (out_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+    write_json_atomic(out_dir / "soup.json", record)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m localisation.soup",
+        description="Average the weights of first stages fine-tuned from the same start (a weight soup).",
+    )
+    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT",
+                        help="first-stage checkpoints (no verifier) of one configuration, all fine-tuned "
+                             "from the same weights")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run directory to write (best.pt, metrics.jsonl, soup.json), for localisation.ship --run")
+    args = parser.parse_args(argv)
+    try:
+        best = write_soup(args.out, args.checkpoints)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {best} (the mean of {len(args.checkpoints)} first stages)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,7 +84,7 @@ def average_first_stages(checkpoints: Sequence[Path]) -> tuple[nn.Module, Locali
         loaded.append((path, cfg, model.state_dict()))
     for other in loaded[1:]:
         _check_compatible(loaded[0], other)
-    model, cfg, _ = load_model(paths[0])
+    model, cfg, _ = load_model(paths[0])  # a fresh network to hold the mean
     states = [state for _, _, state in loaded]
     mean: dict[str, torch.Tensor] = {}
     for key, t0 in states[0].items():

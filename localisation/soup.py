@@ -11,9 +11,11 @@ garbage; this module cannot check where a network started, so that is the caller
 
 What is checked: every ingredient is a localiser checkpoint of the same configuration name,
 with the same model and input preparation (model, model_kwargs, input mode and size, µm per
-model pixel, n_max, denoiser) and the same tensors by name and shape, and none carries a
+model pixel, n_max, denoiser), and none carries a
 second stage (soup first stages; ``localisation.ship --verifier-from`` adds a verifier).
-Anything else is a ``DataError`` before anything is written.
+Those fields decide the network's tensors (``configs.build_model``), so the ingredients'
+weights line up one to one; a checkpoint whose weights do not fit its own configuration is
+refused when it loads. Anything else is a ``DataError`` before anything is written.
 
 Floating tensors (weights and BatchNorm running statistics) are averaged in float64 and
 stored as float32; integer buffers (BatchNorm's step counter) take the first ingredient's
@@ -51,21 +53,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_compatible(first: tuple[Path, LocaliserConfig, dict[str, torch.Tensor]],
-                      other: tuple[Path, LocaliserConfig, dict[str, torch.Tensor]]) -> None:
-    (p0, cfg0, s0), (p1, cfg1, s1) = first, other
+def _check_compatible(p0: Path, cfg0: LocaliserConfig, p1: Path, cfg1: LocaliserConfig) -> None:
     if cfg1.name != cfg0.name:
         raise DataError(f"soup: {p1} is configuration {cfg1.name!r}, {p0} is {cfg0.name!r}")
     for name in MODEL_FIELDS:
         a, b = getattr(cfg0, name), getattr(cfg1, name)
         if a != b:
             raise DataError(f"soup: {p1} has {name} = {b!r}, {p0} has {a!r}")
-    if s1.keys() != s0.keys():
-        extra = sorted(set(s1) ^ set(s0))[:3]
-        raise DataError(f"soup: {p1} and {p0} hold different tensors (e.g. {extra})")
-    for key, t0 in s0.items():
-        if s1[key].shape != t0.shape or s1[key].is_floating_point() != t0.is_floating_point():
-            raise DataError(f"soup: tensor {key} is {tuple(s1[key].shape)} in {p1}, {tuple(t0.shape)} in {p0}")
 
 
 def average_first_stages(checkpoints: Sequence[Path]) -> tuple[nn.Module, LocaliserConfig, dict[str, Any]]:
@@ -81,11 +75,11 @@ def average_first_stages(checkpoints: Sequence[Path]) -> tuple[nn.Module, Locali
         if "verifier" in payload:
             raise DataError(f"soup: {path} is a cascade with a verifier; soup first stages only "
                             "(training runs' best.pt or last.pt)")
-        loaded.append((path, cfg, model.state_dict()))
-    for other in loaded[1:]:
-        _check_compatible(loaded[0], other)
-    model, cfg, _ = load_model(paths[0])  # a fresh network to hold the mean
-    states = [state for _, _, state in loaded]
+        loaded.append((path, cfg, model))
+    for path, cfg, _ in loaded[1:]:
+        _check_compatible(paths[0], loaded[0][1], path, cfg)
+    _, cfg, model = loaded[0]  # holds the mean (computed into new tensors before it is loaded)
+    states = [m.state_dict() for _, _, m in loaded]
     mean: dict[str, torch.Tensor] = {}
     for key, t0 in states[0].items():
         if t0.is_floating_point():

@@ -6,7 +6,7 @@ rewriting its relative links so they resolve from the repository root (``x.png``
 ``docs/readme/x.png``, ``../x.md`` -> ``docs/x.md``). Edit the source, then run
 
     python tools/build_readme.py          # rewrite README.md
-    python tools/build_readme.py --check  # exit 1 if README.md is out of date (tests run this)
+    python tools/build_readme.py --check  # exit 1 if README.md is out of date (as tests/test_readme.py checks)
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
+from rig.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = (
@@ -69,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if wanted != current:
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(wanted, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, wanted)
     return 0
 
 

@@ -19,8 +19,8 @@ space back, added to the input. Working on the coarser grid keeps it within the 
 (factor 2, 16 channels, depth 4; measured at stop 18). Deterministic; no normalisation layers,
 so any batch size gives the same answer.
 
-Result (README, "A denoiser, and distillation, from averaged frames"): it did not help the cascade,
-in front of the first stage or beside the frame; it is kept as the tool that measured that.
+Result (docs/localiser-experiments.md, stop 18): it did not help the cascade, in front of the
+first stage or beside the frame; it is kept as the tool that measured that.
 """
 
 from __future__ import annotations

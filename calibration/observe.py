@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localisation.types import Localiser, TipDetection
+from localisation.types import Localiser, TipDetection, pixel_size_refusal
 from manipulators.base import Manipulator
 from rig.errors import DeviceTimeout, NoFrame, Stopped
 from rig.frame import Frame
@@ -85,6 +85,7 @@ class Eye:
         frame_timeout_s: float = 3.0,
         focal_z_um: float | None = None,
         frames_averaged: int = 1,
+        um_per_px_range: tuple[float, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if int(frames_averaged) != frames_averaged or frames_averaged < 1:
@@ -97,6 +98,7 @@ class Eye:
         self.frame_timeout_s = float(frame_timeout_s)
         self.focal_z_um = focal_z_um
         self.frames_averaged = int(frames_averaged)
+        self.um_per_px_range = um_per_px_range
         self.clock = clock
 
     def focal_z_of(self, frame: Frame) -> float:
@@ -145,7 +147,12 @@ class Eye:
                 return frame
 
     def locate(self, frame: Frame) -> list[TipDetection]:
-        """Confident detections on ``frame`` (score >= min_score), best first."""
+        """Confident detections on ``frame`` (score >= min_score), best first. Raises NoFrame,
+        before any model run, when the frame's pixel size lies outside ``um_per_px_range``: its
+        detections must not steer a manipulator."""
+        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range)
+        if refusal is not None:
+            raise NoFrame(f"{refusal}; closed-loop operations need frames inside it (change the zoom)")
         if self.localiser_lock is not None:
             with self.localiser_lock:
                 found = self.localiser.locate(frame.pixels, frame.um_per_px)

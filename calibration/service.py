@@ -3,7 +3,7 @@
     service = CalibrationService(rig, cfg, manipulators, frames, localiser,
                                  store_dir=None, localiser_lock=None, focal_z_um=None,
                                  stale_after_s=1.0, z_up_signs=None, settings=None,
-                                 settle_s=0.05, min_score=0.5)
+                                 settle_s=0.05, min_score=0.5, um_per_px_range=None)
 
 ``rig``: ``config.models.RigIdentity`` (a stored calibration made for another rig name,
 objective or pixel size is refused); ``cfg``: ``config.models.CalibrationConfig`` (gate,
@@ -16,6 +16,9 @@ every ``locate`` call); without one, the localiser must be safe to call from two
 +1 if manipulator +z moves the tip up (default), -1 if down (4-axis devices measure it).
 ``min_score``: detections below it are ignored by calibrate, set_tip and move_tip (which also
 gate by position); continuous correction uses the stricter ``cfg.min_confidence``.
+``um_per_px_range``: frames whose pixel size (µm) lies outside it are refused by calibrate,
+set_tip and move_tip (NoFrame, raised at the first look, before anything moves); None: no
+limit. The daemon passes ``[localiser] um_per_px_range`` and ``min_score``.
 
 Methods (every returned dict is JSON-able; units are in the key names):
 
@@ -122,6 +125,7 @@ class CalibrationService:
         settings: AutoCalibrationSettings | None = None,
         settle_s: float = 0.05,
         min_score: float = 0.5,
+        um_per_px_range: tuple[float, float] | None = None,
     ) -> None:
         self.rig = rig
         self.cfg = cfg
@@ -139,6 +143,7 @@ class CalibrationService:
             settle_s=settle_s,
             focal_z_um=focal_z_um,
             frames_averaged=cfg.frames_averaged,
+            um_per_px_range=um_per_px_range,
         )
         self.log = get_logger("patchrig.calibration")
         self.store = CalibrationStore(store_dir if store_dir is not None else cfg.directory, rig)

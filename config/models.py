@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from localisation.types import VALIDATED_UM_PER_PX
+
 
 class Strict(BaseModel):
     """Base: unknown keys are an error, assignment is validated."""
@@ -115,12 +117,28 @@ class FramesConfig(Strict):
 
 
 class LocaliserConfig(Strict):
-    """The tip localiser: checkpoint (None = the shipped default), device and gates."""
+    """The tip localiser: checkpoint (None = the shipped default), device and gates.
+
+    ``min_score``: detections below it are not published and never used. ``um_per_px_range``:
+    the frame pixel sizes (µm per pixel, inclusive) whose detections may steer manipulators;
+    outside it tips are still published (marked), but calibrate, set_tip and move_tip refuse
+    the frame and continuous correction skips it (the shipped localiser was validated only
+    inside the default range)."""
 
     checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     min_score: Annotated[float, Field(ge=0, le=1)] = 0.5
     threads: Annotated[int, Field(ge=1, le=64)] = 2
+    um_per_px_range: tuple[Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]] = (
+        VALIDATED_UM_PER_PX
+    )
+
+    @field_validator("um_per_px_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] >= value[1]:
+            raise ValueError(f"um_per_px_range must be [smallest, largest] with smallest < largest, got {list(value)}")
+        return value
 
 
 class CalibrationConfig(Strict):

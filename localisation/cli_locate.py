@@ -4,11 +4,14 @@ INPUT may be one PNG/TIFF image, a folder of them (sorted by name), or a ``patch
 dataset directory (its labels give each image's pixel size; labels' tips are not used).
 For plain images the pixel size comes from ``--um-per-px``. Writes ``patchrig-predictions/1``
 (DESIGN.md) atomically: coordinates in each input image's own pixels, best tip first.
+Images at pixel sizes outside ``localisation.types.VALIDATED_UM_PER_PX`` are located like any
+other, with one note on stderr: the shipped localiser was not validated there.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from localisation.dataset_format import load_image
     from localisation.inference import TipLocaliser
     from localisation.progress import bar
+    from localisation.types import VALIDATED_UM_PER_PX, pixel_size_refusal
     from rig.atomic import write_json_atomic
 
     items = collect_inputs(args.input, args.um_per_px)
@@ -81,4 +85,9 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(args.out, doc, allow_nan=True)
     n_tips = sum(len(i["tips"]) for i in images)
     print(f"{len(images)} image(s), {n_tips} tip(s) -> {args.out}")
+    outside = sum(pixel_size_refusal(upp, VALIDATED_UM_PER_PX) is not None for _, _, upp in items)
+    if outside:
+        lo, hi = VALIDATED_UM_PER_PX
+        print(f"note: {outside} image(s) at pixel sizes outside {lo:g}-{hi:g} µm, where the shipped localiser "
+              "was not validated (its precision fell to 86.5 % at 1.0-2.0 µm per pixel)", file=sys.stderr)
     return 0

@@ -181,6 +181,14 @@ def metrics_table(results: list[EvaluatedModel]) -> str:
             lines.append(
                 f"| {name} | {band} | {m['true_tips']} | {pct(m['acc_3um'])} | {pct(m['acc_5um'])} | {pct(m['acc_10um'])} |"
             )
+    scales = [(r.name, b, m) for r in results for b, m in r.metrics.get("by_um_per_px", {}).items()]
+    if scales:
+        lines += ["", "| model | µm per pixel | frames | tips | acc@5µm | acc@10µm | precision |", "|" + "---|" * 7]
+        for name, band, m in scales:
+            lines.append(
+                f"| {name} | {band} | {m['images']} | {m['true_tips']} | {pct(m['acc_5um'])} | {pct(m['acc_10um'])} | "
+                f"{pct(m['precision'])} |"
+            )
     return "\n".join(lines)
 
 

@@ -19,7 +19,9 @@ positive; missing them costs nothing.
 
 Everything is also reported per number of true tips in the image (``by_n_tips``), and, where
 the dataset gives each true tip's contrast-to-noise ratio (``patchrig data synth`` does), the
-accuracy per CNR band (``by_cnr``: how detection falls off as tips get fainter).
+accuracy per CNR band (``by_cnr``: how detection falls off as tips get fainter), and every
+metric per band of the frame's pixel size (``by_um_per_px``: how it holds across zoom levels;
+frames outside the training range of 0.35-1.0 µm per pixel fall in the outer bands).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from scipy.optimize import linear_sum_assignment
 THRESHOLDS_UM = (3.0, 5.0, 10.0)
 CURVE_UM = tuple(float(x) for x in np.arange(0.0, 20.01, 0.5))
 CNR_BANDS = (0.0, 10.0, 20.0, 40.0)  # lower edges of the ``by_cnr`` bands
+PIXEL_SIZE_BANDS_UM = (0.0, 0.5, 0.7, 1.0)  # lower edges of the ``by_um_per_px`` bands (µm per pixel)
 #: score thresholds a validation sweep tries (``ship`` and ``train-verifier`` alike): 0.20-0.95
 SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.20, 0.951, 0.05), 2))
 
@@ -49,6 +52,20 @@ def cnr_band(cnr: float) -> str:
 
 #: the ``by_cnr`` band names, faint to bright ("<10", "10-20", "20-40", "40+")
 CNR_BAND_NAMES = tuple(cnr_band(lo) for lo in CNR_BANDS)
+
+
+def pixel_size_band(um_per_px: float) -> str:
+    """The ``by_um_per_px`` band name of a frame's pixel size in µm ("<0.5", "0.5-0.7",
+    "0.7-1", "1+"): fine to coarse."""
+    edges = PIXEL_SIZE_BANDS_UM
+    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):
+        if lo <= um_per_px < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"<{edges[1]:g}" if um_per_px < edges[1] else f"{edges[-1]:g}+"
+
+
+#: the ``by_um_per_px`` band names, fine to coarse
+PIXEL_SIZE_BAND_NAMES = tuple(pixel_size_band(lo) for lo in PIXEL_SIZE_BANDS_UM)
 
 
 def gated_pairs(pred_um: np.ndarray, true_um: np.ndarray, gate_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,12 +123,14 @@ class _Tally:
 
 
 class MetricsAccumulator:
-    """Add images one by one, then ``summary()`` (overall and by number of true tips)."""
+    """Add images one by one, then ``summary()`` (overall, by number of true tips, by tip
+    contrast and by pixel size)."""
 
     def __init__(self, gate_um: float = 10.0) -> None:
         self.gate_um = gate_um
         self.total = _Tally()
         self.by_n: dict[int, _Tally] = defaultdict(_Tally)
+        self.by_scale: dict[str, _Tally] = defaultdict(_Tally)  # pixel-size band -> tally
         self.by_cnr: dict[str, list[float]] = defaultdict(list)  # band -> distance per true tip (inf: missed)
 
     def add(
@@ -141,7 +160,7 @@ class MetricsAccumulator:
             unmatched = np.setdiff1d(np.arange(len(pred)), rows)
             faint = np.asarray(faint_px, dtype=np.float64).reshape(-1, 2) * um_per_px
             ignored = len(gated_pairs(pred[unmatched], faint, self.gate_um)[0])
-        for t in (self.total, self.by_n[len(true)]):
+        for t in (self.total, self.by_n[len(true)], self.by_scale[pixel_size_band(float(um_per_px))]):
             t.images += 1
             t.true += len(true)
             t.pred += len(pred) - ignored
@@ -164,6 +183,7 @@ class MetricsAccumulator:
             "overall": self.total.summary(),
             "by_n_tips": {str(k): self.by_n[k].summary() for k in sorted(self.by_n)},
             "by_cnr": {band: _band_summary(self.by_cnr[band]) for band in _band_order(self.by_cnr)},
+            "by_um_per_px": {b: self.by_scale[b].summary() for b in PIXEL_SIZE_BAND_NAMES if b in self.by_scale},
             "gate_um": self.gate_um,
         }
 

@@ -26,3 +26,23 @@ class Localiser(Protocol):
     """
 
     def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]: ...
+
+
+#: Frame pixel sizes (µm per pixel, inclusive) where the shipped localiser was measured to keep
+#: its precision (README: "Frames unlike the training frames"). Frames outside are still
+#: located, but their detections must not steer a manipulator: on frames of 1.0-2.0 µm per
+#: pixel the shipped cascade's precision fell to 86.5 % (98.0 % on the test set).
+VALIDATED_UM_PER_PX = (0.2, 1.0)
+
+
+def pixel_size_refusal(um_per_px: float, um_per_px_range: tuple[float, float] | None) -> str | None:
+    """Why detections on a frame of ``um_per_px`` (µm per pixel) may not steer a manipulator:
+    a one-line reason when it lies outside ``um_per_px_range`` (inclusive), else None (also
+    when the range is None: no limit)."""
+    if um_per_px_range is None:
+        return None
+    lo, hi = um_per_px_range
+    if lo <= um_per_px <= hi:
+        return None
+    return (f"frame pixel size {um_per_px:g} µm is outside the localiser's validated range "
+            f"{lo:g}-{hi:g} µm per pixel ([localiser] um_per_px_range)")

@@ -136,6 +136,7 @@ class Daemon:
                     frames,
                     localiser,
                     min_score=cfg.localiser.min_score,
+                    um_per_px_range=cfg.localiser.um_per_px_range,
                     on_detections=self.closed_loop.on_detections,
                     publish=publish,
                     device=localiser_device,
@@ -154,6 +155,8 @@ class Daemon:
                         store_dir=calibration_dir,
                         focal_z_um=cfg.frames.focal_z_um,
                         stale_after_s=cfg.frames.stale_after_s,
+                        min_score=cfg.localiser.min_score,
+                        um_per_px_range=cfg.localiser.um_per_px_range,
                     )
             self.calibration = calibration
             self.closed_loop.service = calibration
@@ -483,7 +486,7 @@ class Daemon:
             "um_per_px": result.frame.um_per_px,
             "shape": list(result.frame.shape),
             "tips": result.tips_json(),
-            **{k: v for k, v in result.extra.items() if k in ("unassigned", "missing")},
+            **{k: v for k, v in result.extra.items() if k in ("unassigned", "missing", "not_for_steering")},
         }
 
     def _start_operation(self, request: Request, responder: Responder) -> None:

@@ -5,12 +5,15 @@ newest, so a slow localiser skips frames instead of building a backlog: skipped 
 counted as ``dropped``), run the localiser (GPU when the localiser was loaded on one, else
 CPU), keep detections scoring at least ``min_score``, hand them to ``on_detections`` (the
 calibration service: assignment to channels and offset correction) and publish the ``tips``
-topic. The newest result is kept for ``locate`` and for closed-loop operations
+topic. A frame whose pixel size lies outside ``um_per_px_range`` is localised and published,
+but never handed to ``on_detections`` (its tips must not steer a manipulator); its message
+says why under ``"not_for_steering"``. The newest result is kept for ``locate`` and for closed-loop operations
 (``wait_for_result``).
 
 ``tips`` message: ``{"frame_id", "t_frame" (acquisition time.time()), "um_per_px", "shape",
 "z_um", "latency_ms" (frame received -> published), "localise_ms", "dropped",
-"tips": [{"x_px", "y_px", "score", "channel" | null}], ...assignment fields}``.
+"tips": [{"x_px", "y_px", "score", "channel" | null}], ...assignment fields,
+"not_for_steering" (only when the frame may not steer: why)}``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from localisation.types import Localiser, TipDetection
+from localisation.types import Localiser, TipDetection, pixel_size_refusal
 from rig.frame import Frame
 from rig.logs import get_logger
 
@@ -71,6 +74,7 @@ class LocaliserWorker:
         localiser: Localiser,
         *,
         min_score: float = 0.5,
+        um_per_px_range: tuple[float, float] | None = None,
         on_detections: OnDetections | None = None,
         publish: Callable[[str, dict[str, Any]], Any] | None = None,
         device: str = "cpu",
@@ -82,6 +86,8 @@ class LocaliserWorker:
         self._recent: list[tuple[Any, list[TipDetection]]] = []  # (pixels array, raw detections)
         self._in_progress: Any = None
         self.min_score = float(min_score)
+        self.um_per_px_range = um_per_px_range
+        self._refusing: str | None = None  # the last refusal logged (logged once per change)
         self._on_detections = on_detections
         self._publish = publish
         self.device = device
@@ -177,7 +183,11 @@ class LocaliserWorker:
         detections = [d for d in raw if d.score >= self.min_score]
         extra: dict[str, Any] = {}
         assigned: dict[str, int] = {}
-        if self._on_detections is not None:
+        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range)
+        self._log_refusal(refusal, frame)
+        if refusal is not None:
+            extra["not_for_steering"] = refusal
+        elif self._on_detections is not None:
             try:
                 extra = dict(self._on_detections(frame, detections) or {})
                 assigned = {str(k): int(v) for k, v in extra.pop("assigned", {}).items()}
@@ -208,6 +218,14 @@ class LocaliserWorker:
                 },
             )
         return result
+
+    def _log_refusal(self, refusal: str | None, frame: Frame) -> None:
+        """One warning when frames start being refused for steering, one line when they stop."""
+        if refusal is not None and self._refusing is None:
+            self.log.warning("frames not used for steering", frame_id=frame.frame_id, reason=refusal)
+        elif refusal is None and self._refusing is not None:
+            self.log.info("frames used for steering again", frame_id=frame.frame_id, um_per_px=frame.um_per_px)
+        self._refusing = refusal
 
     def _run(self) -> None:
         last_id: int | None = None

@@ -192,3 +192,27 @@ limits = {{ min_um = [0.0, 0.0, 0.0], max_um = [5000.0, 5000.0, 5000.0] }}
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_frames_outside_the_validated_pixel_sizes_are_shown_but_never_steer(tmp_path: Path) -> None:
+    """The simulated microscope scans at 0.62 µm per pixel; a rig whose localiser is validated
+    only at 0.1-0.5 µm must publish the tips (marked) but assign, correct and calibrate with
+    none of them, and refuse before anything moves (set_tip and move_tip look through the same
+    ``Eye.locate``: tests/test_eye_averaging.py)."""
+    with running_daemon(["A"], calibration_dir=tmp_path / "cal",
+                        localiser={"um_per_px_range": [0.1, 0.5], "min_score": 0.6}) as rig:
+        assert rig.daemon.calibration.eye.min_score == 0.6  # [localiser] min_score reaches the closed loop
+        sub = rig.subscriber(("tips",))
+        message = sub.wait_for(lambda t, m: t == "tips" and m["tips"], 5.0)
+        assert message is not None
+        tips = message[1]
+        assert "0.62 µm is outside the localiser's validated range 0.1-0.5" in tips["not_for_steering"]
+        assert all(t["channel"] is None for t in tips["tips"]) and "corrections" not in tips
+        c = rig.client()
+        located = c.locate()
+        assert located["tips"] and "not_for_steering" in located
+        start = rig.world.manipulator_position_um("A")
+        with pytest.raises(RpcError) as info:
+            c.calibrate("A")
+        assert info.value.code == "no_frame" and "validated range" in str(info.value)
+        assert rig.world.manipulator_position_um("A") == pytest.approx(start)  # nothing moved

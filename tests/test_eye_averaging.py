@@ -126,3 +126,31 @@ def test_frames_averaged_is_validated_and_reaches_the_calibration_service(tmp_pa
         assert service.eye.frames_averaged == 4
     finally:
         service.close()
+
+
+def test_a_look_at_a_frame_outside_the_validated_pixel_sizes_is_refused_before_the_model_runs() -> None:
+    loc = RecordingLocaliser()
+    eye = Eye(ScriptedFrames([]), loc, min_score=0.5, um_per_px_range=(0.2, 1.0))
+    for um_per_px in (0.2, 0.62, 1.0):  # the range is inclusive
+        assert len(eye.locate(frame(1, 10, 0.0, um_per_px=um_per_px))) == 1
+    for um_per_px in (0.15, 1.3):
+        with pytest.raises(NoFrame, match=f"pixel size {um_per_px:g} µm is outside .* 0.2-1 µm per pixel"):
+            eye.locate(frame(2, 10, 0.0, um_per_px=um_per_px))
+    assert len(loc.seen) == 3  # refused frames never reached the model
+    assert len(Eye(ScriptedFrames([]), loc, min_score=0.5).locate(frame(3, 10, 0.0, um_per_px=5.0))) == 1  # no limit
+
+
+def test_the_validated_pixel_size_range_is_checked_and_reaches_the_calibration_service(tmp_path: Path) -> None:
+    from config.models import LocaliserConfig
+
+    assert LocaliserConfig().um_per_px_range == (0.2, 1.0)
+    assert LocaliserConfig.model_validate({"um_per_px_range": [0.3, 1.5]}).um_per_px_range == (0.3, 1.5)
+    for bad in ([1.0, 0.5], [0.5, 0.5], [0.0, 1.0], [0.5], [0.2, 1.0, 2.0], "wide"):
+        with pytest.raises(pydantic.ValidationError, match="um_per_px_range"):
+            LocaliserConfig.model_validate({"um_per_px_range": bad})
+    service = CalibrationService(RigIdentity(), CalibrationConfig(), {}, ScriptedFrames([]), RecordingLocaliser(),
+                                 store_dir=tmp_path, min_score=0.7, um_per_px_range=(0.3, 0.9))
+    try:
+        assert (service.eye.min_score, service.eye.um_per_px_range) == (0.7, (0.3, 0.9))
+    finally:
+        service.close()

@@ -153,7 +153,9 @@ def _check_predictions(doc: dict, files: list[str]) -> None:
         assert scores == sorted(scores, reverse=True)
 
 
-def test_locate_dataset_folder_and_single_image(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
+def test_locate_dataset_folder_and_single_image(
+    tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["--checkpoint", str(tiny_checkpoint), "--threads", "1", "--no-progress", "--threshold", "0.05"]
     out = tmp_path / "p1.json"
     assert main(["locate", str(tiny_dataset), "--out", str(out), *base]) == 0
@@ -166,6 +168,12 @@ def test_locate_dataset_folder_and_single_image(tmp_path: Path, tiny_dataset: Pa
     out3 = tmp_path / "p3.json"
     assert main(["locate", str(one), "--um-per-px", "0.5", "--out", str(out3), *base]) == 0
     _check_predictions(json.loads(out3.read_text()), [str(one)])
+    assert "note:" not in capsys.readouterr().err
+    # an image at a pixel size the shipped localiser was not validated at: located, with one note
+    out4 = tmp_path / "p4.json"
+    assert main(["locate", str(one), "--um-per-px", "1.6", "--out", str(out4), *base]) == 0
+    _check_predictions(json.loads(out4.read_text()), [str(one)])
+    assert "note: 1 image(s) at pixel sizes outside 0.2-1 µm" in capsys.readouterr().err
     # plain images without a pixel size, a missing input, an unreadable image: one clear error
     assert main(["locate", str(one), "--out", str(tmp_path / "x.json"), *base]) == 1
     assert main(["locate", str(tmp_path / "missing.png"), "--um-per-px", "1", "--out", str(tmp_path / "x.json"), *base]) == 1

@@ -389,6 +389,22 @@ def test_accuracy_by_cnr_band_uses_each_true_tips_contrast(tmp_path: Path) -> No
     assert true_tip_cnr(TipRecord("b.png", tmp_path / "b.png", 1.0, np.zeros((0, 2)))) is None
 
 
+def test_metrics_by_pixel_size_band_tally_each_frame_in_its_band() -> None:
+    from localisation.metrics import PIXEL_SIZE_BAND_NAMES, pixel_size_band
+
+    assert [pixel_size_band(v) for v in (0.2, 0.5, 0.69, 0.7, 0.99, 1.0, 1.6)] == [
+        "<0.5", "0.5-0.7", "0.5-0.7", "0.7-1", "0.7-1", "1+", "1+"]
+    assert PIXEL_SIZE_BAND_NAMES == ("<0.5", "0.5-0.7", "0.7-1", "1+")
+    acc = MetricsAccumulator(gate_um=10.0)
+    acc.add(np.array([[10.0, 10.0]]), np.array([[10.0, 10.0]]), 0.4)  # fine frame: found
+    acc.add(np.array([[80.0, 80.0]]), np.array([[10.0, 10.0]]), 1.2)  # coarse frame: a miss and a false tip
+    acc.add(np.zeros((0, 2)), np.array([[5.0, 5.0], [50.0, 50.0]]), 1.5)  # coarse frame: two misses
+    by = acc.summary()["by_um_per_px"]
+    assert list(by) == ["<0.5", "1+"]  # fine to coarse, empty bands left out
+    assert (by["<0.5"]["images"], by["<0.5"]["true_tips"], by["<0.5"]["acc_5um"], by["<0.5"]["precision"]) == (1, 1, 1.0, 1.0)
+    assert (by["1+"]["images"], by["1+"]["true_tips"], by["1+"]["acc_5um"], by["1+"]["precision"]) == (2, 3, 0.0, 0.0)
+
+
 # ---- faint tips in training ----------------------------------------------------------------
 
 

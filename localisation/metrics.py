@@ -41,13 +41,19 @@ PIXEL_SIZE_BANDS_UM = (0.0, 0.5, 0.7, 1.0)  # lower edges of the ``by_um_per_px`
 SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.20, 0.951, 0.05), 2))
 
 
+def _band_name(value: float, lower_edges: tuple[float, ...]) -> str:
+    """The name of the band of ``value`` among bands with these lower edges (the first is only
+    a placeholder): "<e1", "e1-e2", ..., "eN+"."""
+    edges = lower_edges
+    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):
+        if lo <= value < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"<{edges[1]:g}" if value < edges[1] else f"{edges[-1]:g}+"
+
+
 def cnr_band(cnr: float) -> str:
     """The ``by_cnr`` band name of a contrast-to-noise ratio ("<10", "10-20", "20-40", "40+")."""
-    edges = CNR_BANDS
-    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):
-        if lo <= cnr < hi:
-            return f"{lo:g}-{hi:g}"
-    return f"<{edges[1]:g}" if cnr < edges[1] else f"{edges[-1]:g}+"
+    return _band_name(cnr, CNR_BANDS)
 
 
 #: the ``by_cnr`` band names, faint to bright ("<10", "10-20", "20-40", "40+")
@@ -57,11 +63,7 @@ CNR_BAND_NAMES = tuple(cnr_band(lo) for lo in CNR_BANDS)
 def pixel_size_band(um_per_px: float) -> str:
     """The ``by_um_per_px`` band name of a frame's pixel size in µm ("<0.5", "0.5-0.7",
     "0.7-1", "1+"): fine to coarse."""
-    edges = PIXEL_SIZE_BANDS_UM
-    for lo, hi in zip(edges[1:-1], edges[2:], strict=True):
-        if lo <= um_per_px < hi:
-            return f"{lo:g}-{hi:g}"
-    return f"<{edges[1]:g}" if um_per_px < edges[1] else f"{edges[-1]:g}+"
+    return _band_name(um_per_px, PIXEL_SIZE_BANDS_UM)
 
 
 #: the ``by_um_per_px`` band names, fine to coarse

@@ -216,3 +216,29 @@ def test_frames_outside_the_validated_pixel_sizes_are_shown_but_never_steer(tmp_
             c.calibrate("A")
         assert info.value.code == "no_frame" and "validated range" in str(info.value)
         assert rig.world.manipulator_position_um("A") == pytest.approx(start)  # nothing moved
+
+
+def test_steering_resumes_when_frames_come_back_inside_the_validated_pixel_sizes() -> None:
+    from localisation.types import TipDetection
+    from rig.frame import Frame
+    from rig.localiser_worker import LocaliserWorker
+
+    class OneTip:
+        def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
+            return [TipDetection(10.0, 12.0, 0.9)]
+
+    steered: list[float] = []
+    published: list[dict] = []
+
+    def on_detections(frame: Frame, detections: list[TipDetection]) -> dict:
+        steered.append(frame.um_per_px)
+        return {"assigned": {"A": 0}}
+
+    worker = LocaliserWorker(None, OneTip(), um_per_px_range=(0.2, 1.0), on_detections=on_detections,
+                             publish=lambda topic, message: published.append(message))
+    pixels = np.zeros((32, 32), np.uint16)
+    for i, um_per_px in enumerate((0.62, 1.6, 1.6, 0.62)):
+        worker.process(Frame(i, float(i), pixels, um_per_px, None, time.monotonic()))
+    assert steered == [0.62, 0.62]  # the 1.6 µm frames never reached the correction
+    assert ["not_for_steering" in m for m in published] == [False, True, True, False]
+    assert [m["tips"][0]["channel"] for m in published] == ["A", None, None, "A"]  # still published, unassigned

@@ -174,21 +174,23 @@ def metrics_table(results: list[EvaluatedModel]) -> str:
                 f"{pct(m['acc_10um'])} | {num(m['mean_error_um'])} | {pct(m['precision'])} | "
                 f"{pct(m['recall'])} | {pct(m['f1'])} | {num(m['heatmap_iou'])} |"
             )
-    bands = [(r.name, b, m) for r in results for b, m in r.metrics.get("by_cnr", {}).items()]
-    if bands:
-        lines += ["", "| model | tip CNR | tips | acc@3µm | acc@5µm | acc@10µm |", "|" + "---|" * 6]
-        for name, band, m in bands:
-            lines.append(
-                f"| {name} | {band} | {m['true_tips']} | {pct(m['acc_3um'])} | {pct(m['acc_5um'])} | {pct(m['acc_10um'])} |"
-            )
-    scales = [(r.name, b, m) for r in results for b, m in r.metrics.get("by_um_per_px", {}).items()]
-    if scales:
-        lines += ["", "| model | µm per pixel | frames | tips | acc@5µm | acc@10µm | precision |", "|" + "---|" * 7]
-        for name, band, m in scales:
-            lines.append(
-                f"| {name} | {band} | {m['images']} | {m['true_tips']} | {pct(m['acc_5um'])} | {pct(m['acc_10um'])} | "
-                f"{pct(m['precision'])} |"
-            )
+    def band_table(key: str, label: str, columns: list[tuple[str, str]]) -> list[str]:
+        """The rows of every model's ``metrics[key]`` bands; ``columns``: (header, metric name),
+        counts printed as they are, shares as percentages."""
+        rows = [(r.name, b, m) for r in results for b, m in r.metrics.get(key, {}).items()]
+        if not rows:
+            return []
+        heads = ["model", label, *(h for h, _ in columns)]
+        cells = [[name, band, *(str(m[k]) if isinstance(m[k], int) else pct(m[k]) for _, k in columns)]
+                 for name, band, m in rows]
+        head, *body = ["| " + " | ".join(c) + " |" for c in [heads, *cells]]
+        return ["", head, "|" + "---|" * len(heads), *body]
+
+    lines += band_table("by_cnr", "tip CNR", [("tips", "true_tips"), ("acc@3µm", "acc_3um"), ("acc@5µm", "acc_5um"),
+                                              ("acc@10µm", "acc_10um")])
+    lines += band_table("by_um_per_px", "µm per pixel", [("frames", "images"), ("tips", "true_tips"),
+                                                         ("acc@5µm", "acc_5um"), ("acc@10µm", "acc_10um"),
+                                                         ("precision", "precision")])
     return "\n".join(lines)
 
 

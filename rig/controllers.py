@@ -38,6 +38,7 @@ from rig.protocol import error_code_of
 OpBody = Callable[["Operation"], dict[str, Any]]
 HaltCallback = Callable[[str | None], None]
 MAX_PENDING_HALTS = 8
+SUPERSEDE_HALT_WAIT_S = 10.0  # a new operation waits at most this for its predecessor's device stop
 Publish = Callable[[str, dict[str, Any]], Any]
 
 _op_numbers = itertools.count(1)
@@ -50,7 +51,7 @@ def new_op_id(channel: str) -> str:
 class Operation:
     """One operation on one channel. Thread-safe: cancel from any thread, run in the worker.
 
-    ``body(op)`` does the work and returns the JSON result; it waits through ``wait_move`` and
+    ``body(op)`` does the work and returns the JSON result; it waits through ``start_move`` and
     ``sleep`` (both wake up at once on cancel) and calls ``check`` between steps.
     ``halt_on_cancel``: stop the manipulator when cancelled (closed-loop work whose inner steps
     do not watch the cancel flag); a plain move is redirected by its successor instead.
@@ -83,11 +84,13 @@ class Operation:
         self.cancel_failure: PatchrigError | None = None
         self._publish = publish
         self._on_finish = [on_finish] if on_finish is not None else []
+        self.after_halt: threading.Event | None = None  # set: the worker starts it only after this
         self._wake = threading.Event()
         self.cancel_event = threading.Event()  # set on cancel: for code that takes an Event
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._handle: MoveHandle | None = None
+        self._halt_device: Callable[[str], str | None] | None = None  # set by the controller
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -130,13 +133,24 @@ class Operation:
             raise Stopped(f"{self.method} {self.id} interrupted: {self.cancel_reason}", channel=self.channel)
 
     # -- helpers for bodies ---------------------------------------------------------------
-    def wait_move(self, handle: MoveHandle, timeout_s: float) -> MoveHandle:
-        """Wait for ``handle``; raise Stopped on cancel, the handle's error on failure."""
+    def start_move(self, send: Callable[[], MoveHandle], timeout_s: float) -> MoveHandle:
+        """Send a move (``send()`` returns its handle) and wait for it; raise Stopped on cancel,
+        the handle's error on failure.
+
+        Safety: a cancel can arrive while the move command is on its way to the device. The stop
+        that came with that cancel may then reach the device before the move does, and the move
+        would run on after a confirmed stop. So when the operation turns out to be cancelled as
+        the handle comes back, the device is halted again from here, before raising Stopped."""
+        self.check()
+        handle = send()
         with self._lock:
             self._handle = handle
             cancelled = self.cancel_reason
-        if cancelled is not None and not handle.done:
-            handle.finish(MoveState.INTERRUPTED, reason=cancelled)
+        if cancelled is not None:
+            if self._halt_device is not None:
+                self._halt_device(f"{cancelled} (a move sent as the operation was cancelled)")
+            if not handle.done:
+                handle.finish(MoveState.INTERRUPTED, reason=cancelled)
         self._wake.clear()
         handle.add_done_callback(lambda _h: self._wake.set())
         if not self._wake.wait(timeout_s) and not handle.done:
@@ -165,7 +179,10 @@ class Operation:
                 "op", {"op": self.id, "channel": self.channel, "method": self.method, "state": state, **fields}
             )
 
-    def _run(self) -> None:
+    def _run(self, halt_device: Callable[[str], str | None] | None = None) -> None:
+        """Run the body in this (the channel worker's) thread; ``halt_device(reason)`` stops
+        the channel's device (see ``start_move``)."""
+        self._halt_device = halt_device
         self.started_s = time.monotonic()
         try:
             self.check()
@@ -253,7 +270,17 @@ class ChannelController:
             self.log.info("superseding", old=running.id, new=op.id)
             running.cancel("superseded")
             if running.halt_on_cancel:
-                self._halt("superseded")
+                # The device stop runs on the stopper thread: the caller (the server loop) must
+                # never wait for a device. The new operation starts only once it is answered.
+                halted = threading.Event()
+                op.after_halt = halted
+
+                def answered(error: str | None) -> None:
+                    if error is not None:
+                        self.log.warning("stop of the superseded operation failed", op=running.id, error=error)
+                    halted.set()
+
+                self.halt_async("superseded", answered)
         return op
 
     def stop(self, reason: str = "stop", *, failure: PatchrigError | None = None) -> str | None:
@@ -365,9 +392,40 @@ class ChannelController:
             if self._closed:
                 op._drop("refused: shutting down")
             else:
-                op._run()
+                if op.after_halt is not None:  # the superseded operation's device stop
+                    op.after_halt.wait(SUPERSEDE_HALT_WAIT_S)
+                op._run(halt_device=self._halt)
             with self._cond:
                 self._current = None
+
+
+MOVE_TIMEOUT_MARGIN_S = 10.0
+
+
+def move_body(ctl: ChannelController, target_um: np.ndarray, speed_um_s: float) -> OpBody:
+    """The body of a plain ``move`` to ``target_um`` (device µm, already validated against the
+    limits) at ``speed_um_s`` (already capped). Its timeout only catches a hung device."""
+    manipulator = ctl.manipulator
+
+    def body(op: Operation) -> dict[str, Any]:
+        start = ctl.last_position_um
+        if start is None or start.shape != target_um.shape:
+            start = manipulator.position_um
+        distance_um = float(((target_um - start) ** 2).sum() ** 0.5)
+        timeout_s = 2.0 * distance_um / speed_um_s + MOVE_TIMEOUT_MARGIN_S
+
+        def send() -> MoveHandle:
+            handle = manipulator.move_to(target_um, speed_um_s)
+            op.progress(setpoint_um=target_um.tolist(), speed_um_s=speed_um_s)
+            return handle
+
+        handle = op.start_move(send, timeout_s)
+        position = handle.position_um if handle.position_um is not None else manipulator.position_um
+        ctl.note_position(position)
+        return {"channel": ctl.name, "position_um": position, "setpoint_um": target_um,
+                "seconds": handle.as_dict()["seconds"]}
+
+    return body
 
 
 class PositionPoller:

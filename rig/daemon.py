@@ -28,7 +28,7 @@ import zmq
 from config.models import RigConfig
 from manipulators.base import Manipulator
 from rig.closed_loop import ClosedLoop
-from rig.controllers import ChannelController, Operation, PositionPoller, halt_all
+from rig.controllers import ChannelController, Operation, PositionPoller, halt_all, move_body
 from rig.curve import ServerKeys, is_loopback_endpoint, start_authenticator
 from rig.errors import Busy, ConfigError, DeviceError, InvalidParams, NoFrame, NotFound
 from rig.localiser_worker import LocaliserWorker
@@ -45,7 +45,6 @@ MEMORY_POSITION_DRIVERS = frozenset({"simulated", "scientifica"})
 Scientifica driver's port thread keeps a polled cache): ``get_position`` on them is answered
 in the server loop. Others (the Sensapex SDK may query the device under its lock) go to the
 query pool so that a dead device never stalls the loop."""
-MOVE_TIMEOUT_MARGIN_S = 10.0
 
 
 class Daemon:
@@ -498,7 +497,7 @@ class Daemon:
         if request.method == "move":
             target = ctl.manipulator.validate_target(p.position_um)  # type: ignore[attr-defined]
             speed = ctl.manipulator.validate_speed(p.speed_um_s)  # type: ignore[attr-defined]
-            body = self._move_body(ctl, target, speed)
+            body = move_body(ctl, target, speed)
             halt = False
         elif request.method == "move_tip":
             body = self.closed_loop.move_tip_body(ctl, p)
@@ -521,21 +520,3 @@ class Daemon:
 
             self.telemetry.event("warning", "op_failed", f"{op.method} {op.id} failed: {op.error}",
                                  channel=op.channel, op=op.id, code=error_code_of(op.error))
-
-    def _move_body(self, ctl: ChannelController, target: Any, speed: float):
-        manipulator = ctl.manipulator
-
-        def body(op: Operation) -> dict[str, Any]:
-            start = ctl.last_position_um
-            if start is None or start.shape != target.shape:
-                start = manipulator.position_um
-            distance = float(((target - start) ** 2).sum() ** 0.5)
-            timeout = 2.0 * distance / speed + MOVE_TIMEOUT_MARGIN_S  # only catches a hang
-            handle = manipulator.move_to(target, speed)
-            op.progress(setpoint_um=target.tolist(), speed_um_s=speed)
-            op.wait_move(handle, timeout)
-            position = handle.position_um if handle.position_um is not None else manipulator.position_um
-            ctl.note_position(position)
-            return {"channel": ctl.name, "position_um": position, "setpoint_um": target, "seconds": handle.as_dict()["seconds"]}
-
-        return body

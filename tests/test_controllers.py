@@ -1,0 +1,110 @@
+"""Channel controllers against a real simulated manipulator: a stop that lands while a move
+command is on its way to the device, and supersession with a device that is slow to stop.
+
+The races are made deterministic by holding the device's command (or its stop) on an event,
+so no test depends on timing luck.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from manipulators.base import Limits, MoveHandle
+from manipulators.simulated import SimulatedManipulator
+from rig.controllers import ChannelController, Operation, move_body
+
+LIMITS = Limits((0.0, 0.0, 0.0), (1000.0, 1000.0, 1000.0))
+
+
+class MoveInFlight(SimulatedManipulator):
+    """Holds every move command, as if it were still on the wire, until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("A", LIMITS, 1000.0, initial_position_um=[0.0, 0.0, 0.0])
+        self.sending = threading.Event()
+        self.release = threading.Event()
+
+    def _do_move_to(self, target_um: np.ndarray, speed_um_s: float, handle: MoveHandle) -> None:
+        self.sending.set()
+        assert self.release.wait(10.0)
+        super()._do_move_to(target_um, speed_um_s, handle)
+
+
+class SlowToStop(SimulatedManipulator):
+    """A device whose stop is answered only when ``answer_stop`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("A", LIMITS, 1000.0, initial_position_um=[0.0, 0.0, 0.0])
+        self.stopping = threading.Event()
+        self.answer_stop = threading.Event()
+
+    def _do_stop(self, reason: str) -> None:
+        self.stopping.set()
+        assert self.answer_stop.wait(10.0)
+        super()._do_stop(reason)
+
+
+def _wait_until(condition: Any, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_a_stop_that_lands_while_the_move_is_being_sent_still_leaves_the_device_stopped() -> None:
+    device = MoveInFlight()
+    ctl = ChannelController("A", device)
+    try:
+        ctl.note_position(device.position_um)
+        op = Operation("A", "move", {}, move_body(ctl, np.array([200.0, 0.0, 0.0]), 500.0))
+        ctl.submit(op)
+        assert device.sending.wait(5.0)  # the move command is on its way
+        # the daemon's stop: cancel the operation, halt the device from the stopper thread
+        ctl.cancel_ops("stop")
+        answered: list[str | None] = []
+        ctl.halt_async("stop", answered.append)
+        assert _wait_until(lambda: answered == [None])  # stop confirmed while the device was still
+        device.release.set()  # ... and only now does the move command reach the device
+        assert op.wait_finished(5.0)
+        assert op.state == "stopped"
+        settled = device.position_um
+        time.sleep(0.3)  # at 500 µm/s a move left running would travel 150 µm in this time
+        after = device.position_um
+        assert np.allclose(after, settled), (settled, after)
+        assert after[0] < 20.0, after  # halted within milliseconds of starting, far from the 200 µm target
+        assert not device.is_busy()
+    finally:
+        device.release.set()
+        ctl.close()
+        device.close()
+
+
+def test_superseding_a_closed_loop_operation_never_waits_for_the_device_stop() -> None:
+    device = SlowToStop()
+    ctl = ChannelController("A", device)
+    try:
+        first = Operation("A", "calibrate", {}, lambda op: (op.sleep(30.0), {})[1], halt_on_cancel=True)
+        ctl.submit(first)
+        assert _wait_until(lambda: first.state == "running")
+        second_started = threading.Event()
+        second = Operation("A", "move_tip", {}, lambda op: (second_started.set(), {"ok": True})[1],
+                           halt_on_cancel=True)
+        submitter = threading.Thread(target=ctl.submit, args=(second,))
+        submitter.start()
+        submitter.join(5.0)
+        assert not submitter.is_alive()  # the caller (the server loop) did not wait for the device
+        assert device.stopping.wait(5.0)  # the device's stop is under way on the stopper thread
+        assert first.wait_finished(5.0) and first.state == "stopped"
+        assert not second_started.wait(0.2)  # the successor waits for the device's answer
+        device.answer_stop.set()
+        assert second.wait_finished(5.0) and second.state == "done" and second_started.is_set()
+    finally:
+        device.answer_stop.set()
+        ctl.close()
+        device.close()

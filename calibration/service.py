@@ -147,12 +147,15 @@ class CalibrationService:
         )
         self.log = get_logger("patchrig.calibration")
         self.store = CalibrationStore(store_dir if store_dir is not None else cfg.directory, rig)
-        self._lock = threading.RLock()  # guards _stored, _dirty, _saved_s, _refused
+        self._lock = threading.RLock()  # guards _stored, _dirty, _saved_s, _refused, _save_generation
         self._op_locks = {name: threading.Lock() for name in self.manipulators}
         self._stored: dict[str, StoredCalibration | None] = {}
         self._refused: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._saved_s: dict[str, float] = {}
+        self._save_locks = {name: threading.Lock() for name in self.manipulators}  # one file write at a time
+        self._save_generation: dict[str, int] = {}  # snapshots taken, per channel (under _lock)
+        self._written_generation: dict[str, int] = {}  # the newest on disk (under the save lock)
         self._correctors = {
             name: OffsetCorrector(
                 name,
@@ -179,6 +182,11 @@ class CalibrationService:
             self.log.info("calibration loaded", channel=channel, path=str(self.store.path(channel)))
 
     def _save(self, channel: str, *, force: bool) -> None:
+        """Write ``channel``'s calibration file (at most every ``CORRECTION_SAVE_INTERVAL_S``
+        unless ``force``). The file is written outside ``self._lock``: the server loop takes
+        that lock (``is_calibrated``, for ``status`` and ``move_tip``), and a ``stop`` queued
+        behind it must never wait on a disk. Saves of one channel are ordered: an older snapshot never overwrites a
+        newer one."""
         with self._lock:
             stored = self._stored.get(channel)
             if stored is None:
@@ -187,17 +195,25 @@ class CalibrationService:
             if not force and now - self._saved_s.get(channel, -math.inf) < CORRECTION_SAVE_INTERVAL_S:
                 self._dirty.add(channel)
                 return
+            snapshot = StoredCalibration(stored.calibration, list(stored.offset_history))
+            self._save_generation[channel] = generation = self._save_generation.get(channel, 0) + 1
+            self._saved_s[channel] = now  # also spaces out retries after a failed write
+            self._dirty.discard(channel)
+        with self._save_locks[channel]:
+            if generation < self._written_generation.get(channel, 0):
+                return  # a newer snapshot is already on disk
             try:
-                self.store.save(channel, stored)
+                self.store.save(channel, snapshot)
             except OSError as exc:
-                self._dirty.add(channel)
+                with self._lock:
+                    self._dirty.add(channel)
                 message = f"calibration file could not be written ({exc}); the calibration is in use but NOT saved"
                 if not force:  # background correction: log, never break the localiser worker
                     self.log.warning("calibration not saved", channel=channel, reason=str(exc))
                     return
                 raise DataError(message, channel=channel) from exc
-            self._saved_s[channel] = now
-            self._dirty.discard(channel)
+            self._written_generation[channel] = generation
+        with self._lock:
             self._refused.pop(channel, None)
 
     def _install(self, channel: str, calibration: ChannelCalibration, source: str, *, keep_history: bool = True) -> None:
@@ -403,7 +419,14 @@ class CalibrationService:
                 frame, focal = look.frame, look.focal_z_um
                 xy = np.array([detection.x_px, detection.y_px])
                 source = "detection"
+            # the tip's pixel and the read-back position must describe the same instant: a
+            # pipette that moved during or after the frame would give a wrong offset
+            if self._moving_during(m, frame):
+                raise Busy("the pipette is moving (or was, during the frame): set_tip needs it still; "
+                           "wait for the move to end or stop it", channel=channel)
             position = m.position_um
+            if m.is_busy():
+                raise Busy("the pipette started moving during set_tip; nothing was changed", channel=channel)
             tip_xy_um = px_to_um(xy, frame.um_per_px, frame.shape)
             new = set_tip_offset(cal, position, tip_xy_um, focal)
             self._install(channel, new, "set_tip")

@@ -20,7 +20,7 @@ from calibration.closed_loop import MoveTipFailed
 from calibration.service import CalibrationService
 from config.models import CalibrationConfig, RigIdentity
 from localisation.types import TipDetection
-from rig.errors import NotCalibrated, OutOfBounds, Stopped
+from rig.errors import Busy, NotCalibrated, OutOfBounds, Stopped
 
 
 class Rig:
@@ -175,6 +175,26 @@ def test_set_tip_after_a_pipette_change():
         px = rig.world.true_tip_px("B")
         rig.service.set_tip("B", px=px.tolist())
         assert rig.true_error_um("B") <= 0.2
+
+
+def test_set_tip_refuses_a_moving_pipette_and_changes_nothing():
+    """The tip's pixel and the read-back position must be of the same instant."""
+    with Rig(11, 1) as rig:
+        rig.service.calibrate("A")
+        before = rig.service.get_calibration("A")
+        m = rig.manipulators["A"]
+        px = rig.world.true_tip_px("A")
+        handle = m.move_to(m.position_um + np.array([40.0, 0.0, 0.0]), 20.0)  # 2 s of travel
+        try:
+            for kwargs in ({}, {"px": px.tolist()}):
+                with pytest.raises(Busy, match="moving"):
+                    rig.service.set_tip("A", **kwargs)
+        finally:
+            m.stop("test")
+            handle.wait(5.0, check=False)
+        after = rig.service.get_calibration("A")
+        assert after["offset_history"] == before["offset_history"]
+        assert after["calibration"] == before["calibration"]
 
 
 def test_persistence_reload_and_refusal_for_another_objective():

@@ -4,7 +4,9 @@ and jumping detections rejected and never applied."""
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import support_calibration as sc
 
 from calibration.correction import OffsetCorrector
 from calibration.service import CalibrationService
+from calibration.store import CalibrationStore
 from config.models import CalibrationConfig, RigIdentity
 from localisation.types import TipDetection
 from rig.frame import Frame
@@ -160,3 +163,45 @@ def test_service_never_applies_low_confidence_stale_or_moving_frames():
             out = service.observe(old_frame, good)
             assert out["corrections"]["A"]["reason"].startswith(("moving", "stale"))
         np.testing.assert_array_equal(service._calibration("A").offset_um, before)
+
+
+class _HeldStore(CalibrationStore):
+    """Writes a calibration file only once ``release`` is set (a slow or busy disk)."""
+
+    def __init__(self, directory, rig) -> None:
+        super().__init__(directory, rig)
+        self.saving = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, channel, stored):
+        self.saving.set()
+        assert self.release.wait(10.0)
+        return super().save(channel, stored)
+
+
+def test_a_slow_calibration_write_never_blocks_status_reads():
+    """The server loop asks ``is_calibrated`` for ``status``; it must not wait on a disk."""
+    world = sc.make_world(5, 1)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=5)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        service = _service(world, ms, cam, loc, tmp)
+        cam.start()
+        service.store = store = _HeldStore(service.store.directory, service.store.rig)
+        calibrating = threading.Thread(target=service.calibrate, args=("A",))
+        calibrating.start()
+        try:
+            assert store.saving.wait(30.0)  # calibrated; the file write is held
+            reads: list[object] = []
+            reader = threading.Thread(target=lambda: reads.extend(
+                [service.is_calibrated("A"), service.get_calibration("A")["calibrated"]]))
+            reader.start()
+            reader.join(5.0)
+            assert not reader.is_alive() and reads == [True, True]
+            assert not (Path(tmp) / "A.json").exists()  # still being written
+        finally:
+            store.release.set()
+            calibrating.join(30.0)
+        assert (Path(tmp) / "A.json").is_file()
+        assert CalibrationStore(tmp, service.store.rig).load("A") is not None
+        service.close()

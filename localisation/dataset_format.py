@@ -192,6 +192,8 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
             ("bgr", 3): cv2.COLOR_BGR2GRAY,
             ("bgr", 4): cv2.COLOR_BGRA2GRAY,
         }[(colour_order, image.shape[2])]
+        if image.dtype not in (np.uint8, np.uint16):  # before cvtColor, which would raise cv2.error
+            raise DataError(f"{path}: expected 8- or 16-bit pixels, got colour {image.dtype}")
         image = cv2.cvtColor(np.ascontiguousarray(image), code)
     elif image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]

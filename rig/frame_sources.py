@@ -5,8 +5,8 @@
   ``rig.frame_sender``), keeping only the newest frame;
 - ``ReplayFrameSource``: a TIFF stack or a folder of PNG/TIFF images, replayed at a fixed rate.
 
-Every source keeps only its newest frame (``latest``), lets a consumer wait for a frame newer
-than the one it has (``wait_for_frame``), and counts ``received`` (accepted) frames, ``dropped``
+Every source keeps only its newest frame (``latest``), lets a consumer wait for a frame that
+arrived after the one it has (``wait_for_frame``), and counts ``received`` (accepted) frames, ``dropped``
 frames (superseded before anyone could take them, or missing from the sender's frame_id
 sequence) and ``rejected`` frames (malformed: wrong part count, bad header JSON, missing or
 wrong fields, truncated bytes, wrong size or dtype). A rejected frame is logged and counted and
@@ -21,6 +21,7 @@ import json
 import math
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from rig.frame import Frame
 from rig.logs import get_logger
 
 SCHEMA = "patchrig-frame/1"
+MAX_FRAME_ID = 2**53  # exact in a JSON number everywhere
+MIN_SIDE_PX = 8  # the localiser needs at least 8x8 pixels; a smaller frame would fix the stream's geometry
+MAX_PLAUSIBLE_GAP = 100_000  # a larger jump in frame_id is a renumbering, not lost frames
+RECENT_IDS_KEPT = 4096  # frames whose arrival order wait_for_frame remembers (2 min at 30 Hz)
 _DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16)}
 
 
@@ -53,6 +58,10 @@ class FrameSource:
         self._cond = threading.Condition()
         self._latest: Frame | None = None
         self._taken_id: int | None = None
+        # arrival order of recent frames: frame_id -> the arrival number of the newest frame with
+        # that id (bounded), so that "newer" survives a sender that restarts its numbering
+        self._arrivals = 0
+        self._arrival_of_id: OrderedDict[int, int] = OrderedDict()
         self._received = 0
         self._dropped = 0
         self._rejected = 0
@@ -79,19 +88,33 @@ class FrameSource:
             return self._latest
 
     def wait_for_frame(self, after_frame_id: int | None, timeout_s: float) -> Frame | None:
-        """The newest frame whose id is greater than ``after_frame_id`` (any frame if None),
-        waiting up to ``timeout_s``; None on timeout or when closed."""
+        """The newest frame, once it arrived after the frame with id ``after_frame_id`` (any
+        frame if None), waiting up to ``timeout_s``; None on timeout or when closed.
+
+        "After" is arrival order for the last ``RECENT_IDS_KEPT`` frames, so a sender that
+        restarts its numbering never leaves a consumer waiting for ever; an id the source has
+        not seen recently falls back to "a higher id"."""
         deadline = time.monotonic() + max(timeout_s, 0.0)
         with self._cond:
             while True:
                 f = self._latest
-                if f is not None and (after_frame_id is None or f.frame_id > after_frame_id):
+                if f is not None and self._arrived_after(f, after_frame_id):
                     self._taken_id = f.frame_id
                     return f
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
                     return None
                 self._cond.wait(remaining)
+
+    def _arrived_after(self, frame: Frame, after_frame_id: int | None) -> bool:
+        """Whether ``frame`` (the latest) arrived after the frame with id ``after_frame_id``
+        (call with ``self._cond`` held)."""
+        if after_frame_id is None:
+            return True
+        arrival = self._arrival_of_id.get(after_frame_id)
+        if arrival is None:
+            return frame.frame_id > after_frame_id
+        return self._arrivals > arrival
 
     @property
     def stats(self) -> dict[str, int]:
@@ -126,6 +149,11 @@ class FrameSource:
             self._dropped += superseded
             self._latest = frame
             self._received += 1
+            self._arrivals += 1
+            self._arrival_of_id[frame.frame_id] = self._arrivals
+            self._arrival_of_id.move_to_end(frame.frame_id)
+            if len(self._arrival_of_id) > RECENT_IDS_KEPT:
+                self._arrival_of_id.popitem(last=False)
             self._cond.notify_all()
 
     def _count_lost(self, n: int) -> None:
@@ -195,6 +223,8 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
         header = json.loads(bytes(raw_header).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameRejected(f"header is not UTF-8 JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # integers of > 4300 digits, nesting too deep
+        raise FrameRejected(f"header is not usable JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
     if not isinstance(header, dict):
         raise FrameRejected("header must be a JSON object")
     missing = [k for k in ("schema", "frame_id", "t", "shape", "dtype", "um_per_px") if k not in header]
@@ -203,17 +233,17 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
     if header["schema"] != SCHEMA:
         raise FrameRejected(f"schema must be {SCHEMA!r}, got {header['schema']!r}")
     fid = header["frame_id"]
-    if not isinstance(fid, int) or isinstance(fid, bool) or fid < 0:
-        raise FrameRejected(f"frame_id must be a non-negative integer, got {fid!r}")
+    if not isinstance(fid, int) or isinstance(fid, bool) or not 0 <= fid <= MAX_FRAME_ID:
+        raise FrameRejected(f"frame_id must be an integer from 0 to 2**53, got {_short(fid)}")
     t = header["t"]
     if not _finite(t):
-        raise FrameRejected(f"t must be a finite number, got {t!r}")
+        raise FrameRejected(f"t must be a finite number, got {_short(t)}")
     shape = header["shape"]
     if not (
         isinstance(shape, list) and len(shape) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 16384 for s in shape)
+        and all(isinstance(s, int) and not isinstance(s, bool) and MIN_SIDE_PX <= s <= 16384 for s in shape)
     ):
-        raise FrameRejected(f"shape must be [h, w] positive integers, got {shape!r}")
+        raise FrameRejected(f"shape must be [h, w] integers from {MIN_SIDE_PX} to 16384, got {_short(shape)}")
     dtype: np.dtype | None = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
     if dtype is None:
         raise FrameRejected(f"dtype must be 'uint8' or 'uint16', got {header['dtype']!r}")
@@ -221,10 +251,10 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
         raise FrameRejected(f"order must be 'C', got {header.get('order')!r}")
     upx = header["um_per_px"]
     if not _finite(upx) or upx <= 0:
-        raise FrameRejected(f"um_per_px must be a positive number, got {upx!r}")
+        raise FrameRejected(f"um_per_px must be a positive number, got {_short(upx)}")
     z = header.get("z_um")
     if z is not None and not _finite(z):
-        raise FrameRejected(f"z_um must be a number or null, got {z!r}")
+        raise FrameRejected(f"z_um must be a number or null, got {_short(z)}")
     h, w = shape
     expected = h * w * dtype.itemsize
     buf = memoryview(data)
@@ -242,8 +272,22 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
     )
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about untrusted input."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 class ZmqFrameSource(FrameSource):
@@ -348,9 +392,15 @@ class ZmqFrameSource(FrameSource):
         except FrameRejected as exc:
             self._reject(str(exc))
             return None
+        except Exception as exc:  # whatever a message holds, the receiver thread must live on
+            self._reject(f"undecodable message ({type(exc).__name__}: {str(exc)[:80]})")
+            return None
         last = self._last_seen_id
-        if last is not None and frame.frame_id > last + 1:
+        if last is not None and last + 1 < frame.frame_id <= last + MAX_PLAUSIBLE_GAP:
             self._count_lost(frame.frame_id - last - 1)
+        elif last is not None and (frame.frame_id <= last or frame.frame_id > last + MAX_PLAUSIBLE_GAP):
+            # the sender restarted or renumbered: frames are still taken, newest first
+            self._log.warning("frame_id sequence restarted", previous=last, now=frame.frame_id)
         self._last_seen_id = frame.frame_id
         return frame
 
@@ -473,6 +523,8 @@ class ReplayFrameSource(FrameSource):
                 self._accept(frame)
             except (DataError, FrameRejected) as exc:
                 self._reject(f"frame {index}: {exc}")
+            except Exception as exc:  # whatever a file holds, replay goes on
+                self._reject(f"frame {index}: unreadable ({type(exc).__name__}: {str(exc)[:80]})")
             frame_id += 1
             index += 1
             next_t += period

@@ -20,6 +20,7 @@ import contextlib
 import json
 import multiprocessing
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) 
             reply = {"ok": True, "tips": [[d.x_px, d.y_px, d.score] for d in found]}
         except Exception as exc:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply["seq"] = header.get("seq")  # the parent matches replies to requests by it
         conn.send_bytes(json.dumps(reply).encode())
     conn.close()
 
@@ -81,6 +83,7 @@ class ProcessLocaliser:
         self.checkpoint = checkpoint
         self._lock = threading.Lock()
         self._closed = False
+        self._seq = 0  # request number; a reply that arrives after its call timed out is skipped
 
     @classmethod
     def start(cls, checkpoint: str | None = None, device: str = "auto", threads: int | None = None) -> ProcessLocaliser:
@@ -107,17 +110,26 @@ class ProcessLocaliser:
         return cls(process, parent, hello["device"], hello["checkpoint"])
 
     def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
+        """The child's detections for THIS frame. Safety: every request is numbered, and a
+        late reply to an earlier request (one whose call timed out) is read and dropped, never
+        returned as this frame's tips."""
         array = np.ascontiguousarray(pixels)
-        header = {"shape": list(array.shape), "dtype": array.dtype.str, "um_per_px": float(um_per_px)}
         with self._lock:
             if self._closed:
                 raise PatchrigError("the localiser process is closed")
+            self._seq += 1
+            header = {"seq": self._seq, "shape": list(array.shape), "dtype": array.dtype.str,
+                      "um_per_px": float(um_per_px)}
             try:
                 self._conn.send_bytes(json.dumps(header).encode())
                 self._conn.send_bytes(array.data.cast("B"))  # C-contiguous: no copy
-                if not self._conn.poll(CALL_TIMEOUT_S):
-                    raise PatchrigError(f"the localiser process did not answer within {CALL_TIMEOUT_S:.0f} s")
-                reply = json.loads(self._conn.recv_bytes())
+                deadline = time.monotonic() + CALL_TIMEOUT_S
+                while True:
+                    if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                        raise PatchrigError(f"the localiser process did not answer within {CALL_TIMEOUT_S:.0f} s")
+                    reply = json.loads(self._conn.recv_bytes())
+                    if reply.get("seq") == self._seq:
+                        break  # older replies belong to calls that already timed out
             except (EOFError, OSError) as exc:
                 raise PatchrigError(f"the localiser process died ({exc})") from None
         if not reply.get("ok"):

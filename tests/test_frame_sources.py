@@ -57,7 +57,7 @@ def connected(sender: FrameSender, source: ZmqFrameSource) -> int:
 
 
 def test_decode_roundtrip_and_header_checks() -> None:
-    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    pixels = np.arange(96, dtype=np.uint16).reshape(8, 12)
     parts = encode_frame(pixels, frame_id=7, um_per_px=0.62, z_um=-3.0, t=12.5)
     frame = decode_frame(parts)
     assert frame.frame_id == 7 and frame.t_s == 12.5 and frame.z_um == -3.0
@@ -75,6 +75,15 @@ def test_decode_roundtrip_and_header_checks() -> None:
     for message, (key, value) in bad_headers.items():
         with pytest.raises(FrameRejected, match=message):
             decode_frame([b"frame", json.dumps({**header, key: value}).encode(), parts[2]])
+    # values no float can hold, ids no sequence reaches, and frames too small for the localiser
+    for key, value in (("t", 10**400), ("um_per_px", 10**400), ("z_um", -(10**400)), ("frame_id", 2**62),
+                       ("shape", [1, 1]), ("shape", [4, 24])):
+        with pytest.raises(FrameRejected, match=key) as raised:
+            decode_frame([b"frame", json.dumps({**header, key: value}).encode(), parts[2]])
+        assert len(str(raised.value)) < 200  # the message quotes a shortened value
+    for raw in (b'{"t": ' + b"1" * 5000 + b"}", b"[" * 100_000):  # too many digits; too deep
+        with pytest.raises(FrameRejected, match="header"):
+            decode_frame([b"frame", raw, parts[2]])
     with pytest.raises(FrameRejected, match="lacks t"):
         decode_frame([b"frame", json.dumps({k: v for k, v in header.items() if k != "t"}).encode(), parts[2]])
     with pytest.raises(FrameRejected, match="bytes"):
@@ -141,6 +150,36 @@ def test_zmq_rejects_corrupt_frames_counts_them_and_keeps_going() -> None:
         assert source.stats["rejected"] == len(corrupt)
 
 
+def test_zmq_survives_hostile_headers_and_follows_a_sender_that_restarts_its_numbering() -> None:
+    with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
+        last_probe = connected(sender, source) - 1
+        fid = last_probe + 1000
+        sender.send(image(1), um_per_px=0.5, frame_id=fid)
+        got = source.wait_for_frame(last_probe, 5.0)
+        assert got is not None and got.frame_id == fid
+        header = json.loads(encode_frame(image(2), frame_id=fid + 1, um_per_px=0.5)[1])
+        hostile = [
+            [b"frame", json.dumps({**header, "t": 10**400}).encode(), image(2).tobytes()],
+            [b"frame", b'{"t": ' + b"1" * 5000 + b"}", image(2).tobytes()],
+            [b"frame", b"[" * 100_000, image(2).tobytes()],
+            [b"frame", json.dumps({**header, "frame_id": 2**62}).encode(), image(2).tobytes()],
+        ]
+        rejected = source.stats["rejected"]
+        for parts in hostile:
+            sender.send_parts(parts)
+            time.sleep(0.005)
+        assert wait_until(lambda: source.stats["rejected"] == rejected + len(hostile))
+        # the acquisition program restarts: frame ids begin again at 0, and frames still flow
+        dropped = source.stats["dropped"]
+        seen = fid
+        for new_id in (0, 1, 2):
+            sender.send(image(10 + new_id), um_per_px=0.5, frame_id=new_id)
+            got = source.wait_for_frame(seen, 5.0)
+            assert got is not None and got.frame_id == new_id and got.pixels[0, 0] == 10 + new_id
+            seen = new_id
+        assert source.stats["dropped"] == dropped  # a renumbering is not counted as lost frames
+
+
 def test_zmq_source_close_wakes_waiters_and_bad_endpoint_is_a_clear_error() -> None:
     source = ZmqFrameSource("tcp://127.0.0.1:1")
     source.start()
@@ -190,13 +229,16 @@ def test_replay_of_a_folder_rejects_bad_images_and_goes_on(tmp_path: Path) -> No
     cv2.imwrite(str(tmp_path / "03.png"), image(1000))  # 16-bit: does not match the stream
     cv2.imwrite(str(tmp_path / "04.png"), image(40, (20, 20), np.uint8))  # wrong size
     cv2.imwrite(str(tmp_path / "05.png"), image(50, dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "06.tif", np.ones((32, 48, 3)), photometric="rgb")  # colour float64
+    cv2.imwrite(str(tmp_path / "07.png"), image(70, dtype=np.uint8))
     (tmp_path / "notes.txt").write_text("ignored")
     with ReplayFrameSource(tmp_path, rate_hz=100.0, um_per_px=0.5, loop=False) as source:
         frames = collect(source)
-    assert source.n_frames == 6
-    assert source.stats == {"received": 3, "dropped": source.stats["dropped"], "rejected": 3}
+    assert source.n_frames == 8
+    assert source.stats == {"received": 4, "dropped": source.stats["dropped"], "rejected": 4}
     values = {f.frame_id: int(f.pixels[0, 0]) for f in frames}
     assert values.get(5) == 50
+    assert values.get(7) == 70  # replay went on after the colour float TIFF
     assert values.get(2, 59) in range(55, 62)  # green 100 -> grey 0.587 * 100
 
 

@@ -50,3 +50,48 @@ def test_child_process_matches_in_process_inference(checkpoint: Path) -> None:
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load the localiser"):
         ProcessLocaliser.start(str(tmp_path / "nope.pt"), device="cpu", threads=1)
+
+
+def test_a_reply_that_comes_after_its_call_timed_out_is_never_taken_for_the_next_frame(monkeypatch) -> None:
+    """Each answer must belong to its own frame: tips of an earlier frame (before a move) must
+    never come back as a later frame's."""
+    import json
+    import multiprocessing
+    import threading
+
+    import rig.localiser_process as lp
+
+    parent, child = multiprocessing.Pipe(duplex=True)
+    first_may_answer = threading.Event()
+
+    def fake_child() -> None:  # answers x = the frame's first pixel; holds its first answer
+        n = 0
+        while True:
+            header = json.loads(child.recv_bytes())
+            if header.get("stop"):
+                return
+            pixels = np.frombuffer(child.recv_bytes(), dtype=header["dtype"]).reshape(header["shape"])
+            if n == 0:
+                first_may_answer.wait(10.0)
+            n += 1
+            child.send_bytes(json.dumps({"ok": True, "seq": header.get("seq"),
+                                         "tips": [[float(pixels[0, 0]), 0.0, 0.9]]}).encode())
+
+    class NoProcess:
+        def join(self, timeout=None) -> None:
+            pass
+
+        def is_alive(self) -> bool:
+            return False
+
+    threading.Thread(target=fake_child, daemon=True).start()
+    remote = ProcessLocaliser(NoProcess(), parent, "cpu", "fake")
+    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 0.2)
+    with pytest.raises(lp.PatchrigError, match="did not answer"):
+        remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
+    first_may_answer.set()  # frame 1's answer is now in the pipe, late
+    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 30.0)
+    for value in (2, 3, 4):
+        got = remote.locate(np.full((16, 16), value, np.uint16), 0.5)
+        assert [d.x_px for d in got] == [float(value)]
+    remote.close()

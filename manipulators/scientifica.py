@@ -456,9 +456,13 @@ class ScientificaProtocol:
         """``TOP top`` -> ``ABS x y z`` -> ``TOP <default>``. Checks ``abort`` between commands;
         ``top_dirty`` stays set if the restore did not happen (the stop path restores it)."""
         info = self._need_info()
-        if top != info.top_default:
-            self.exchange(f"TOP {top}")
+        if top != info.top_default or self.top_dirty:
+            # dirty before the exchange: a garbled answer may hide a TOP the device applied.
+            # A dirty TOP (an earlier restore failed) is always overwritten, so that no move
+            # runs at an earlier move's speed.
             self.top_dirty = True
+            self.exchange(f"TOP {top}")
+            self.top_dirty = top != info.top_default
         try:
             self.exchange(f"ABS {ticks[0]} {ticks[1]} {ticks[2]}")
         finally:
@@ -835,6 +839,11 @@ class ScientificaManipulator(Manipulator):
                 self._requests.put(req)
         except PatchrigError as exc:
             self.log.warning("request failed", kind=req.kind, error=str(exc))
+            if req.kind == "move":
+                # Safety: ``ABS`` answers as the move starts, so a lost or garbled answer (or a
+                # failed speed restore after it) can leave the stage moving: stop it.
+                with contextlib.suppress(PatchrigError, StopRequested):
+                    self._proto.stop()
             if req.handle is not None:
                 req.handle.finish(MoveState.FAILED, position_um=self._cache.position_um, reason=str(exc),
                                   error=exc)

@@ -80,6 +80,8 @@ class ScientificaFaults:
     - ``silent``: commands are not heard at all (no reply, no action), as an unplugged cable;
     - ``error_next_commands``: the next N commands answer ``E,3`` and do nothing;
     - ``error_commands``: command names (upper case, e.g. ``{"ABS"}``) that always answer ``E,3``;
+    - ``garble_commands``: command names whose replies are always garbled; the command itself
+      still acts (an ``ABS`` starts the move, and the host never hears the ``A``);
     - ``miss_next_moves`` / ``miss_by_um``: the next N moves stop ``miss_by_um`` short on x;
     - ``idle_early_s``: ``S`` reports idle during the last ``idle_early_s`` of every move.
     """
@@ -89,6 +91,7 @@ class ScientificaFaults:
     silent: bool = False
     error_next_commands: int = 0
     error_commands: set[str] = field(default_factory=set)
+    garble_commands: set[str] = field(default_factory=set)
     miss_next_moves: int = 0
     miss_by_um: float = 5.0
     idle_early_s: float = 0.0
@@ -322,6 +325,8 @@ class ScientificaSimulator:
         data = reply.encode("ascii")
         if faults.garble_next_replies > 0:
             faults.garble_next_replies -= 1
+            data = _garble(data)
+        elif tokens[:1] and tokens[0] in faults.garble_commands:
             data = _garble(data)
         self._send(data + b"\r")
 

@@ -41,6 +41,15 @@ def rig(version: int = 2, timeout_s: float = 0.3, **kwargs: object) -> Iterator[
         sim.close()
 
 
+def wait_until(condition: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def inside_limits(sim: ScientificaSimulator) -> bool:
     return LIMITS.contains(sim.physical_position_um().tolist())
 
@@ -256,6 +265,48 @@ def test_refused_move_fails_with_the_device_error_and_nothing_moves() -> None:
         assert np.allclose(sim.physical_position_um(), 0.0)
         sim.faults.error_commands = set()
         assert m.move_to([50.0, 0.0, 0.0], 400.0).wait(BOUND_S).state is MoveState.DONE
+
+
+def test_a_move_whose_start_reply_is_garbled_fails_and_leaves_the_stage_stopped() -> None:
+    """``ABS`` answers as the move starts: a garbled answer (twice, with the retry) must not
+    leave the stage travelling on while the caller is told the move failed."""
+    with rig(timeout_s=0.3) as (sim, m):
+        sim.faults.garble_commands = {"ABS"}
+        handle = m.move_to([400.0, 0.0, 0.0], 100.0)  # 4 s of travel
+        with pytest.raises(DeviceError, match="garbled"):
+            handle.wait(BOUND_S)
+        assert "STOP" in sim.heard()
+        assert wait_until(lambda: not sim.is_moving(), 5.0)
+        stopped_at = sim.physical_position_um().copy()
+        time.sleep(0.3)
+        assert np.allclose(sim.physical_position_um(), stopped_at)
+        assert stopped_at[0] < 200.0  # far from the target: halted, not finished
+        sim.faults.garble_commands = set()
+        assert m.move_to([50.0, 0.0, 0.0], 400.0).wait(BOUND_S).state is MoveState.DONE
+
+
+def test_a_speed_left_set_by_a_failed_move_is_overwritten_before_the_next_move() -> None:
+    """A garbled answer to ``TOP n`` may hide a TOP the device applied; the next move, even
+    at the default speed, must send its own TOP rather than run at the earlier one."""
+    sim = ScientificaSimulator(version=2, baud=BAUD[2])
+    sim._top = 4000  # a default TOP within this channel's maximum speed
+    port = sim.start()
+    m = ScientificaManipulator("C", LIMITS, 2000.0, 400.0, port=port, baud=BAUD[2], timeout_s=0.3)
+    try:
+        info = m.info
+        default_speed = info.speed_for_top(info.top_default)
+        assert info.top_for_speed(default_speed) == info.top_default
+        sim.faults.garble_commands = {"TOP"}
+        with pytest.raises(DeviceError, match="garbled"):
+            m.move_to([100.0, 0.0, 0.0], 100.0).wait(BOUND_S)
+        sim.faults.garble_commands = set()
+        assert m.move_to([20.0, 0.0, 0.0], default_speed).wait(BOUND_S).state is MoveState.DONE
+        heard = sim.heard()
+        last_abs = max(i for i, c in enumerate(heard) if c.startswith("ABS"))
+        assert f"TOP {info.top_default}" in heard[last_abs - 3:last_abs]
+    finally:
+        m.close()
+        sim.close()
 
 
 def test_missed_targets_are_retried() -> None:

@@ -22,6 +22,8 @@ import numpy as np
 
 from rig.errors import DataError
 
+MAX_MODEL_SIDE_PX = 16384  # a frame larger than this on the model's grid has a wrong pixel size
+
 
 @dataclass(frozen=True)
 class Resampling:
@@ -63,7 +65,8 @@ def _validate_array(pixels: np.ndarray, um_per_px: float, what: str) -> np.ndarr
         raise DataError(f"{what}: image too small ({pixels.shape[1]}x{pixels.shape[0]} px)")
     if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
         raise DataError(f"{what}: image contains NaN or infinite values")
-    if not (isinstance(um_per_px, int | float) and np.isfinite(um_per_px) and um_per_px > 0):
+    if not (isinstance(um_per_px, int | float | np.floating | np.integer) and not isinstance(um_per_px, bool)
+            and np.isfinite(um_per_px) and um_per_px > 0):
         raise DataError(f"{what}: um_per_px must be a positive number, got {um_per_px!r}")
     return pixels
 
@@ -85,6 +88,10 @@ def resample(
             raise ValueError("fixed_scale mode needs model_um_per_px")
         f = float(um_per_px) / float(model_um_per_px)
         out_w, out_h = max(8, round(w * f)), max(8, round(h * f))
+        if max(out_w, out_h) > MAX_MODEL_SIDE_PX:
+            raise DataError(
+                f"a {w}x{h} frame at {um_per_px:g} µm/px is {out_w}x{out_h} px on the model's "
+                f"{model_um_per_px:g} µm grid, above {MAX_MODEL_SIDE_PX} px a side: is the pixel size right?")
     else:
         raise ValueError(f"unknown input mode {mode!r}")
     img: np.ndarray = pixels.astype(np.float32, copy=False)

@@ -211,9 +211,10 @@ class Manipulator(ABC):
         return target
 
     def validate_speed(self, speed_um_s: float | None) -> float:
-        """Return the speed to use (default when None), or raise InvalidParams."""
+        """Return the speed to use (default when None), or raise InvalidParams. The default
+        goes through the same checks: no path returns a speed above the channel maximum."""
         if speed_um_s is None:
-            return self.default_speed_um_s
+            speed_um_s = self.default_speed_um_s
         if isinstance(speed_um_s, bool | str | bytes):
             raise InvalidParams(f"speed {speed_um_s!r} is not a number", channel=self.name)
         try:

@@ -132,12 +132,19 @@ def test_deterministic(localiser: TipLocaliser, frames: list) -> None:
         (np.zeros(64, np.uint16), 0.5),
         (np.zeros((64, 64), np.uint16), 0.0),
         (np.zeros((64, 64), np.uint16), float("inf")),
+        (np.zeros((64, 64), np.uint16), True),
+        (np.zeros((512, 512), np.uint16), 620.0),  # 254,000 px a side on the model grid: refused, not allocated
         (None, 0.5),
     ],
 )
 def test_bad_input_raises_data_error(localiser: TipLocaliser, pixels: object, um_per_px: float) -> None:
     with pytest.raises(DataError):
         localiser.locate(pixels, um_per_px)  # type: ignore[arg-type]
+
+
+def test_a_numpy_pixel_size_is_accepted(localiser: TipLocaliser, frames: list) -> None:
+    ex = frames[1]
+    assert localiser.locate(ex.pixels, np.float32(ex.um_per_px)) == localiser.locate(ex.pixels, float(np.float32(ex.um_per_px)))
 
 
 def test_flat_frame_has_no_tips(localiser: TipLocaliser) -> None:

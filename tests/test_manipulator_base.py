@@ -13,7 +13,7 @@ import pytest
 
 from manipulators.base import Limits, Manipulator, MoveHandle, MoveState, stop_all
 from manipulators.simulated import SimulatedManipulator
-from rig.errors import DeviceError, DeviceTimeout, OutOfBounds, Stopped
+from rig.errors import DeviceError, DeviceTimeout, InvalidParams, OutOfBounds, Stopped
 
 LIMITS = Limits((0.0, 0.0, 0.0), (100.0, 100.0, 100.0))
 
@@ -153,6 +153,9 @@ def test_default_speed_is_capped_by_the_maximum() -> None:
     assert m.default_speed_um_s == 100.0
     assert m.validate_speed(None) == 100.0
     assert m.validate_speed(50) == 50.0
+    m.default_speed_um_s = 10_000.0  # however it got there, the default is checked like any speed
+    with pytest.raises(InvalidParams, match="above the channel maximum"):
+        m.validate_speed(None)
 
 
 # -- stop_all ----------------------------------------------------------------------------------

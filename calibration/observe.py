@@ -20,6 +20,7 @@ more frame periods per look.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +30,24 @@ import numpy as np
 
 from localisation.types import Localiser, TipDetection, pixel_size_refusal
 from manipulators.base import Manipulator
-from rig.errors import DeviceTimeout, NoFrame, Stopped
+from rig.errors import Busy, DeviceTimeout, NoFrame, Stopped
 from rig.frame import Frame
+
+MOVE_TIMEOUT_MARGIN_S = 10.0
+
+
+def still_since_s(manipulator: Manipulator) -> float:
+    """time.monotonic() at which the channel's last move ended (-inf if it never moved).
+    Raises Busy if it is moving now: a closed-loop look must not pair a frame with a position
+    of another instant."""
+    if manipulator.is_busy():
+        raise Busy("the pipette is moving: stop it or wait for the move to end first", channel=manipulator.name)
+    handle = manipulator.current_move
+    if handle is None:
+        return -math.inf
+    if handle.finished_s is None:
+        raise Busy("the pipette's last move has not ended: stop it first", channel=manipulator.name)
+    return float(handle.finished_s)
 
 
 def move_and_settle(
@@ -39,14 +56,19 @@ def move_and_settle(
     *,
     speed_um_s: float | None = None,
     cancel: threading.Event | None = None,
-    timeout_s: float = 60.0,
+    timeout_s: float | None = None,
 ) -> float:
     """Move to ``target_um`` (device µm) and wait until the move ended; return time.monotonic()
     at the end. Raises OutOfBounds/InvalidParams before moving, Stopped when interrupted or
-    cancelled, DeviceError on device failures."""
+    cancelled, DeviceError on device failures. ``timeout_s`` (default: twice the travel time
+    at the move's speed plus 10 s) only catches a hung device; it stops the device."""
     if cancel is not None and cancel.is_set():
         raise Stopped("cancelled before the move", channel=manipulator.name)
     target = manipulator.validate_target(target_um)
+    if timeout_s is None:
+        speed = manipulator.validate_speed(speed_um_s)
+        distance_um = float(np.linalg.norm(target - manipulator.position_um))
+        timeout_s = 2.0 * distance_um / speed + MOVE_TIMEOUT_MARGIN_S
     handle = manipulator.move_to(target, speed_um_s)
     finished = threading.Event()
     handle.add_done_callback(lambda _h: finished.set())

@@ -14,8 +14,11 @@ the daemon's localiser worker holds while it uses the same model (the service ta
 every ``locate`` call); without one, the localiser must be safe to call from two threads.
 ``focal_z_um``: the focal plane when frames carry no ``z_um``. ``z_up_signs``: per channel,
 +1 if manipulator +z moves the tip up (default), -1 if down (4-axis devices measure it).
-``min_score``: detections below it are ignored by calibrate, set_tip and move_tip (which also
-gate by position); continuous correction uses the stricter ``cfg.min_confidence``.
+``min_score``: detections below it, or below ``cfg.min_confidence`` (the higher of the two
+counts), are ignored by calibrate, set_tip and move_tip, which re-pin and store offsets from
+what they see (and also gate by position); continuous correction uses ``cfg.min_confidence``.
+calibrate and move_tip refuse (Busy) a pipette that is moving, and look only at frames taken
+after its last move ended plus the settling time.
 ``um_per_px_range``: frames whose pixel size (µm) lies outside it are refused by calibrate,
 set_tip and move_tip (NoFrame, raised at the first look, before anything moves); None: no
 limit. The daemon passes ``[localiser] um_per_px_range`` and ``min_score``.
@@ -138,7 +141,9 @@ class CalibrationService:
         self.eye = Eye(
             frames,
             localiser,
-            min_score=min_score,
+            # closed-loop looks re-pin and store offsets: below [calibration] min_confidence a
+            # detection never does that (nor corrects continuously), whatever min_score is
+            min_score=max(float(min_score), float(cfg.min_confidence)),
             localiser_lock=localiser_lock,
             settle_s=settle_s,
             focal_z_um=focal_z_um,
@@ -499,7 +504,7 @@ class CalibrationService:
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         m = self._manipulator(channel)
-        cal = self._calibration(channel)
+        self._calibration(channel)  # NotCalibrated before anything else
         if (target_px is None) == (target_um is None):
             raise InvalidParams("give exactly one of target_px and target_um", channel=channel)
         tolerance = float(self.cfg.tolerance_um if tolerance_um is None else tolerance_um)
@@ -510,6 +515,7 @@ class CalibrationService:
             raise InvalidParams(f"max_iterations must be 1..50, got {max_iterations!r}", channel=channel)
         lock = self._operation(channel)
         try:
+            cal = self._calibration(channel)  # under the lock: after any correction it waited for
             latest = self.frames.latest()
             focal_z = self.eye.focal_z_of(latest) if latest is not None else float(self.eye.focal_z_um or 0.0)
             if target_px is not None:

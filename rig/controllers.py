@@ -8,8 +8,9 @@ request is answered when it ends (``wait: true``) or at once with ``{"op": id}``
 Rules:
 - one operation runs per channel at a time, in the channel's worker thread;
 - a new operation supersedes the running one: the old one ends ``stopped`` (reason
-  "superseded"), and the pending one, if any, is dropped the same way (the queue holds at most
-  the newest request: it is bounded by construction);
+  "superseded"; its device is halted first when it has ``halt_on_cancel``), and the pending
+  one, if any, is dropped the same way (the queue holds at most the newest request: it is
+  bounded by construction);
 - ``stop`` cancels the running and pending operations and halts the manipulator from the
   caller's thread (the server's loop), never waiting for the worker;
 - every move goes through the ``Manipulator`` interface, so limits and speed caps apply.
@@ -53,8 +54,9 @@ class Operation:
 
     ``body(op)`` does the work and returns the JSON result; it waits through ``start_move`` and
     ``sleep`` (both wake up at once on cancel) and calls ``check`` between steps.
-    ``halt_on_cancel``: stop the manipulator when cancelled (closed-loop work whose inner steps
-    do not watch the cancel flag); a plain move is redirected by its successor instead.
+    ``halt_on_cancel``: when superseded, stop the manipulator (on the stopper thread) before
+    the successor starts. The daemon sets it for every operation: a successor that fails
+    before it sends a move must not leave the old move running.
     """
 
     def __init__(

@@ -30,7 +30,7 @@ from manipulators.base import Manipulator
 from rig.closed_loop import ClosedLoop
 from rig.controllers import ChannelController, Operation, PositionPoller, halt_all, move_body
 from rig.curve import ServerKeys, is_loopback_endpoint, start_authenticator
-from rig.errors import Busy, ConfigError, DeviceError, InvalidParams, NoFrame, NotFound
+from rig.errors import Busy, ConfigError, DeviceError, InvalidParams, NoFrame, NotFound, Stopped
 from rig.localiser_worker import LocaliserWorker
 from rig.logs import get_logger
 from rig.protocol import PROTOCOL, Request
@@ -459,10 +459,17 @@ class Daemon:
                 self._query_slots.release()
 
         try:
-            self.queries.submit(run)
+            future = self.queries.submit(run)
         except RuntimeError:  # pool shut down
             self._query_slots.release()
             raise Busy("daemon is shutting down") from None
+
+        def never_ran(done: Any) -> None:  # cancelled in the queue at shutdown: still answer
+            if done.cancelled():
+                self._query_slots.release()
+                responder.error(Stopped("daemon is shutting down; the request was not run"))
+
+        future.add_done_callback(never_ran)
 
     def _get_position(self, ctl: ChannelController) -> dict[str, Any]:
         position = ctl.manipulator.position_um
@@ -498,14 +505,14 @@ class Daemon:
             target = ctl.manipulator.validate_target(p.position_um)  # type: ignore[attr-defined]
             speed = ctl.manipulator.validate_speed(p.speed_um_s)  # type: ignore[attr-defined]
             body = move_body(ctl, target, speed)
-            halt = False
         elif request.method == "move_tip":
             body = self.closed_loop.move_tip_body(ctl, p)
-            halt = True
         else:
             body = self.closed_loop.calibrate_body(ctl)
-            halt = True
-        op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish, halt_on_cancel=halt)
+        # Every superseded operation halts its device (on the stopper thread) before its successor
+        # starts: a successor that fails before it sends a move (out of bounds, no frame) must
+        # not leave the old move running to its old target.
+        op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish, halt_on_cancel=True)
         op.add_finish_callback(self._report_failure)
         if wait:
             op.add_finish_callback(lambda o: responder.error(o.error) if o.error is not None else responder.ok(o.result))

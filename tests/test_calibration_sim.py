@@ -197,6 +197,42 @@ def test_set_tip_refuses_a_moving_pipette_and_changes_nothing():
         assert after["calibration"] == before["calibration"]
 
 
+def test_move_tip_and_calibrate_refuse_a_moving_pipette_and_change_nothing():
+    """Their first look pairs a frame with the read-back position: both must be of a still
+    pipette."""
+    with Rig(12, 1) as rig:
+        rig.service.calibrate("A")
+        before = rig.service.get_calibration("A")
+        m = rig.manipulators["A"]
+        handle = m.move_to(m.position_um + np.array([40.0, 0.0, 0.0]), 20.0)  # 2 s of travel
+        try:
+            with pytest.raises(Busy, match="moving"):
+                rig.service.move_tip("A", target_um=(rig.world.true_tip_um("A")[:2] + 5.0).tolist())
+            with pytest.raises(Busy, match="moving"):
+                rig.service.calibrate("A")
+        finally:
+            m.stop("test")
+            handle.wait(5.0, check=False)
+        after = rig.service.get_calibration("A")
+        assert after["offset_history"] == before["offset_history"]
+        assert after["calibration"] == before["calibration"]
+
+
+def test_closed_loop_looks_ignore_detections_below_min_confidence():
+    """move_tip re-pins and stores offsets from what it sees: detections below
+    [calibration] min_confidence (0.7) must count as no tip, even with min_score at 0.5."""
+    with Rig(13, 1) as rig:
+        rig.service.calibrate("A")
+        before = rig.service.get_calibration("A")["calibration"]
+        rig.world.jump("A", np.array([4.0, 0.0, 0.0]))  # the tip now sits 4 µm from its prediction
+        rig.localiser.score = 0.55
+        assert rig.service.eye.min_score == pytest.approx(0.7)
+        assert rig.service.eye.locate(rig.camera.render()) == []
+        with pytest.raises((MoveTipFailed, NotCalibrated)):
+            rig.service.move_tip("A", target_um=(rig.world.true_tip_um("A")[:2] + 5.0).tolist())
+        assert rig.service.get_calibration("A")["calibration"] == before  # no offset from 0.55 detections
+
+
 def test_persistence_reload_and_refusal_for_another_objective():
     with Rig(10, 1) as rig:
         rig.service.calibrate("A")

@@ -200,8 +200,9 @@ def test_frames_outside_the_validated_pixel_sizes_are_shown_but_never_steer(tmp_
     none of them, and refuse before anything moves (set_tip and move_tip look through the same
     ``Eye.locate``: tests/test_eye_averaging.py)."""
     with running_daemon(["A"], calibration_dir=tmp_path / "cal",
-                        localiser={"um_per_px_range": [0.1, 0.5], "min_score": 0.6}) as rig:
-        assert rig.daemon.calibration.eye.min_score == 0.6  # [localiser] min_score reaches the closed loop
+                        localiser={"um_per_px_range": [0.1, 0.5], "min_score": 0.8}) as rig:
+        # [localiser] min_score reaches the closed loop (above [calibration] min_confidence, 0.7)
+        assert rig.daemon.calibration.eye.min_score == 0.8
         sub = rig.subscriber(("tips",))
         message = sub.wait_for(lambda t, m: t == "tips" and m["tips"], 5.0)
         assert message is not None

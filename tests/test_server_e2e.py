@@ -3,6 +3,7 @@ semantics, stop and stop_all while long operations run, telemetry topics."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -184,6 +185,68 @@ def test_a_new_move_supersedes_the_running_one(rig) -> None:
     ended = sub.wait_op(first, 3.0)
     assert ended is not None and ended["state"] == "stopped" and "superseded" in ended["error"]["message"]
     assert second["position_um"] == pytest.approx([START_UM, START_UM + 30.0, START_UM])
+
+
+def test_a_superseding_operation_that_fails_at_once_still_halts_the_old_move(tmp_path) -> None:
+    """``calibrate`` refused at its first look (frames outside the validated pixel sizes) must
+    not leave the move it superseded running on to its old target."""
+    with running_daemon(["A"], calibration_dir=str(tmp_path), localiser={"um_per_px_range": [0.1, 0.5]}) as rig:
+        sub = rig.subscriber(("op",))
+        c = rig.client(timeout_s=10.0)
+        first = c.move("A", [START_UM, START_UM, START_UM + 200.0], 20.0, wait=False)["op"]  # 10 s of travel
+        time.sleep(0.3)
+        assert rpc_code(c.calibrate, "A") == "no_frame"
+        ended = sub.wait_op(first, 3.0)
+        assert ended is not None and ended["state"] == "stopped" and "superseded" in ended["error"]["message"]
+        halted = rig.positions()["A"]
+        time.sleep(0.5)  # at 20 µm/s a move left running would travel 10 µm
+        assert rig.positions()["A"] == pytest.approx(halted, abs=0.05)
+        assert halted[2] < START_UM + 20.0
+
+
+def test_queries_queued_at_shutdown_are_answered(tmp_path) -> None:
+    """Every request gets exactly one reply, also a query still waiting for a pool worker
+    when the daemon shuts down."""
+    from support_daemon import make_manipulators
+
+    from manipulators.simulated import SimulatedManipulator
+
+    class SlowRead(SimulatedManipulator):
+        driver_name = "sensapex"  # its get_position goes through the query pool
+
+        def _do_read_position_um(self):
+            if threading.current_thread().name.startswith("patchrig-query"):
+                time.sleep(1.0)
+            return super()._do_read_position_um()
+
+    def manipulators(cfg, world):
+        return {n: SlowRead(n, m.limits, m.max_speed_um_s, m.default_speed_um_s, world=world,
+                            initial_position_um=[START_UM] * 3) for n, m in make_manipulators(cfg, world).items()}
+
+    with running_daemon(["A"], manipulators=manipulators) as rig:
+        ctx = zmq.Context.instance()
+        sockets = []
+        try:
+            for i in range(7):  # 4 pool workers: 3 queries wait in the queue
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                sock.connect(rig.daemon.command_endpoint)
+                sock.send_multipart([b"", json.dumps({"v": 1, "id": f"q{i}", "method": "get_position",
+                                                      "params": {"channel": "A"}}).encode()])
+                sockets.append(sock)
+            time.sleep(0.3)
+            assert rig.client().shutdown() == {"shutting_down": True}
+            codes = []
+            for sock in sockets:
+                assert sock.poll(8000), "a request got no reply"
+                reply = json.loads(sock.recv_multipart()[-1])
+                codes.append("ok" if reply["ok"] else reply["error"]["code"])
+                assert not sock.poll(200), "a request got two replies"
+            assert codes.count("ok") == 4 and codes.count("stopped") == 3, codes
+            assert rig.daemon.wait_closed(10.0)
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 def test_lease_acquire_renew_release(rig) -> None:

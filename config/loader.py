@@ -38,6 +38,9 @@ def _apply_override(data: dict[str, Any], keys: list[str], value: Any, var: str)
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         if key == "channels":
+            if len(keys) < i + 3:
+                raise ConfigError(f"{var}: name a channel and one of its keys, as in "
+                                  f"{ENV_PREFIX}CHANNELS__A__MAX_SPEED_UM_S=500")
             name = keys[i + 1]
             matches = [c for c in node.get("channels", []) if c.get("name") == name]
             if not matches:
@@ -46,6 +49,8 @@ def _apply_override(data: dict[str, Any], keys: list[str], value: Any, var: str)
             rest = keys[i + 2 :]
             for k in rest[:-1]:
                 node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{var}: {k!r} is not a section")
             node[rest[-1]] = value
             return
         node = node.setdefault(key, {})
@@ -62,7 +67,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
         keys = [k.lower() for k in var[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             raise ConfigError(f"{var}: empty override path")
-        if keys[0] == "channels" and len(keys) >= 3:
+        if keys[0] == "channels" and len(keys) >= 2:  # channel names keep their case
             keys = ["channels", var[len(ENV_PREFIX) :].split("__")[1], *keys[2:]]
         _apply_override(data, keys, _parse_env_value(raw), var)
     return data

@@ -8,17 +8,36 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from localisation.types import VALIDATED_UM_PER_PX
 
+SIMULATED_PORT = "<simulated>"  # a Scientifica port the simulated rig makes (one pty per channel)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number (int or float, possibly optional), not a string."""
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    return bool(args) and str not in args and any(a in (int, float) for a in args) and get_origin(annotation) is not Literal
+
 
 class Strict(BaseModel):
-    """Base: unknown keys are an error, assignment is validated."""
+    """Base: unknown keys are an error, assignment is validated, numbers must be finite and
+    must be numbers (a quoted "500" or a boolean is refused, never converted)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_loose_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and isinstance(value, bool | str) and _numeric(field.annotation):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
 
 
 class LimitsConfig(Strict):
@@ -174,7 +193,6 @@ class SimulationConfig(Strict):
     image_size_px: Annotated[int, Field(ge=64, le=4096)] = 512
     drift_um_per_min: Annotated[float, Field(ge=0)] = 0.5
     jump_probability_per_min: Annotated[float, Field(ge=0)] = 0.0
-    sensapex_group: Annotated[int, Field(ge=0, le=10)] = 0
 
 
 class RigConfig(Strict):
@@ -196,6 +214,27 @@ class RigConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"channel names must be unique, got {names}")
         return channels
+
+    @model_validator(mode="after")
+    def _one_device_per_channel(self) -> RigConfig:
+        """Two channels must never drive one manipulator (the separation check would count
+        one tip twice), and the two server endpoints must differ."""
+        seen: dict[tuple[Any, ...], str] = {}
+        for c in self.channels:
+            if c.sensapex is not None:
+                key: tuple[Any, ...] = ("Sensapex device", c.sensapex.address, c.sensapex.group, c.sensapex.device_id)
+            elif c.scientifica is not None and c.scientifica.port != SIMULATED_PORT:
+                key = ("serial port", c.scientifica.port)
+            else:
+                continue
+            if key in seen:
+                raise ValueError(f"channels {seen[key]!r} and {c.name!r} name the same {key[0]} "
+                                 f"({', '.join(str(k) for k in key[1:])}): one manipulator per channel")
+            seen[key] = c.name
+        if self.server.command_endpoint == self.server.telemetry_endpoint:
+            raise ValueError(f"server.command_endpoint and server.telemetry_endpoint are both "
+                             f"{self.server.command_endpoint!r}; they must differ")
+        return self
 
     def channel(self, name: str) -> ChannelConfig:
         """The channel called ``name``; KeyError if there is none."""

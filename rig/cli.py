@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (default INFO)",
+        help="log level (default: the config's log_level for `patchrig run`, else INFO)",
     )
     parser.add_argument(
         "--log-json", action="store_true", help="JSON log lines even on a terminal"
@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     from rig.logs import configure_logging
 
-    configure_logging(top_args.log_level, json_lines=True if top_args.log_json else None)
+    configure_logging(top_args.log_level or "INFO", json_lines=True if top_args.log_json else None)
+    args.log_level_from_command_line = top_args.log_level  # None: a command may take its config's
+    args.log_json_from_command_line = bool(top_args.log_json)
     try:
         return int(module.run(args) or 0)
     except PatchrigError as exc:

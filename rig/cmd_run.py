@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     log = get_logger("patchrig.run")
     cfg = load_config(args.config)
+    if getattr(args, "log_level_from_command_line", None) is None:  # --log-level wins over the config
+        from rig.logs import configure_logging
+
+        configure_logging(cfg.log_level, json_lines=True if getattr(args, "log_json_from_command_line", False) else None)
     calibration_dir = args.calibration_dir.expanduser() if args.calibration_dir else None
     sim = SimulatedRig(cfg) if needs_simulation(cfg) else None
     try:

@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from config.models import RigConfig
+from config.models import SIMULATED_PORT, RigConfig
 from rig.errors import ConfigError
 from rig.logs import get_logger
 from simulators.world import SimWorld
 
-SIMULATED_PORT = "<simulated>"
 START_RING_UM = 45.0
 log = get_logger("patchrig.simrig")
 

@@ -127,3 +127,79 @@ def test_check_config_names_a_missing_serial_port(tmp_path: Path, capsys: pytest
     text = (CONFIG_DIR / "example-rig.toml").read_text()
     assert main(["check-config", str(_write(tmp_path, text.replace("/dev/ttyUSB0", str(tmp_path / "ttyNONE"))))]) == 0
     assert f"serial port {tmp_path / 'ttyNONE'} does not exist" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "key"),
+    [
+        ("telemetry_endpoint = \"tcp://127.0.0.1:5556\"", "telemetry_endpoint = \"tcp://127.0.0.1:5556\"\nlease_s = inf",
+         "server.lease_s"),
+        ("frame_rate_hz = 30.0", "frame_rate_hz = nan", "simulation.frame_rate_hz"),
+        ("max_speed_um_s = 1000.0", "max_speed_um_s = \"1000\"", "max_speed_um_s"),  # a quoted number
+        ("seed = 0", "seed = true", "simulation.seed"),  # a boolean is not a number
+    ],
+)
+def test_non_finite_quoted_and_boolean_numbers_are_refused(tmp_path: Path, before: str, after: str, key: str) -> None:
+    text = default_config_path().read_text()
+    assert before in text
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, text.replace(before, after, 1)), environ={})
+
+
+def test_an_infinite_staleness_limit_from_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"frames\.stale_after_s"):
+        load_config(environ={"PATCHRIG__FRAMES__STALE_AFTER_S": "inf"})
+
+
+def test_two_channels_on_one_manipulator_and_one_endpoint_for_both_servers_are_refused() -> None:
+    base = load_config(environ={})
+    data = base.model_dump(mode="json")
+    sensapex = [c for c in data["channels"] if c["driver"] == "sensapex"]
+    assert len(sensapex) >= 2
+    sensapex[1]["sensapex"] = dict(sensapex[0]["sensapex"])
+    from config.loader import config_from_mapping
+
+    with pytest.raises(ConfigError, match="same Sensapex device"):
+        config_from_mapping(data)
+    data = base.model_dump(mode="json")
+    data["server"]["telemetry_endpoint"] = data["server"]["command_endpoint"]
+    with pytest.raises(ConfigError, match="must differ"):
+        config_from_mapping(data)
+
+
+def test_env_overrides_that_do_not_reach_a_key_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="'min_um' is not a section"):
+        load_config(environ={"PATCHRIG__CHANNELS__A__LIMITS__MIN_UM__X": "1"})
+    with pytest.raises(ConfigError, match="name a channel and one of its keys"):
+        load_config(environ={"PATCHRIG__CHANNELS__A": "1"})
+
+
+def test_the_configs_log_level_applies_unless_the_command_line_gives_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+    import logging
+
+    import rig.simrig
+    from rig import cmd_run
+    from rig.logs import configure_logging
+
+    path = _write(tmp_path, default_config_path().read_text().replace("[rig]", "log_level = \"WARNING\"\n\n[rig]", 1))
+
+    class ConfigLoaded(Exception):
+        pass
+
+    def stop_here(_cfg: object) -> bool:
+        raise ConfigLoaded
+
+    monkeypatch.setattr(rig.simrig, "needs_simulation", stop_here)  # nothing after the config runs
+    try:
+        for given, expected in ((None, logging.WARNING), ("ERROR", logging.ERROR)):
+            configure_logging(given or "INFO")  # what rig.cli.main did first
+            args = argparse.Namespace(config=path, calibration_dir=None, localiser=None,
+                                      log_level_from_command_line=given, log_json_from_command_line=False)
+            with pytest.raises(ConfigLoaded):
+                cmd_run.run(args)
+            assert logging.getLogger().getEffectiveLevel() == expected
+    finally:
+        configure_logging("INFO")

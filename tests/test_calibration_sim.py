@@ -177,39 +177,22 @@ def test_set_tip_after_a_pipette_change():
         assert rig.true_error_um("B") <= 0.2
 
 
-def test_set_tip_refuses_a_moving_pipette_and_changes_nothing():
-    """The tip's pixel and the read-back position must be of the same instant."""
+def test_closed_loop_operations_refuse_a_moving_pipette_and_change_nothing():
+    """set_tip, move_tip and calibrate pair a frame with the read-back position: both must be
+    of a still pipette."""
     with Rig(11, 1) as rig:
         rig.service.calibrate("A")
         before = rig.service.get_calibration("A")
         m = rig.manipulators["A"]
-        px = rig.world.true_tip_px("A")
+        px = rig.world.true_tip_px("A").tolist()
+        target_um = (rig.world.true_tip_um("A")[:2] + 5.0).tolist()
         handle = m.move_to(m.position_um + np.array([40.0, 0.0, 0.0]), 20.0)  # 2 s of travel
         try:
-            for kwargs in ({}, {"px": px.tolist()}):
+            for attempt in (lambda: rig.service.set_tip("A"), lambda: rig.service.set_tip("A", px=px),
+                            lambda: rig.service.move_tip("A", target_um=target_um),
+                            lambda: rig.service.calibrate("A")):
                 with pytest.raises(Busy, match="moving"):
-                    rig.service.set_tip("A", **kwargs)
-        finally:
-            m.stop("test")
-            handle.wait(5.0, check=False)
-        after = rig.service.get_calibration("A")
-        assert after["offset_history"] == before["offset_history"]
-        assert after["calibration"] == before["calibration"]
-
-
-def test_move_tip_and_calibrate_refuse_a_moving_pipette_and_change_nothing():
-    """Their first look pairs a frame with the read-back position: both must be of a still
-    pipette."""
-    with Rig(12, 1) as rig:
-        rig.service.calibrate("A")
-        before = rig.service.get_calibration("A")
-        m = rig.manipulators["A"]
-        handle = m.move_to(m.position_um + np.array([40.0, 0.0, 0.0]), 20.0)  # 2 s of travel
-        try:
-            with pytest.raises(Busy, match="moving"):
-                rig.service.move_tip("A", target_um=(rig.world.true_tip_um("A")[:2] + 5.0).tolist())
-            with pytest.raises(Busy, match="moving"):
-                rig.service.calibrate("A")
+                    attempt()
         finally:
             m.stop("test")
             handle.wait(5.0, check=False)

@@ -41,15 +41,6 @@ def rig(version: int = 2, timeout_s: float = 0.3, **kwargs: object) -> Iterator[
         sim.close()
 
 
-def wait_until(condition: object, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def inside_limits(sim: ScientificaSimulator) -> bool:
     return LIMITS.contains(sim.physical_position_um().tolist())
 
@@ -276,7 +267,7 @@ def test_a_move_whose_start_reply_is_garbled_fails_and_leaves_the_stage_stopped(
         with pytest.raises(DeviceError, match="garbled"):
             handle.wait(BOUND_S)
         assert "STOP" in sim.heard()
-        assert wait_until(lambda: not sim.is_moving(), 5.0)
+        assert wait_for(lambda: not sim.is_moving(), 5.0)
         stopped_at = sim.physical_position_um().copy()
         time.sleep(0.3)
         assert np.allclose(sim.physical_position_um(), stopped_at)

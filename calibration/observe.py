@@ -29,11 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from localisation.types import Localiser, TipDetection, pixel_size_refusal
-from manipulators.base import Manipulator
+from manipulators.base import Manipulator, move_timeout_s
 from rig.errors import Busy, DeviceTimeout, NoFrame, Stopped
 from rig.frame import Frame
-
-MOVE_TIMEOUT_MARGIN_S = 10.0
 
 
 def still_since_s(manipulator: Manipulator) -> float:
@@ -68,7 +66,7 @@ def move_and_settle(
     if timeout_s is None:
         speed = manipulator.validate_speed(speed_um_s)
         distance_um = float(np.linalg.norm(target - manipulator.position_um))
-        timeout_s = 2.0 * distance_um / speed + MOVE_TIMEOUT_MARGIN_S
+        timeout_s = move_timeout_s(distance_um, speed)
     handle = manipulator.move_to(target, speed_um_s)
     finished = threading.Event()
     handle.add_done_callback(lambda _h: finished.set())

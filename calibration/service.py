@@ -190,8 +190,8 @@ class CalibrationService:
         """Write ``channel``'s calibration file (at most every ``CORRECTION_SAVE_INTERVAL_S``
         unless ``force``). The file is written outside ``self._lock``: the server loop takes
         that lock (``is_calibrated``, for ``status`` and ``move_tip``), and a ``stop`` queued
-        behind it must never wait on a disk. Saves of one channel are ordered: an older snapshot never overwrites a
-        newer one."""
+        behind it must never wait on a disk. Saves of one channel are ordered: an older
+        snapshot never overwrites a newer one."""
         with self._lock:
             stored = self._stored.get(channel)
             if stored is None:

@@ -315,6 +315,15 @@ class Manipulator(ABC):
     def close(self) -> None: ...
 
 
+MOVE_TIMEOUT_MARGIN_S = 10.0
+
+
+def move_timeout_s(distance_um: float, speed_um_s: float) -> float:
+    """How long a caller waits for a move before calling the device hung: twice the travel
+    time at the move's speed plus ``MOVE_TIMEOUT_MARGIN_S`` (seconds)."""
+    return 2.0 * float(distance_um) / float(speed_um_s) + MOVE_TIMEOUT_MARGIN_S
+
+
 def stop_all(manipulators: Iterable[Manipulator], reason: str = "stop_all") -> dict[str, str | None]:
     """Stop every manipulator in parallel; return {name: None or the error text}.
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from manipulators.base import Manipulator, MoveHandle, MoveState
+from manipulators.base import Manipulator, MoveHandle, MoveState, move_timeout_s
 from rig.errors import DeviceError, PatchrigError, Stopped
 from rig.logs import get_logger
 from rig.protocol import error_code_of
@@ -401,9 +401,6 @@ class ChannelController:
                 self._current = None
 
 
-MOVE_TIMEOUT_MARGIN_S = 10.0
-
-
 def move_body(ctl: ChannelController, target_um: np.ndarray, speed_um_s: float) -> OpBody:
     """The body of a plain ``move`` to ``target_um`` (device µm, already validated against the
     limits) at ``speed_um_s`` (already capped). Its timeout only catches a hung device."""
@@ -414,7 +411,7 @@ def move_body(ctl: ChannelController, target_um: np.ndarray, speed_um_s: float) 
         if start is None or start.shape != target_um.shape:
             start = manipulator.position_um
         distance_um = float(((target_um - start) ** 2).sum() ** 0.5)
-        timeout_s = 2.0 * distance_um / speed_um_s + MOVE_TIMEOUT_MARGIN_S
+        timeout_s = move_timeout_s(distance_um, speed_um_s)
 
         def send() -> MoveHandle:
             handle = manipulator.move_to(target_um, speed_um_s)

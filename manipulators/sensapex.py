@@ -394,6 +394,9 @@ class SensapexManipulator(Manipulator):
             raise DeviceError("closed", channel=self.name)
         self._check_reachable("move")
         self._sdk.unwatch(self.device_id)  # the superseded move is already finished by the base
+        # Safety: take the superseded request out of the SDK before the new GOTO. Otherwise a
+        # failed GOTO leaves it there, and the SDK's poller sends the old target again.
+        self._take_move_from_sdk()
         start = time.monotonic()
         try:
             request = self._sdk.ump.goto_pos(
@@ -401,9 +404,16 @@ class SensapexManipulator(Manipulator):
                 simultaneous=True, linear=True, max_acceleration=0, name=handle.channel,
             )
         except (UMError, UserWarning) as exc:
+            self._stop_quietly("a move could not be started")  # the old one may still be running
             raise self._error(exc, "move") from None
         except ValueError as exc:  # axis-count mismatch inside MoveRequest
             raise DeviceError(f"move refused by the SDK: {exc}", channel=self.name) from None
+        if handle.done:
+            # stopped while the GOTO was on its way: that stop found the device idle, and the
+            # GOTO then started it; stop it now (nothing else tracks this move)
+            self._take_move_from_sdk(request)
+            self._stop_quietly("stopped while the move was being sent")
+            return
         if self.n_axes < 4:  # sensapex 1.504 compares n read-back axes with 4 thresholds and crashes
             request.retry_threshold = request.retry_threshold[: self.n_axes]
             request.fail_threshold = request.fail_threshold[: self.n_axes]
@@ -456,8 +466,8 @@ class SensapexManipulator(Manipulator):
                 f"{self._where()} stopped answering or never reported completion; stop sent",
                 channel=self.name,
             )
+            self._stop_quietly("move timeout")  # first: a done-callback may start the next move
             handle.finish(MoveState.FAILED, reason=str(err), error=err)
-            self._stop_quietly("move timeout")
             return
         if request.interrupted:
             reason = str(request.interrupt_reason)
@@ -519,13 +529,15 @@ class SensapexManipulator(Manipulator):
         self._lost = False  # it answered the STOP: reachable again
         self._verify_stopped(move_at_stop)
 
-    STOP_CHECK_S = 0.03
+    STOP_CHECK_S = 0.1
     STOP_TRIES = 3
+    STILL_UM = 0.05  # moved less than this in STOP_CHECK_S: stopped (catches >= 0.5 µm/s)
 
     def _verify_stopped(self, move_at_stop: MoveHandle | None = None) -> None:
         """Make sure the device obeyed the STOP. If it already reports idle, done. Otherwise
-        read the position twice ``STOP_CHECK_S`` apart; while it still changes, send STOP again
-        (up to ``STOP_TRIES`` in all). A device that keeps moving is a ``DeviceError``.
+        read the position twice ``STOP_CHECK_S`` apart; while it still changes by
+        ``STILL_UM`` or more (a slow approach too), send STOP again (up to ``STOP_TRIES`` in
+        all). A device that keeps moving is a ``DeviceError``.
 
         A move started (from another thread) after the STOP is newer than it and wins: the
         check ends at once, and no further STOP is sent that would cut that move short."""
@@ -542,7 +554,7 @@ class SensapexManipulator(Manipulator):
             if superseded():
                 return
             now = np.asarray(self._read_fresh_um())
-            if float(np.max(np.abs(now - previous))) < 0.5:
+            if float(np.max(np.abs(now - previous))) < self.STILL_UM:
                 return
             previous = now
             if superseded():

@@ -344,3 +344,65 @@ def test_a_move_started_while_a_stop_is_being_verified_wins(rig: SensapexRig, mo
     assert delta(rig, before, "STOP") == 0  # no STOP after the newer move began
     newer.wait(10.0)
     assert np.allclose(m.position_um, target, atol=1.0)
+
+
+# -- stop and supersession races (stop 21) ----------------------------------------------------
+def test_a_stop_while_the_goto_is_being_sent_leaves_the_device_stopped(rig: SensapexRig, monkeypatch) -> None:
+    """stop() finds the device idle and returns; the GOTO then reaches it. The driver must stop
+    that move, which nothing else tracks."""
+    import threading
+
+    import sensapex.sensapex as sdk
+
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    real_read = sdk.MoveRequest._read_position
+    sending = threading.Event()
+
+    def slow_first_read(self):  # the SDK reads the start position before it sends the GOTO
+        if not sending.is_set():
+            sending.set()
+            time.sleep(0.3)
+        return real_read(self)
+
+    monkeypatch.setattr(sdk.MoveRequest, "_read_position", slow_first_read)
+    handles: list = []
+    mover = threading.Thread(target=lambda: handles.append(m.move_to(start + np.array([300.0, 0, 0]), 500.0)))
+    mover.start()
+    assert sending.wait(5.0)
+    m.stop("e-stop")  # answers at once: the device is idle
+    mover.join(5.0)
+    assert handles and handles[0].state is MoveState.INTERRUPTED
+    time.sleep(0.4)  # at 500 µm/s an untracked GOTO would travel 200 µm in this time
+    assert not rig.sim.is_moving(2)
+    assert np.max(np.abs(rig.sim.position_um(2) - start)) < 5.0
+
+
+def test_a_superseding_move_whose_stop_ack_is_lost_never_revives_the_old_target(rig: SensapexRig) -> None:
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    m.move_to(start + np.array([1000.0, 0, 0]), 500.0)
+    time.sleep(0.2)
+    rig.sim.faults.drop_ack_types.add(smcp.CMD_STOP)
+    try:
+        second = m.move_to(start + np.array([0, 50.0, 0]), 500.0)
+        assert second.wait(10.0).state is MoveState.DONE
+    finally:
+        rig.sim.faults.drop_ack_types.clear()
+    time.sleep(1.0)  # the SDK's poller would have sent the old GOTO again by now
+    assert np.allclose(rig.sim.position_um(2) - start, [0.0, 50.0, 0.0], atol=0.5)
+
+
+def test_a_refused_stop_during_a_slow_approach_is_an_error(rig: SensapexRig) -> None:
+    """10 µm/s (a cell approach) moves 1 µm in 0.1 s: a device that ignores STOP must be caught."""
+    m = rig.open(2)
+    h = m.move_to(m.position_um + np.array([0, 0, 100.0]), 10.0)
+    time.sleep(0.3)
+    rig.sim.faults.error_types.add(smcp.CMD_STOP)
+    try:
+        with pytest.raises(DeviceError, match="kept moving after 3 STOP"):
+            m.stop()
+    finally:
+        rig.sim.faults.error_types.clear()
+    m.stop()
+    assert h.state is MoveState.INTERRUPTED and not rig.sim.is_moving(2)

@@ -386,6 +386,15 @@ class SensapexManipulator(Manipulator):
             )
         return speed
 
+    def move_to(self, position_um: Any, speed_um_s: float | None = None) -> MoveHandle:
+        """``Manipulator.move_to``, refusing first (before the running move is superseded) a
+        move whose per-axis speeds would exceed the requested path speed."""
+        target = self.validate_target(position_um)
+        speed = self.validate_speed(speed_um_s)
+        self._check_reachable("move")
+        self._refuse_speed_above_request(target, speed)
+        return super().move_to(target, speed)
+
     # -- hooks ---------------------------------------------------------------------------
     def _do_move_to(self, target_um: np.ndarray, speed_um_s: float, handle: MoveHandle) -> None:
         from sensapex import UMError
@@ -420,6 +429,28 @@ class SensapexManipulator(Manipulator):
         distance = float(np.linalg.norm(target_um - np.asarray(request.start_pos[: self.n_axes], float)))
         deadline = start + 1.5 * distance / speed_um_s + self.completion_margin_s
         self._sdk.watch(self.device_id, _PendingMove(self, request, handle, deadline))
+
+    def _refuse_speed_above_request(self, target_um: np.ndarray, speed_um_s: float) -> None:
+        """InvalidParams when the SDK's per-axis speeds would move the pipette faster than
+        ``speed_um_s``. With ``linear=True`` the SDK gives each axis its share of the speed,
+        raised to at least 1 µm/s (the uMp's minimum) and truncated to whole µm/s; at low
+        speeds an axis with a small share then runs faster than its share, and the path speed
+        (the norm of the axis speeds) can exceed the request: (1, 1, 1) at 1.5 µm/s for a
+        diagonal move is 1.73 µm/s."""
+        diff = np.asarray(target_um, float) - np.asarray(self._do_read_position_um(), float)
+        moving = np.abs(diff) >= 0.1
+        if not moving.any():
+            return
+        shares = float(speed_um_s) * np.abs(diff[moving]) / max(1.0, float(np.linalg.norm(diff[moving])))
+        axis_speeds = np.floor(np.maximum(shares, MIN_SPEED_UM_S))
+        path_um_s = float(np.linalg.norm(axis_speeds))
+        if path_um_s > float(speed_um_s) + 1e-9:
+            raise InvalidParams(
+                f"at {speed_um_s:g} µm/s this move would run its axes at {axis_speeds.tolist()} µm/s "
+                f"(each at least {MIN_SPEED_UM_S:g} µm/s), {path_um_s:.2f} µm/s along the path: faster "
+                f"than asked; ask for at least {path_um_s:.1f} µm/s or move one axis at a time",
+                channel=self.name,
+            )
 
     EXHAUSTED_GRACE_S = 0.15
 

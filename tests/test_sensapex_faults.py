@@ -406,3 +406,18 @@ def test_a_refused_stop_during_a_slow_approach_is_an_error(rig: SensapexRig) -> 
         rig.sim.faults.error_types.clear()
     m.stop()
     assert h.state is MoveState.INTERRUPTED and not rig.sim.is_moving(2)
+
+
+def test_a_slow_diagonal_move_that_the_sdk_would_run_faster_than_asked_is_refused(rig: SensapexRig) -> None:
+    """The SDK runs each axis at least at 1 µm/s: (1, 1, 1) µm/s for a diagonal move asked at
+    1.5 µm/s is 1.73 µm/s along the path. Refused before anything is sent or superseded."""
+    from rig.errors import InvalidParams
+
+    m = rig.open(2)
+    start = m.position_um
+    before = counts(rig)
+    with pytest.raises(InvalidParams, match="faster than asked"):
+        m.move_to(start + np.array([10.0, 10.0, 10.0]), 1.5)
+    assert delta(rig, before, "GOTO_POS") == 0 and m.current_move is None
+    h = m.move_to(start + np.array([10.0, 10.0, 10.0]), 50.0)  # the same move at a normal speed runs
+    assert h.wait(10.0).state is MoveState.DONE

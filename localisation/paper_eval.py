@@ -90,8 +90,10 @@ class StudyLocaliser(TipLocaliser):
         super().__init__(model, cfg, device=torch.device("cpu"), checkpoint="study")
         self.study_denoiser = denoiser
 
-    def prepare(self, pixels: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
-        return study_image(pixels, um_per_px, size=self.cfg.input_size, denoiser=self.study_denoiser)
+    def _prepare_valid(self, frame: np.ndarray, um_per_px: float) -> tuple[np.ndarray, Resampling]:
+        # the one preparation hook that both ``prepare`` and ``locate`` go through (overriding
+        # ``prepare`` alone silently skipped the denoiser in ``locate`` after a refactor)
+        return study_image(frame, um_per_px, size=self.cfg.input_size, denoiser=self.study_denoiser)
 
 
 class CoarseOnly(nn.Module):

@@ -162,6 +162,15 @@ def _setup_distributed(device_opt: str) -> tuple[int, int, torch.device, bool]:
     return 0, 1, torch.device(device_opt), False
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` of this process, or-ed over all ranks under DDP (every rank must call it)."""
+    if not dist.is_initialized():
+        return flag
+    shared = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return bool(shared.item() > 0)
+
+
 def _set_trainable(model: nn.Module, trainable: tuple[str, ...] | None) -> list[nn.Parameter]:
     """Freeze everything except the named submodules (None: train all); frozen submodules
     also stay in eval mode (their batch-norm statistics do not move)."""
@@ -252,6 +261,10 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
                 f"{last} was trained at {stored_scale} µm per model pixel, not {cfg.model_um_per_px}: "
                 f"resume with --um-per-px {stored_scale}"
             )
+        stored_denoiser = payload.get("config", {}).get("denoiser")
+        if stored_denoiser != cfg.denoiser:
+            raise DataError(f"{last} was trained with denoiser {stored_denoiser!r}, not {cfg.denoiser!r}: "
+                            f"resume with the run's own --denoiser")
         load_weights(model, payload, last)
         ts = payload.get("trainer_state") or {}
         state.update({k: ts[k] for k in state if k in ts})
@@ -279,9 +292,13 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     metrics_path = out / "metrics.jsonl"
     stopped_early = False
 
-    def save_last(opt: torch.optim.Optimizer, sched: Any) -> None:
+    def save_last(opt: torch.optim.Optimizer | None, sched: Any) -> None:
+        """``last.pt`` with the trainer state; ``opt`` None at a stage boundary (the next stage
+        builds a new optimiser for other parameters, which the old state does not fit)."""
         if is_main:
-            ts = dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            ts = dict(state)
+            if opt is not None:
+                ts.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
             save_checkpoint(out / "last.pt", model, cfg, trainer_state=ts)
 
     while state["stage"] < len(cfg.stages) and not stopped_early:
@@ -334,8 +351,8 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
-                if deadline is not None and time.monotonic() > deadline:
-                    stopped_early = True
+                if deadline is not None and _any_rank(time.monotonic() > deadline, device):
+                    stopped_early = True  # every rank at the same step: none waits in an all-reduce
                     break
             if stopped_early:
                 save_last(opt, sched)
@@ -376,7 +393,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
         if not stopped_early:
             state["stage"] += 1
             state["epoch_in_stage"] = 0
-            save_last(opt, sched)
+            save_last(None, None)
     if dist.is_initialized():
         dist.barrier()
     return {"epochs_done": state["epochs_done"], "best_score": state["best_score"], "stopped_early": stopped_early,

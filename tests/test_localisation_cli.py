@@ -19,6 +19,7 @@ from localisation.configs import get_config
 from localisation.dataset_format import read_dataset, write_dataset
 from localisation.train import TrainOptions, train
 from rig.cli import main
+from rig.errors import DataError
 from simulators.synth import sample_example
 
 torch.set_num_threads(1)
@@ -468,3 +469,47 @@ def test_ship_takes_a_soup_and_records_its_ingredients(tmp_path: Path, tiny_data
     doc = json.loads(out.with_suffix(".json").read_text())
     assert [i["path"] for i in doc["training"]["soup"]["ingredients"]] == [str(tiny_checkpoint), str(other)]
     assert doc["training"]["epochs_run"] == 0 and doc["test_set"]["images"] == 6
+
+
+def test_a_multi_stage_run_resumes_from_a_stage_boundary(tmp_path: Path, tiny_dataset: Path, monkeypatch) -> None:
+    """A run killed early in its second stage resumes: the last.pt saved at the boundary holds
+    no optimiser state of the previous stage (whose parameters differ)."""
+    import shutil
+
+    import localisation.train as trainer
+    from localisation.configs import Stage
+
+    cfg = get_config("paper-small").with_overrides(
+        model_kwargs={"vit_depth": 1, "vit_dim": 32, "vit_heads": 1, "head_channels": 8}, input_size=32,
+        batch_size=2, stages=(Stage("encoder", 1, 1e-4, ("encoder",)), Stage("decoder", 1, 1e-3, ("decoder",)),
+                              Stage("joint", 1, 1e-4, None)))
+    boundary = tmp_path / "boundary.pt"
+    real_save = trainer.save_checkpoint
+
+    def keep_the_first_boundary(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        ts = kwargs.get("trainer_state") or {}
+        if Path(path).name == "last.pt" and ts.get("stage") == 1 and ts.get("epoch_in_stage") == 0 \
+                and not boundary.exists():
+            shutil.copy(path, boundary)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", keep_the_first_boundary)
+    train(cfg, TrainOptions(out_dir=tmp_path / "run", data=tiny_dataset, progress=False, threads=1))
+    assert boundary.is_file()
+    assert "optimizer" not in read_checkpoint(boundary)["trainer_state"]
+    (tmp_path / "killed").mkdir()
+    shutil.copy(boundary, tmp_path / "killed" / "last.pt")  # killed during the decoder stage's first epoch
+    result = train(cfg, TrainOptions(out_dir=tmp_path / "killed", data=tiny_dataset, progress=False, threads=1,
+                                     resume=True))
+    assert result["epochs_done"] == 3
+    assert read_checkpoint(tmp_path / "killed" / "last.pt")["trainer_state"]["stage"] == 3
+
+
+def test_resume_refuses_a_run_trained_with_another_denoiser(tmp_path: Path, tiny_dataset: Path,
+                                                           tiny_checkpoint: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(tiny_checkpoint.read_bytes())  # trained without a denoiser
+    cfg = get_config("fast-tiny").with_overrides(denoiser=str(tmp_path / "some-denoiser.pt"))
+    with pytest.raises(DataError, match="denoiser"):
+        train(cfg, TrainOptions(out_dir=out, data=tiny_dataset, progress=False, threads=1, resume=True))

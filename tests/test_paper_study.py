@@ -30,6 +30,25 @@ def test_study_image_resizes_normalises_and_maps_labels() -> None:
     assert not np.allclose(den_img, img)
 
 
+def test_the_study_localiser_runs_its_denoiser_in_locate() -> None:
+    """The "+gan" rows of the study must see denoised frames in ``locate`` too."""
+    from localisation.paper_eval import StudyLocaliser
+
+    cfg = get_config("paper-small")
+    calls: list[tuple[int, ...]] = []
+
+    class CountingDenoiser(Denoiser):
+        def denoise(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return super().denoise(x)
+
+    model = build_paper_model(n_max=cfg.n_max, vit_depth=1, vit_dim=32, vit_heads=2, image_size=cfg.input_size)
+    loc = StudyLocaliser(model, cfg, denoiser=CountingDenoiser(ResnetGenerator(ngf=4, n_blocks=1), GeneratorSpec(4, 1)))
+    frame = np.random.default_rng(1).integers(0, 4000, size=(256, 256)).astype(np.uint16)
+    loc.locate(frame, 0.5)
+    assert calls == [(1, 1, 256, 256)]
+
+
 def test_coarse_only_reports_heatmap_peaks() -> None:
     model = build_paper_model(n_max=3, vit_depth=1, vit_dim=32, vit_heads=2, image_size=64)
     coarse = CoarseOnly(model)

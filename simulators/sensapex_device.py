@@ -93,6 +93,7 @@ class _Device:
         self.goto_pending = False  # a GOTO is running and owes a GOTO_POS_COMPLETED
         self.completion_sent = False
         self.moving_axes_bits = 0
+        self.reported_busy = False  # the last STATUS_CHANGED said busy: an idle one is owed
         self.notify_id = 0
         self.visited_min_um = start_um.copy()
         self.visited_max_um = start_um.copy()
@@ -302,6 +303,8 @@ class SensapexSimulator:
             self._sock.sendto(smcp.encode(frame), addr)
 
     def _notify(self, dev: _Device, msg_type: int, *values: int) -> None:
+        if msg_type == smcp.NOTIFY_STATUS_CHANGED:
+            dev.reported_busy = bool(values and values[0] & smcp.STATUS_BUSY)
         if self.faults.is_silent(dev.dev_id):
             return
         frame = smcp.notification(dev.dev_id, dev.next_notify_id(), msg_type, *values)
@@ -461,6 +464,8 @@ class SensapexSimulator:
         with self._lock:
             for dev in self._devices.values():
                 if dev.motion.move is None and not dev.goto_pending:
+                    if dev.reported_busy:  # a step that ended between ticks (a position query cleared it)
+                        self._notify(dev, smcp.NOTIFY_STATUS_CHANGED, 0)
                     continue
                 pos = dev.motion.position_at(now)
                 dev.note_visited(pos)

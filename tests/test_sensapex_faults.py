@@ -421,3 +421,23 @@ def test_a_slow_diagonal_move_that_the_sdk_would_run_faster_than_asked_is_refuse
     assert delta(rig, before, "GOTO_POS") == 0 and m.current_move is None
     h = m.move_to(start + np.array([10.0, 10.0, 10.0]), 50.0)  # the same move at a normal speed runs
     assert h.wait(10.0).state is MoveState.DONE
+
+
+def test_the_simulator_reports_idle_after_a_step_that_ended_between_its_ticks(rig: SensapexRig) -> None:
+    """A position query can clear a finished TAKE_STEP before the next tick; the device must
+    still announce that it is idle, or the SDK's um_is_busy stays 1 for ever."""
+    import ctypes
+
+    rig.open(2)
+    ump = rig.sdk.ump
+    ump.take_step(2, [5.0, 0, 0], 1000)
+    for _ in range(200):  # queries while the 5 ms step runs and ends
+        ump.get_pos(2, timeout=-1)
+        time.sleep(0.001)
+    deadline = time.monotonic() + 2.0
+    busy = 1
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+        with ump.lock:
+            busy = ump.lib.um_is_busy(ump.h, ctypes.c_int(2))
+    assert busy == 0

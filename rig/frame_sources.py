@@ -314,6 +314,7 @@ class ZmqFrameSource(FrameSource):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_seen_id: int | None = None
+        self._renumberings = 0  # times the sender's frame_id went back or jumped
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -398,9 +399,12 @@ class ZmqFrameSource(FrameSource):
         last = self._last_seen_id
         if last is not None and last + 1 < frame.frame_id <= last + MAX_PLAUSIBLE_GAP:
             self._count_lost(frame.frame_id - last - 1)
-        elif last is not None and (frame.frame_id <= last or frame.frame_id > last + MAX_PLAUSIBLE_GAP):
+        elif last is not None and (frame.frame_id < last or frame.frame_id > last + MAX_PLAUSIBLE_GAP):
             # the sender restarted or renumbered: frames are still taken, newest first
-            self._log.warning("frame_id sequence restarted", previous=last, now=frame.frame_id)
+            self._renumberings += 1
+            if self._renumberings <= 5 or self._renumberings % 100 == 0:  # no flood from a sender that never counts
+                self._log.warning("frame_id sequence restarted", previous=last, now=frame.frame_id,
+                                  restarts_total=self._renumberings)
         self._last_seen_id = frame.frame_id
         return frame
 

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from rig.atomic import write_json_atomic
 
     items = collect_inputs(args.input, args.um_per_px)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise DataError(f"--threshold must be a score from 0 to 1, got {args.threshold}")
+    if args.threads is not None and args.threads < 1:
+        raise DataError(f"--threads must be at least 1, got {args.threads}")
     loc = TipLocaliser.load(args.checkpoint, device=args.device, threads=args.threads, score_threshold=args.threshold)
     images: list[dict[str, Any]] = []
     for file, path, upp in bar(items, enabled=not args.no_progress, desc="locate", unit="image"):

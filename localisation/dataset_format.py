@@ -366,11 +366,15 @@ def import_coco(
     for i, im in enumerate(doc["images"]):
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
             raise DataError(f"{coco_path}: images[{i}] needs 'id' and 'file_name'")
+        if not isinstance(im["id"], int | str) or isinstance(im["id"], bool):
+            raise DataError(f"{coco_path}: images[{i}] 'id' must be an integer or a string, got {im['id']!r}")
+        if im["id"] in images:
+            raise DataError(f"{coco_path}: images[{i}] repeats the id {im['id']!r}: its tips would be merged")
         images[im["id"]] = im
     tips: dict[Any, list[list[float]]] = {k: [] for k in images}
     shift = 0.5 if coco_corner_origin else 0.0
     for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int | str) or ann["image_id"] not in images:
             raise DataError(f"{coco_path}: annotations[{i}] refers to no known image")
         kps = ann.get("keypoints")
         if kps is None:

@@ -84,6 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"patchrig {top_args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # bad input a command did not foresee: one line, never a traceback
+        import traceback
+
+        if (top_args.log_level or "INFO") == "DEBUG":
+            traceback.print_exc()
+        print(f"patchrig {top_args.command}: error: {type(exc).__name__}: {exc} "
+              f"(rerun with --log-level DEBUG for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from rig.errors import ConfigError
 from rig.protocol import RpcError, make_request
 
 DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -83,9 +84,13 @@ class PatchrigClient:
     def _connect(self) -> zmq.Socket:
         sock = self._context.socket(zmq.REQ)
         sock.linger = 0
-        if self._keys is not None:
-            self._keys.apply(sock)
-        sock.connect(self.endpoint)
+        try:
+            if self._keys is not None:
+                self._keys.apply(sock)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)  # an open socket would make context.term() wait for ever
+            raise ConfigError(f"cannot connect to {self.endpoint!r}: {exc}") from None
         return sock
 
     def _reset(self) -> None:

@@ -94,3 +94,16 @@ def test_patchrig_client_command(capsys) -> None:
         assert len(err) == 1 and "out_of_bounds" in err[0]
         assert main(["client", "--endpoint", ep, "ping", "[not json"]) == 1
         assert "params are not JSON" in capsys.readouterr().err
+
+
+def test_a_malformed_endpoint_is_one_clear_line_not_a_hang(capsys) -> None:
+    """A failed connect used to leave its socket open, and closing the context then waited for
+    ever."""
+    from support_cli import one_line_error
+
+    done: list[int] = []
+    runner = threading.Thread(target=lambda: done.append(main(["client", "ping", "--endpoint", "foo"])), daemon=True)
+    runner.start()
+    runner.join(10.0)
+    assert done == [1]
+    assert "cannot connect to 'foo'" in one_line_error(capsys)

@@ -211,6 +211,21 @@ def test_locate_dataset_folder_and_single_image(
     assert not (tmp_path / "x.json").exists()
 
 
+def test_locate_refuses_bad_options_with_one_line(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from support_cli import one_line_error
+
+    base = ["locate", str(tiny_dataset), "--out", str(tmp_path / "p.json"), "--checkpoint", str(tiny_checkpoint),
+            "--no-progress"]
+    for extra, message in ((["--threshold", "nan"], "--threshold must be a score"),
+                           (["--threshold", "5"], "--threshold must be a score"),
+                           (["--threads", "0"], "--threads must be at least 1"),
+                           (["--device", "bogus"], "error: ")):  # caught by the CLI's last resort: one line
+        assert main([*base, *extra]) == 1
+        assert message in one_line_error(capsys)
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_bench_reports_every_stage(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "bench.json"
     rc = main(["bench", "localiser", "--checkpoint", str(tiny_checkpoint), "--iters", "3", "--batch-iters", "1",

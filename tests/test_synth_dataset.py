@@ -229,6 +229,21 @@ def test_coco_import_rejects_missing_or_mismatched_images(tmp_path: Path) -> Non
         import_coco(coco, images, tmp_path / "z", um_per_px=0.7, keypoint_name="apex")
 
 
+def test_coco_import_rejects_repeated_and_malformed_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    coco, images = _coco(tmp_path)
+    doc = json.loads(coco.read_text())
+    doc["images"][1]["id"] = doc["images"][0]["id"]  # two images, one id: their tips would merge
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="repeats the id"):
+        import_coco(coco, images, tmp_path / "x", um_per_px=0.7)
+    doc["images"][1]["id"] = [7]  # not an id at all
+    coco.write_text(json.dumps(doc))
+    assert main(["data", "import-coco", str(coco), "--images", str(images), "--out", str(tmp_path / "y"),
+                 "--um-per-px", "0.7"]) == 1
+    assert "'id' must be an integer or a string" in one_line_error(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_coco_import_never_overwrites_an_existing_dataset(tmp_path: Path) -> None:
     coco, images = _coco(tmp_path)
     out = tmp_path / "imported"

@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParams(f"params are not JSON: {exc}") from None
     if not isinstance(params, dict):
         raise InvalidParams("params must be a JSON object")
+    if args.retries < 0:
+        raise InvalidParams(f"--retries must be 0 or more, got {args.retries}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise InvalidParams(f"--timeout must be a positive number of seconds, got {args.timeout}")
     waits = args.method in ("move", "move_tip", "calibrate") and params.get("wait", True)
     timeout = args.timeout if args.timeout is not None else (300.0 if waits else 5.0)
     with PatchrigClient(args.endpoint, timeout_s=timeout, retries=args.retries, curve_dir=args.curve_dir) as client:

@@ -107,3 +107,7 @@ def test_a_malformed_endpoint_is_one_clear_line_not_a_hang(capsys) -> None:
     runner.join(10.0)
     assert done == [1]
     assert "cannot connect to 'foo'" in one_line_error(capsys)
+    assert main(["client", "ping", "--retries", "-1"]) == 1
+    assert "--retries must be 0 or more" in one_line_error(capsys)
+    assert main(["client", "ping", "--timeout", "-2"]) == 1
+    assert "--timeout must be a positive" in one_line_error(capsys)

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from calibration.fit import XYFit, build_calibration
-from calibration.observe import Eye, Look, move_and_settle, still_since_s
+from calibration.observe import Eye, Look, move_and_settle
 from calibration.transform import ChannelCalibration, px_to_um, um_to_px
 from manipulators.base import Manipulator
 from rig.errors import NotCalibrated, OutOfBounds, PatchrigError, Stopped
@@ -339,7 +339,7 @@ class AutoCalibrator:
         """Calibrate; on failure (NotCalibrated, NoFrame, OutOfBounds) the pipette is moved
         back to where it started and the error says so. Stopped propagates without moving."""
         check_start(self.m)
-        self.still_s = still_since_s(self.m)  # Busy while moving: p0 and the first look must agree
+        self.first_look_s = self.eye.first_look_after_s(self.m)  # Busy while moving: p0 and the look agree
         self.p0 = self.m.position_um.copy()
         self.base = self.p0.copy()
         try:
@@ -361,7 +361,7 @@ class AutoCalibrator:
 
     def _run(self) -> AutoCalibrationResult:
         self._report("looking")
-        tips0, look0 = self._merged_tips(max(self.eye.clock() - self.eye.settle_s, self.still_s), self.s.identify_looks)
+        tips0, look0 = self._merged_tips(self.first_look_s, self.s.identify_looks)
         if len(tips0) == 0:
             raise NotCalibrated("no tip visible: the localiser found no confident tip in the frame", channel=self.channel)
         self._identify(look0, tips0)

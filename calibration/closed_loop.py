@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.observe import Eye, Look, move_and_settle, still_since_s
+from calibration.observe import Eye, Look, move_and_settle
 from calibration.set_tip import set_tip_offset
 from calibration.transform import ChannelCalibration, px_to_um
 from localisation.types import TipDetection
@@ -151,8 +151,7 @@ def move_tip(
     # the calibration expects it), and keep it as the reference of the follow check
     pinned_at: np.ndarray | None = None
     detection, look, position = _observe(
-        manipulator, eye, cal, find_tip, max(eye.clock() - eye.settle_s, still_since_s(manipulator)), cancel,
-        looks_per_stop, max_looks,
+        manipulator, eye, cal, find_tip, eye.first_look_after_s(manipulator), cancel, looks_per_stop, max_looks
     )
     if detection is not None:
         seen = _seen_um(detection, look)

@@ -180,6 +180,12 @@ class Eye:
             found = self.localiser.locate(frame.pixels, frame.um_per_px)
         return sorted((d for d in found if d.score >= self.min_score), key=lambda d: -d.score)
 
+    def first_look_after_s(self, manipulator: Manipulator) -> float:
+        """``after_s`` for an operation's first look: frames from now, and only from after the
+        channel's last move ended (plus the settling time that ``look_after`` adds). Raises
+        Busy while the channel moves."""
+        return max(self.clock() - self.settle_s, still_since_s(manipulator))
+
     def look_after(self, after_s: float, *, cancel: threading.Event | None = None) -> Look:
         """The confident detections on a fresh (averaged, with ``frames_averaged`` > 1) frame."""
         frame = self.averaged_frame(after_s, cancel=cancel)

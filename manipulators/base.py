@@ -239,6 +239,7 @@ class Manipulator(ABC):
         """
         target = self.validate_target(position_um)
         speed = self.validate_speed(speed_um_s)
+        self._check_move(target, speed)
         with self._move_lock:
             handle = MoveHandle(self.name, target, speed)
             with self._handle_lock:
@@ -298,6 +299,10 @@ class Manipulator(ABC):
 
     def _describe_backend(self) -> dict[str, Any]:
         return {}
+
+    def _check_move(self, target_um: np.ndarray, speed_um_s: float) -> None:  # noqa: B027 (optional hook)
+        """Refuse (raise) a validated move for a backend reason, before the running move is
+        superseded or anything is sent. Default: nothing to refuse."""
 
     @abstractmethod
     def _do_move_to(self, target_um: np.ndarray, speed_um_s: float, handle: MoveHandle) -> None: ...

@@ -386,15 +386,6 @@ class SensapexManipulator(Manipulator):
             )
         return speed
 
-    def move_to(self, position_um: Any, speed_um_s: float | None = None) -> MoveHandle:
-        """``Manipulator.move_to``, refusing first (before the running move is superseded) a
-        move whose per-axis speeds would exceed the requested path speed."""
-        target = self.validate_target(position_um)
-        speed = self.validate_speed(speed_um_s)
-        self._check_reachable("move")
-        self._refuse_speed_above_request(target, speed)
-        return super().move_to(target, speed)
-
     # -- hooks ---------------------------------------------------------------------------
     def _do_move_to(self, target_um: np.ndarray, speed_um_s: float, handle: MoveHandle) -> None:
         from sensapex import UMError
@@ -430,9 +421,9 @@ class SensapexManipulator(Manipulator):
         deadline = start + 1.5 * distance / speed_um_s + self.completion_margin_s
         self._sdk.watch(self.device_id, _PendingMove(self, request, handle, deadline))
 
-    def _refuse_speed_above_request(self, target_um: np.ndarray, speed_um_s: float) -> None:
-        """InvalidParams when the SDK's per-axis speeds would move the pipette faster than
-        ``speed_um_s``. With ``linear=True`` the SDK gives each axis its share of the speed,
+    def _check_move(self, target_um: np.ndarray, speed_um_s: float) -> None:
+        """InvalidParams (before the running move is superseded) when the SDK's per-axis
+        speeds would move the pipette faster than ``speed_um_s``. With ``linear=True`` the SDK gives each axis its share of the speed,
         raised to at least 1 µm/s (the uMp's minimum) and truncated to whole µm/s; at low
         speeds an axis with a small share then runs faster than its share, and the path speed
         (the norm of the axis speeds) can exceed the request: (1, 1, 1) at 1.5 µm/s for a

@@ -8,7 +8,7 @@ request is answered when it ends (``wait: true``) or at once with ``{"op": id}``
 Rules:
 - one operation runs per channel at a time, in the channel's worker thread;
 - a new operation supersedes the running one: the old one ends ``stopped`` (reason
-  "superseded"; its device is halted first when it has ``halt_on_cancel``), and the pending
+  "superseded"; its device is halted first, from the stopper thread), and the pending
   one, if any, is dropped the same way (the queue holds at most the newest request: it is
   bounded by construction);
 - ``stop`` cancels the running and pending operations and halts the manipulator from the
@@ -54,9 +54,8 @@ class Operation:
 
     ``body(op)`` does the work and returns the JSON result; it waits through ``start_move`` and
     ``sleep`` (both wake up at once on cancel) and calls ``check`` between steps.
-    ``halt_on_cancel``: when superseded, stop the manipulator (on the stopper thread) before
-    the successor starts. The daemon sets it for every operation: a successor that fails
-    before it sends a move must not leave the old move running.
+    When superseded, its device is stopped (on the stopper thread) before the successor
+    starts: a successor that fails before it sends a move must not leave the old move running.
     """
 
     def __init__(
@@ -67,7 +66,6 @@ class Operation:
         body: OpBody,
         *,
         publish: Publish | None = None,
-        halt_on_cancel: bool = False,
         on_finish: Callable[[Operation], None] | None = None,
     ) -> None:
         self.id = new_op_id(channel)
@@ -75,7 +73,6 @@ class Operation:
         self.method = method
         self.params = params
         self.body = body
-        self.halt_on_cancel = halt_on_cancel
         self.state = "queued"
         self.result: dict[str, Any] | None = None
         self.error: PatchrigError | None = None
@@ -271,18 +268,17 @@ class ChannelController:
         if running is not None and not running.finished:
             self.log.info("superseding", old=running.id, new=op.id)
             running.cancel("superseded")
-            if running.halt_on_cancel:
-                # The device stop runs on the stopper thread: the caller (the server loop) must
-                # never wait for a device. The new operation starts only once it is answered.
-                halted = threading.Event()
-                op.after_halt = halted
+            # The device stop runs on the stopper thread: the caller (the server loop) must
+            # never wait for a device. The new operation starts only once it is answered.
+            halted = threading.Event()
+            op.after_halt = halted
 
-                def answered(error: str | None) -> None:
-                    if error is not None:
-                        self.log.warning("stop of the superseded operation failed", op=running.id, error=error)
-                    halted.set()
+            def answered(error: str | None) -> None:
+                if error is not None:
+                    self.log.warning("stop of the superseded operation failed", op=running.id, error=error)
+                halted.set()
 
-                self.halt_async("superseded", answered)
+            self.halt_async("superseded", answered)
         return op
 
     def stop(self, reason: str = "stop", *, failure: PatchrigError | None = None) -> str | None:

@@ -509,10 +509,7 @@ class Daemon:
             body = self.closed_loop.move_tip_body(ctl, p)
         else:
             body = self.closed_loop.calibrate_body(ctl)
-        # Every superseded operation halts its device (on the stopper thread) before its successor
-        # starts: a successor that fails before it sends a move (out of bounds, no frame) must
-        # not leave the old move running to its old target.
-        op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish, halt_on_cancel=True)
+        op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish)
         op.add_finish_callback(self._report_failure)
         if wait:
             op.add_finish_callback(lambda o: responder.error(o.error) if o.error is not None else responder.ok(o.result))

@@ -272,6 +272,15 @@ def decode_frame(parts: list[bytes], *, received_s: float | None = None) -> Fram
     )
 
 
+def frames_lost_between(previous_id: int | None, frame_id: int) -> int:
+    """Frames missing from the sender's sequence between ``previous_id`` and ``frame_id``: 0
+    for the next id, and for a restart or a jump above ``MAX_PLAUSIBLE_GAP`` (a renumbering,
+    not lost frames)."""
+    if previous_id is None or not previous_id + 1 < frame_id <= previous_id + MAX_PLAUSIBLE_GAP:
+        return 0
+    return frame_id - previous_id - 1
+
+
 def _short(value: Any, limit: int = 40) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages about untrusted input."""
     try:
@@ -397,8 +406,9 @@ class ZmqFrameSource(FrameSource):
             self._reject(f"undecodable message ({type(exc).__name__}: {str(exc)[:80]})")
             return None
         last = self._last_seen_id
-        if last is not None and last + 1 < frame.frame_id <= last + MAX_PLAUSIBLE_GAP:
-            self._count_lost(frame.frame_id - last - 1)
+        lost = frames_lost_between(last, frame.frame_id)
+        if lost:
+            self._count_lost(lost)
         elif last is not None and (frame.frame_id < last or frame.frame_id > last + MAX_PLAUSIBLE_GAP):
             # the sender restarted or renumbered: frames are still taken, newest first
             self._renumberings += 1

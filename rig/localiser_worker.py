@@ -26,7 +26,7 @@ from typing import Any
 
 from localisation.types import Localiser, TipDetection, pixel_size_refusal
 from rig.frame import Frame
-from rig.frame_sources import MAX_PLAUSIBLE_GAP
+from rig.frame_sources import frames_lost_between
 from rig.logs import get_logger
 
 OnDetections = Callable[[Frame, list[TipDetection]], dict[str, Any]]
@@ -234,8 +234,7 @@ class LocaliserWorker:
             frame = self._frames.wait_for_frame(last_id, 0.2)
             if frame is None or self._stop.is_set():
                 continue
-            if last_id is not None and last_id + 1 < frame.frame_id <= last_id + MAX_PLAUSIBLE_GAP:
-                self.stats["dropped"] += frame.frame_id - last_id - 1  # (a larger jump is a renumbering)
+            self.stats["dropped"] += frames_lost_between(last_id, frame.frame_id)
             last_id = frame.frame_id
             try:
                 self.process(frame)

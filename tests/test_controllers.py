@@ -89,12 +89,11 @@ def test_superseding_a_closed_loop_operation_never_waits_for_the_device_stop() -
     device = SlowToStop()
     ctl = ChannelController("A", device)
     try:
-        first = Operation("A", "calibrate", {}, lambda op: (op.sleep(30.0), {})[1], halt_on_cancel=True)
+        first = Operation("A", "calibrate", {}, lambda op: (op.sleep(30.0), {})[1])
         ctl.submit(first)
         assert _wait_until(lambda: first.state == "running")
         second_started = threading.Event()
-        second = Operation("A", "move_tip", {}, lambda op: (second_started.set(), {"ok": True})[1],
-                           halt_on_cancel=True)
+        second = Operation("A", "move_tip", {}, lambda op: (second_started.set(), {"ok": True})[1])
         submitter = threading.Thread(target=ctl.submit, args=(second,))
         submitter.start()
         submitter.join(5.0)

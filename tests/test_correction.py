@@ -3,6 +3,7 @@ and jumping detections rejected and never applied."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 import time
@@ -102,16 +103,19 @@ def test_non_finite_is_rejected():
 # -- through the service, in the simulated world (oracle localiser) ----------------------------
 
 
-def _service(world, ms, cam, loc, tmp):
-    return CalibrationService(RigIdentity(), CalibrationConfig(), ms, cam, loc, store_dir=tmp)
+@contextlib.contextmanager
+def _oracle_rig(seed: int, n_channels: int):
+    """(world, oracle camera, oracle localiser, simulated manipulators, calibration service,
+    its temporary store directory), closed on exit."""
+    world = sc.make_world(seed, n_channels)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=seed)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        yield world, cam, loc, ms, CalibrationService(RigIdentity(), CalibrationConfig(), ms, cam, loc, store_dir=tmp), tmp
 
 
 def test_service_corrects_drift_and_jumps_in_the_world():
-    world = sc.make_world(3, 2)
-    cam = sc.OracleCamera(world, advance_world=False)
-    loc = sc.OracleLocaliser(cam, seed=3)
-    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
-        service = _service(world, ms, cam, loc, tmp)
+    with _oracle_rig(3, 2) as (world, cam, loc, ms, service, tmp):
         cam.start()
         for ch in ms:
             service.calibrate(ch)
@@ -134,11 +138,7 @@ def test_service_corrects_drift_and_jumps_in_the_world():
 
 
 def test_service_never_applies_low_confidence_stale_or_moving_frames():
-    world = sc.make_world(4, 1)
-    cam = sc.OracleCamera(world, advance_world=False)
-    loc = sc.OracleLocaliser(cam, seed=4)
-    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
-        service = _service(world, ms, cam, loc, tmp)
+    with _oracle_rig(4, 1) as (world, cam, loc, ms, service, tmp):
         cam.start()
         service.calibrate("A")
         time.sleep(0.1)
@@ -181,11 +181,7 @@ class _HeldStore(CalibrationStore):
 
 def test_a_slow_calibration_write_never_blocks_status_reads():
     """The server loop asks ``is_calibrated`` for ``status``; it must not wait on a disk."""
-    world = sc.make_world(5, 1)
-    cam = sc.OracleCamera(world, advance_world=False)
-    loc = sc.OracleLocaliser(cam, seed=5)
-    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
-        service = _service(world, ms, cam, loc, tmp)
+    with _oracle_rig(5, 1) as (world, cam, loc, ms, service, tmp):
         cam.start()
         service.store = store = _HeldStore(service.store.directory, service.store.rig)
         calibrating = threading.Thread(target=service.calibrate, args=("A",))

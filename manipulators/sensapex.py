@@ -59,6 +59,8 @@ SDK_MIN_UM = -1000.0  # libum rejects GOTO targets outside this range (error -4)
 SDK_MAX_UM = 125000.0
 MIN_SPEED_UM_S = 1.0  # the SDK raises slower speeds to 1 µm/s ("speed < 1 crashes the uMp")
 WATCH_PERIOD_S = 0.005
+# how the SDK's ump.stop (and our _do_stop) word the interruption of a pending MoveRequest
+STOP_INTERRUPT_REASON = "stop requested before move finished"
 
 _UM_ERRNO = re.compile(r"UM Error: (-?\d+)")
 
@@ -493,6 +495,11 @@ class SensapexManipulator(Manipulator):
             return
         if request.interrupted:
             reason = str(request.interrupt_reason)
+            if reason.startswith(STOP_INTERRUPT_REASON):
+                # a stop took the request between its GOTO and its watch, and has not yet
+                # finished the handle (it is still verifying the device halted)
+                handle.finish(MoveState.INTERRUPTED, reason=reason)
+                return
             if "Invalid argument" in reason:
                 err2: PatchrigError = InvalidParams(f"the SDK refused the move: {reason}", channel=self.name)
             else:
@@ -540,7 +547,7 @@ class SensapexManipulator(Manipulator):
             try:
                 ump.stop(self.device_id, reason=reason)
                 if request is not None:  # what ump.stop does with a pending move (a second STOP)
-                    request.interrupt(f"stop requested before move finished ({reason})")
+                    request.interrupt(f"{STOP_INTERRUPT_REASON} ({reason})")
             except (UMError, UserWarning) as exc:
                 if request is not None and not request.finished:
                     request.interrupted = True

@@ -441,3 +441,43 @@ def test_the_simulator_reports_idle_after_a_step_that_ended_between_its_ticks(ri
         with ump.lock:
             busy = ump.lib.um_is_busy(ump.h, ctypes.c_int(2))
     assert busy == 0
+
+
+def test_a_stop_between_the_goto_and_its_watch_interrupts_the_move(rig: SensapexRig, monkeypatch) -> None:
+    """stop() takes the request the GOTO just registered before the driver watches it, and is
+    still verifying the halt when the watcher sees the interrupted request: the move was
+    stopped (INTERRUPTED), it did not fail (the CI race of stop 21)."""
+    import threading
+
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    ump = m._sdk.ump
+    real_goto, real_verify = ump.goto_pos, m._verify_stopped
+    verified, release = threading.Event(), threading.Event()
+    stoppers: list[threading.Thread] = []
+
+    def slow_verify(move_at_stop):  # type: ignore[no-untyped-def]
+        real_verify(move_at_stop)
+        verified.set()
+        release.wait(5.0)  # the base class finishes the handle only after this returns
+
+    def goto_then_stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        request = real_goto(*args, **kwargs)
+        stoppers.append(threading.Thread(target=m.stop, args=("e-stop",)))
+        stoppers[0].start()
+        assert request.finished_event.wait(5.0)  # the stop interrupted it
+        return request
+
+    monkeypatch.setattr(m, "_verify_stopped", slow_verify)
+    monkeypatch.setattr(ump, "goto_pos", goto_then_stop)
+    try:
+        handle = m.move_to(start + np.array([300.0, 0, 0]), 500.0)
+        assert verified.wait(5.0)
+        handle.wait(2.0, check=False)  # resolved by the watcher while stop() is still running
+        assert handle.state is MoveState.INTERRUPTED, (handle.state, handle.reason)
+        assert "e-stop" in handle.reason
+    finally:
+        release.set()
+        for th in stoppers:
+            th.join(5.0)
+    assert not rig.sim.is_moving(2)

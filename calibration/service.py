@@ -369,8 +369,12 @@ class CalibrationService:
     def _correct(self, channel: str, detection: TipDetection, frame: Frame, age_s: float) -> dict[str, Any]:
         m = self.manipulators[channel]
         try:
+            move_before = m.current_move
             moving = self._moving_during(m, frame)
             position = m.position_um
+            # a move may have started while the position was being read (a plain move does not
+            # take the operation lock): that read-back is not the frame's position
+            moving = moving or m.is_busy() or m.current_move is not move_before
         except PatchrigError as exc:
             return {"accepted": False, "reason": f"device: {exc}"}
         with self._lock:
@@ -413,9 +417,7 @@ class CalibrationService:
                 frame = self.frames.latest()
                 if frame is None:
                     raise NoFrame("no frame yet: cannot convert the pixel to µm")
-                h, w = frame.shape
-                if not (-0.5 <= xy[0] <= w - 0.5 and -0.5 <= xy[1] <= h - 0.5):
-                    raise InvalidParams(f"pixel {xy.tolist()} is outside the {w}x{h} frame", channel=channel)
+                _check_in_frame(xy, frame.shape, channel)
                 focal = self.eye.focal_z_of(frame)
                 source = "user pixel"
             else:
@@ -523,6 +525,7 @@ class CalibrationService:
                 geometry = self._geometry()
                 if geometry is None:
                     raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
+                _check_in_frame(xy, geometry[1], channel)
                 target = np.array([*px_to_um(xy, *geometry), focal_z])
             else:
                 values = np.asarray(target_um, float).reshape(-1)
@@ -570,3 +573,11 @@ def _pixel(px: Any) -> np.ndarray:
     if xy.shape != (2,) or not np.all(np.isfinite(xy)):
         raise InvalidParams(f"pixel {px!r} must be two finite numbers [x, y]")
     return xy
+
+
+def _check_in_frame(xy: np.ndarray, shape: tuple[int, int], channel: str) -> None:
+    """InvalidParams unless pixel ``xy`` (x, y; pixel-centre origin) lies inside a frame of
+    ``shape`` (h, w): a point the microscope cannot see cannot be checked by looking."""
+    h, w = shape
+    if not (-0.5 <= xy[0] <= w - 0.5 and -0.5 <= xy[1] <= h - 0.5):
+        raise InvalidParams(f"pixel {xy.tolist()} is outside the {w}x{h} frame", channel=channel)

@@ -23,7 +23,6 @@ watchdog.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,6 @@ from rig.protocol import error_code_of
 
 OpBody = Callable[["Operation"], dict[str, Any]]
 HaltCallback = Callable[[str | None], None]
-MAX_PENDING_HALTS = 8
 SUPERSEDE_HALT_WAIT_S = 10.0  # a new operation waits at most this for its predecessor's device stop
 Publish = Callable[[str, dict[str, Any]], Any]
 
@@ -88,7 +86,6 @@ class Operation:
         self.cancel_event = threading.Event()  # set on cancel: for code that takes an Event
         self._finished = threading.Event()
         self._lock = threading.Lock()
-        self._handle: MoveHandle | None = None
         self._halt_device: Callable[[str], str | None] | None = None  # set by the controller
 
     # -- state ----------------------------------------------------------------------------
@@ -118,10 +115,9 @@ class Operation:
                 return
             self.cancel_reason = reason
             self.cancel_failure = failure
-            handle = self._handle
+        # The move's handle is left to the device's stop to finish: its end time then says when
+        # the device halted, which the closed loop's "still since" checks rely on.
         self.cancel_event.set()
-        if handle is not None and not handle.done:
-            handle.finish(MoveState.INTERRUPTED, reason=reason)
         self._wake.set()
 
     def check(self) -> None:
@@ -143,7 +139,6 @@ class Operation:
         self.check()
         handle = send()
         with self._lock:
-            self._handle = handle
             cancelled = self.cancel_reason
         if cancelled is not None:
             if self._halt_device is not None:
@@ -153,7 +148,10 @@ class Operation:
         self._wake.clear()
         handle.add_done_callback(lambda _h: self._wake.set())
         if not self._wake.wait(timeout_s) and not handle.done:
-            raise DeviceError(f"move not finished after {timeout_s:.1f} s", channel=self.channel)
+            # a hung move may still be driving the device: halt it before giving up on it
+            if self._halt_device is not None:
+                self._halt_device("move timeout")
+            raise DeviceError(f"move not finished after {timeout_s:.1f} s; stop sent", channel=self.channel)
         self.check()
         if not handle.done:  # woken by a cancel that raced with the wait
             self.check()
@@ -230,6 +228,28 @@ class Operation:
         return {"op": self.id, "channel": self.channel, "method": self.method, "state": self.state}
 
 
+class _HaltRequest:
+    """One device stop that the stopper thread has not begun yet. Every stop asked for before
+    it begins joins it (their reasons and callbacks are merged): one STOP sent after all of
+    those requests satisfies each of them, so the stopper's backlog is at most one request,
+    however fast supersessions and stops arrive."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.callbacks: list[HaltCallback] = []
+        self.done = threading.Event()  # set once the device answered (whatever it answered)
+
+    def join(self, reason: str, callback: HaltCallback | None) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        if callback is not None:
+            self.callbacks.append(callback)
+
+    @property
+    def reason(self) -> str:
+        return ", ".join(self.reasons)
+
+
 class ChannelController:
     """Runs one channel's operations in its own worker thread; stop from any thread."""
 
@@ -246,7 +266,9 @@ class ChannelController:
         self.last_position_s: float | None = None
         self.last_device_ok_s: float = time.monotonic()
         self.device_error: str | None = None
-        self._halts: queue.Queue[tuple[str, HaltCallback] | None] = queue.Queue(maxsize=MAX_PENDING_HALTS)
+        self._halt_cond = threading.Condition()
+        self._next_halt: _HaltRequest | None = None  # asked for, not yet begun by the stopper
+        self._stopper_closing = False
         self._thread = threading.Thread(target=self._run, name=f"patchrig-controller-{name}", daemon=True)
         self._thread.start()
         self._stopper = threading.Thread(target=self._run_stopper, name=f"patchrig-stopper-{name}", daemon=True)
@@ -254,31 +276,34 @@ class ChannelController:
 
     # -- submit / stop --------------------------------------------------------------------
     def submit(self, op: Operation) -> Operation:
-        """Queue ``op``; it supersedes the running and the pending operation of this channel."""
+        """Queue ``op``; it supersedes the running and the pending operation of this channel.
+
+        Everything that decides when ``op`` may start happens under the channel's lock, before
+        the worker can take it: the running operation is cancelled first, then its device stop
+        is asked for (on the stopper thread: the caller, the server loop, never waits for a
+        device), and ``op`` starts only once that stop is answered. Stops run one after
+        another, so that one ends after any stop asked for earlier. A dropped pending request
+        passes its own wait on to ``op``."""
+        op._emit("queued", params=op.params)  # before the worker can emit "running"
         with self._cond:
             if self._closed:
                 op._drop("refused: controller closed")
                 return op
             dropped, self._pending = self._pending, op
             running = self._current
+            op.after_halt = dropped.after_halt if dropped is not None else None
+            if running is not None and not running.finished:
+                self.log.info("superseding", old=running.id, new=op.id)
+                running.cancel("superseded")  # before the stop: see Operation.start_move
+
+                def answered(error: str | None) -> None:
+                    if error is not None:
+                        self.log.warning("stop of the superseded operation failed", op=running.id, error=error)
+
+                op.after_halt = self.halt_async("superseded", answered)
             self._cond.notify_all()
-        op._emit("queued", params=op.params)
         if dropped is not None:
             dropped._drop("superseded")
-        if running is not None and not running.finished:
-            self.log.info("superseding", old=running.id, new=op.id)
-            running.cancel("superseded")
-            # The device stop runs on the stopper thread: the caller (the server loop) must
-            # never wait for a device. The new operation starts only once it is answered.
-            halted = threading.Event()
-            op.after_halt = halted
-
-            def answered(error: str | None) -> None:
-                if error is not None:
-                    self.log.warning("stop of the superseded operation failed", op=running.id, error=error)
-                halted.set()
-
-            self.halt_async("superseded", answered)
         return op
 
     def stop(self, reason: str = "stop", *, failure: PatchrigError | None = None) -> str | None:
@@ -300,26 +325,45 @@ class ChannelController:
         if dropped is not None:
             dropped._drop(reason)
 
-    def halt_async(self, reason: str, callback: HaltCallback) -> None:
+    def halt_async(self, reason: str, callback: HaltCallback | None = None) -> threading.Event:
         """Halt the device from this channel's own stopper thread and call ``callback(error)``
-        (None on success) when the device confirmed it. Never blocks the caller; never waits
-        behind operations (only behind earlier stops of this same device)."""
-        try:
-            self._halts.put_nowait((reason, callback))
-        except queue.Full:
-            callback(f"{MAX_PENDING_HALTS} earlier stops still unanswered: the device is not responding")
+        (None on success) once the device answered; return an Event set at that moment.
+        Never blocks the caller; never waits behind operations, only behind the one stop of
+        this device already under way: every stop asked for before the stopper begins the next
+        one joins that next one (one STOP sent after a request satisfies it)."""
+        with self._halt_cond:
+            if self._stopper_closing:
+                request = None
+            else:
+                if self._next_halt is None:
+                    self._next_halt = _HaltRequest()
+                    self._halt_cond.notify_all()
+                request = self._next_halt
+                request.join(reason, callback)
+        if request is None:  # closed: the shutdown's own stop already ran
+            error = self._halt(reason)
+            if callback is not None:
+                callback(error)
+            done = threading.Event()
+            done.set()
+            return done
+        return request.done
 
     def _run_stopper(self) -> None:
         while True:
-            item = self._halts.get()
-            if item is None:
+            with self._halt_cond:
+                while self._next_halt is None and not self._stopper_closing:
+                    self._halt_cond.wait()
+                request, self._next_halt = self._next_halt, None
+            if request is None:  # closing, nothing left to do
                 return
-            reason, callback = item
-            error = self._halt(reason)
-            try:
-                callback(error)
-            except Exception as exc:  # a reply that cannot go out must not kill the stopper
-                self.log.warning("stop callback failed", error=str(exc))
+            error = self._halt(request.reason)
+            request.done.set()
+            for callback in request.callbacks:
+                try:
+                    callback(error)
+                except Exception as exc:  # a reply that cannot go out must not kill the stopper
+                    self.log.warning("stop callback failed", error=str(exc))
 
     def _halt(self, reason: str) -> str | None:
         try:
@@ -341,12 +385,9 @@ class ChannelController:
             self._cond.notify_all()
         self.stop("shutdown")
         self._thread.join(timeout=timeout_s)
-        while True:
-            try:
-                self._halts.put(None, timeout=timeout_s)
-                break
-            except queue.Full:
-                continue
+        with self._halt_cond:  # the stopper serves what is asked, then ends
+            self._stopper_closing = True
+            self._halt_cond.notify_all()
         self._stopper.join(timeout=timeout_s)
 
     # -- cached state ---------------------------------------------------------------------

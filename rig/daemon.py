@@ -47,6 +47,11 @@ in the server loop. Others (the Sensapex SDK may query the device under its lock
 query pool so that a dead device never stalls the loop."""
 
 
+def _describe(op: Operation | None) -> dict[str, Any] | None:
+    """An operation's description, or None (for a value read once: it may end meanwhile)."""
+    return None if op is None else op.describe()
+
+
 class Daemon:
     """The assembled daemon. Build it, ``start()`` it, ``close()`` it (idempotent).
 
@@ -352,7 +357,7 @@ class Daemon:
         return {
             "state": self.state,
             "uptime_s": time.monotonic() - self.started_s,
-            "channels": {n: {"op": (c.current.describe() if c.current else None), "device_error": c.device_error} for n, c in self.controllers.items()},
+            "channels": {n: {"op": _describe(c.current), "device_error": c.device_error} for n, c in self.controllers.items()},
             "frame_age_s": self._frame_age_s() if self.frames is not None else None,
             "lease": self.lease.describe(),
         }

@@ -144,10 +144,13 @@ class Watchdog:
                 op = ctl.current
                 if op is not None and op.method in CLOSED_LOOP and not op.finished and op.id not in self._stopped_ops:
                     self._stopped_ops = {*list(self._stopped_ops)[-63:], op.id}
-                    ctl.stop("stale frames", failure=NoFrame(
+                    ctl.cancel_ops("stale frames", failure=NoFrame(
                         f"no fresh frame for {'ever' if age is None else f'{age:.2f} s'}: stopped by the watchdog",
                         channel=name,
                     ))
+                    # from the channel's stopper thread: a slow device must not hold up the
+                    # watchdog's other checks (a lapsed lease, the other channels)
+                    ctl.halt_async("stale frames")
                     self._alarm(
                         "stale_frames",
                         f"no fresh frame for {'ever' if age is None else f'{age:.2f} s'}: {op.method} {op.id} stopped",
@@ -172,7 +175,7 @@ class Watchdog:
                         f"device silent for {silent_for:.1f} s ({ctl.device_error}): stopped by the watchdog",
                         channel=name,
                     ))
-                    ctl.halt_async("device silent", lambda _error: None)
+                    ctl.halt_async("device silent")
                     self._alarm(
                         "device_silent",
                         f"no answer for {silent_for:.1f} s ({ctl.device_error}): operations cancelled, stop sent",

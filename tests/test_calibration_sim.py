@@ -20,7 +20,7 @@ from calibration.closed_loop import MoveTipFailed
 from calibration.service import CalibrationService
 from config.models import CalibrationConfig, RigIdentity
 from localisation.types import TipDetection
-from rig.errors import Busy, NotCalibrated, OutOfBounds, Stopped
+from rig.errors import Busy, InvalidParams, NotCalibrated, OutOfBounds, Stopped
 
 
 class Rig:
@@ -199,6 +199,20 @@ def test_closed_loop_operations_refuse_a_moving_pipette_and_change_nothing():
         after = rig.service.get_calibration("A")
         assert after["offset_history"] == before["offset_history"]
         assert after["calibration"] == before["calibration"]
+
+
+def test_move_tip_refuses_a_target_pixel_outside_the_frame_before_moving():
+    """A target the microscope cannot see cannot be reached by looking: refused, like
+    set_tip's pixel, before anything moves."""
+    with Rig(12, 1) as rig:
+        rig.service.calibrate("A")
+        m = rig.manipulators["A"]
+        before = m.position_um
+        h, w = rig.service.frames.latest().shape
+        for px in ([-3000.0, -3000.0], [w + 10.0, h / 2], [w / 2, -1.0]):
+            with pytest.raises(InvalidParams, match="outside"):
+                rig.service.move_tip("A", target_px=px)
+        assert np.array_equal(m.position_um, before) and not m.is_busy()
 
 
 def test_closed_loop_looks_ignore_detections_below_min_confidence():

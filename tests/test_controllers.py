@@ -1,5 +1,6 @@
 """Channel controllers against a real simulated manipulator: a stop that lands while a move
-command is on its way to the device, and supersession with a device that is slow to stop.
+command is on its way to the device, supersession with a device that is slow to stop (one
+move, or a burst of them), and a move that outlives its operation's timeout.
 
 The races are made deterministic by holding the device's command (or its stop) on an event,
 so no test depends on timing luck.
@@ -42,7 +43,10 @@ class SlowToStop(SimulatedManipulator):
         self.stopping = threading.Event()
         self.answer_stop = threading.Event()
 
+        self.stop_reasons: list[str] = []
+
     def _do_stop(self, reason: str) -> None:
+        self.stop_reasons.append(reason)
         self.stopping.set()
         assert self.answer_stop.wait(10.0)
         super()._do_stop(reason)
@@ -105,5 +109,75 @@ def test_superseding_a_closed_loop_operation_never_waits_for_the_device_stop() -
         assert second.wait_finished(5.0) and second.state == "done" and second_started.is_set()
     finally:
         device.answer_stop.set()
+        ctl.close()
+        device.close()
+
+
+def _move(ctl: ChannelController, x_um: float, speed_um_s: float) -> Operation:
+    return Operation("A", "move", {}, move_body(ctl, np.array([x_um, 0.0, 0.0]), speed_um_s))
+
+
+def test_a_burst_of_superseding_moves_and_a_stop_share_one_device_stop() -> None:
+    """Joystick-style moves arriving faster than the device answers STOP: every stop asked for
+    while one is under way joins the next one, so the backlog never grows, the user's stop is
+    never refused, and it is answered by a STOP sent after it was asked for."""
+    device = SlowToStop()
+    ctl = ChannelController("A", device)
+    try:
+        ctl.note_position(device.position_um)
+        first = ctl.submit(_move(ctl, 900.0, 50.0))
+        assert _wait_until(device.is_busy)
+        burst = [ctl.submit(_move(ctl, 100.0 + i, 500.0)) for i in range(20)]
+        assert device.stopping.wait(5.0)  # the first supersession's stop is under way, held
+        ctl.cancel_ops("stop")
+        answered: list[str | None] = []
+        ctl.halt_async("stop", answered.append)
+        device.answer_stop.set()
+        assert _wait_until(lambda: answered == [None])
+        assert len(device.stop_reasons) == 2, device.stop_reasons  # the held one, then one for the rest
+        assert "stop" in device.stop_reasons[1]
+        assert all(op.wait_finished(5.0) and op.state == "stopped" for op in [first, *burst])
+        assert not device.is_busy()
+    finally:
+        device.answer_stop.set()
+        ctl.close()
+        device.close()
+
+
+def test_the_newest_of_a_burst_of_moves_runs_to_its_target() -> None:
+    """No stale supersession stop may cut short the move that superseded them all."""
+    device = SlowToStop()
+    ctl = ChannelController("A", device)
+    try:
+        ctl.note_position(device.position_um)
+        ctl.submit(_move(ctl, 900.0, 50.0))
+        assert _wait_until(device.is_busy)
+        burst = [ctl.submit(_move(ctl, 100.0 + i, 500.0)) for i in range(20)]
+        assert device.stopping.wait(5.0)
+        device.answer_stop.set()
+        last = burst[-1]
+        assert last.wait_finished(10.0)
+        assert last.state == "done", (last.state, last.error)
+        assert np.allclose(device.position_um, [119.0, 0.0, 0.0], atol=0.01)
+        assert all(op.state == "stopped" for op in burst[:-1])
+    finally:
+        device.answer_stop.set()
+        ctl.close()
+        device.close()
+
+
+def test_a_move_that_never_finishes_is_stopped_when_its_operation_gives_up() -> None:
+    device = SimulatedManipulator("A", LIMITS, 1000.0, initial_position_um=[0.0, 0.0, 0.0])
+    ctl = ChannelController("A", device)
+    try:
+        op = ctl.submit(Operation("A", "move", {}, lambda op: (
+            op.start_move(lambda: device.move_to([900.0, 0.0, 0.0], 50.0), timeout_s=0.3), {})[1]))
+        assert op.wait_finished(5.0)
+        assert op.state == "failed" and "stop sent" in str(op.error), op.error
+        assert not device.is_busy()
+        settled = device.position_um
+        time.sleep(0.2)  # at 50 µm/s a move left running would travel 10 µm in this time
+        assert np.allclose(device.position_um, settled)
+    finally:
         ctl.close()
         device.close()

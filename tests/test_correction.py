@@ -201,3 +201,43 @@ def test_a_slow_calibration_write_never_blocks_status_reads():
         assert (Path(tmp) / "A.json").is_file()
         assert CalibrationStore(tmp, service.store.rig).load("A") is not None
         service.close()
+
+
+def test_a_move_that_starts_while_the_position_is_read_is_not_a_correction():
+    """A plain move does not take the operation lock, so it can start between the "is it
+    still" check and the position read-back. That read-back is not the frame's position: the
+    correction must be refused as moving, not counted as a vote."""
+    with _oracle_rig(6, 1) as (world, cam, loc, ms, service, tmp):
+        cam.start()
+        service.calibrate("A")
+        m = ms["A"]
+        time.sleep(service.settle_s + 0.05)
+        world.jump("A", np.array([3.0, 0.0, 0.0]))
+        frame = cam.render()
+        px = world.true_tip_px("A")
+        good = [TipDetection(float(px[0]), float(px[1]), 0.95)]
+        handles: list = []
+        armed: list[bool] = []
+        real_read, real_moving_during = m._do_read_position_um, service._moving_during
+
+        def still_check(manipulator, frame):  # type: ignore[no-untyped-def]
+            moving = real_moving_during(manipulator, frame)
+            armed.append(True)  # the window: checked still, position not yet read
+            return moving
+
+        def read_as_a_move_starts():  # type: ignore[no-untyped-def]
+            position = real_read()
+            if armed and not handles:
+                handles.append(m.move_to(np.asarray(position) + np.array([30.0, 0.0, 0.0]), 10.0))
+            return position
+
+        m._do_read_position_um = read_as_a_move_starts  # type: ignore[method-assign]
+        service._moving_during = still_check  # type: ignore[method-assign]
+        try:
+            out = service.observe(frame, good)
+        finally:
+            m._do_read_position_um = real_read  # type: ignore[method-assign]
+            m.stop("test")
+        assert handles, "the move never started"
+        decision = out["corrections"]["A"]
+        assert not decision["accepted"] and decision["reason"].startswith("moving"), decision

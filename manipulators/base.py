@@ -93,6 +93,17 @@ class MoveHandle:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[MoveHandle], None]] = []
+        self._stop_requested = threading.Event()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once ``Manipulator.stop`` was called while this was the channel's move, even if
+        the move has not been sent yet: a backend must not start (or must halt again) a move
+        whose stop came first."""
+        return self._stop_requested.is_set()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
 
     @property
     def done(self) -> bool:
@@ -182,7 +193,8 @@ class Manipulator(ABC):
         self.max_speed_um_s = float(max_speed_um_s)
         self.default_speed_um_s = float(default_speed_um_s or min(200.0, max_speed_um_s))
         self.log = get_logger("patchrig.manipulator", channel=name)
-        self._move_lock = threading.Lock()  # serialises move starts; stop never takes it
+        self._move_lock = threading.RLock()  # serialises move starts; stop never takes it (re-entrant: a
+        # done-callback of the superseded move may call close() or move_to() on this channel)
         self._handle_lock = threading.Lock()  # guards _current only, held for microseconds
         self._current: MoveHandle | None = None
 
@@ -262,6 +274,10 @@ class Manipulator(ABC):
         """Halt this channel now. Never waits behind a move; safe from any thread."""
         with self._handle_lock:
             current = self._current
+        if current is not None:
+            # before the STOP: a move switched in but not yet sent must see it (backends check
+            # ``stop_requested`` before they start a move, and again after sending it)
+            current.request_stop()
         self.log.info("stop", reason=reason)
         try:
             self._do_stop(reason)

@@ -856,6 +856,9 @@ class ScientificaManipulator(Manipulator):
         assert req.handle is not None and req.target_um is not None
         if req.handle.done:  # superseded or stopped while queued
             return
+        if req.handle.stop_requested:  # stopped after the switch, before it was queued
+            req.handle.finish(MoveState.INTERRUPTED, reason="stopped before it started")
+            return
         info = self.info
         now = time.monotonic()
         top = info.top_for_speed(req.speed_um_s)

@@ -410,9 +410,9 @@ class SensapexManipulator(Manipulator):
             raise self._error(exc, "move") from None
         except ValueError as exc:  # axis-count mismatch inside MoveRequest
             raise DeviceError(f"move refused by the SDK: {exc}", channel=self.name) from None
-        if handle.done:
-            # stopped while the GOTO was on its way: that stop found the device idle, and the
-            # GOTO then started it; stop it now (nothing else tracks this move)
+        if handle.done or handle.stop_requested:
+            # stopped while the GOTO was on its way: that stop may have found the device idle,
+            # and the GOTO then started it; stop it now (stop() finishes the handle)
             self._take_move_from_sdk(request)
             self._stop_quietly("stopped while the move was being sent")
             return
@@ -490,7 +490,12 @@ class SensapexManipulator(Manipulator):
                 f"{self._where()} stopped answering or never reported completion; stop sent",
                 channel=self.name,
             )
-            self._stop_quietly("move timeout")  # first: a done-callback may start the next move
+            # Stop first (a done-callback may start the next move), and only while this is
+            # still the channel's move: a newer move, sent meanwhile, owns the device.
+            with self._move_lock:
+                if handle.done or self.current_move is not handle:
+                    return
+                self._stop_quietly("move timeout")
             handle.finish(MoveState.FAILED, reason=str(err), error=err)
             return
         if request.interrupted:
@@ -538,23 +543,28 @@ class SensapexManipulator(Manipulator):
         from sensapex import UMError
 
         move_at_stop = self.current_move  # a move started after this one supersedes the stop
-        self._sdk.unwatch(self.device_id)
+        watched = self._sdk.unwatch(self.device_id)
         ump = self._sdk.ump
-        with ump.lock:
-            # BEFORE the STOP: once the device has obeyed it, the poller would otherwise see it
-            # idle short of its target, between a STOP whose ACK never came and our clean-up
-            request = self._take_move_from_sdk()
-            try:
-                ump.stop(self.device_id, reason=reason)
-                if request is not None:  # what ump.stop does with a pending move (a second STOP)
-                    request.interrupt(f"{STOP_INTERRUPT_REASON} ({reason})")
-            except (UMError, UserWarning) as exc:
-                if request is not None and not request.finished:
-                    request.interrupted = True
-                    request.interrupt_reason = f"stop failed: {exc}"
-                    request.finished = True
-                    request.finished_event.set()
-                raise self._error(exc, "stop") from None
+        try:
+            with ump.lock:
+                # BEFORE the STOP: once the device has obeyed it, the poller would otherwise see
+                # it idle short of its target, between a STOP whose ACK never came and our clean-up
+                request = self._take_move_from_sdk()
+                try:
+                    ump.stop(self.device_id, reason=reason)
+                    if request is not None:  # what ump.stop does with a pending move (a second STOP)
+                        request.interrupt(f"{STOP_INTERRUPT_REASON} ({reason})")
+                except (UMError, UserWarning) as exc:
+                    if request is not None and not request.finished:
+                        request.interrupted = True
+                        request.interrupt_reason = f"stop failed: {exc}"
+                        request.finished = True
+                        request.finished_event.set()
+                    raise self._error(exc, "stop") from None
+        finally:
+            # the watched move may be newer than the one stop() saw: this STOP halted it too
+            if watched is not None and not watched.handle.done:
+                watched.handle.finish(MoveState.INTERRUPTED, reason=reason)
         self._lost = False  # it answered the STOP: reachable again
         self._verify_stopped(move_at_stop)
 
@@ -653,13 +663,14 @@ class SensapexManipulator(Manipulator):
         """Stop the device if a move is running, and release the shared SDK. Idempotent."""
         if self._closed:
             return
-        current = self.current_move
-        if current is not None and not current.done:
-            try:
-                self.stop("closed")
-            except PatchrigError as exc:
-                self.log.warning("stop on close failed", error=str(exc))
-        self._closed = True
+        with self._move_lock:  # no move can be on its way while the channel closes
+            current = self.current_move
+            if current is not None and not current.done:
+                try:
+                    self.stop("closed")
+                except PatchrigError as exc:
+                    self.log.warning("stop on close failed", error=str(exc))
+            self._closed = True
         self._sdk.unwatch(self.device_id)
         self._sdk.unclaim_device(self.device_id)
         self._sdk.release()

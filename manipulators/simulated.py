@@ -73,20 +73,28 @@ class SimulatedManipulator(Manipulator):
         with self._state_lock:
             if self._closed:
                 raise DeviceError("closed", channel=self.name)
-            self._axis.start(target_um, speed_um_s, time.monotonic())
-            self._pending = handle
-            if self._worker is None:
-                self._worker = threading.Thread(
-                    target=self._run, name=f"sim-manipulator-{self.name}", daemon=True
-                )
-                self._worker.start()
-            self._wake.notify_all()
+            if handle.stop_requested:  # a stop came between the switch and now: never start it
+                stopped_first = True
+            else:
+                stopped_first = False
+                self._axis.start(target_um, speed_um_s, time.monotonic())
+                self._pending = handle
+                if self._worker is None:
+                    self._worker = threading.Thread(
+                        target=self._run, name=f"sim-manipulator-{self.name}", daemon=True
+                    )
+                    self._worker.start()
+                self._wake.notify_all()
+        if stopped_first:
+            handle.finish(MoveState.INTERRUPTED, reason="stopped before it started")
 
     def _do_stop(self, reason: str) -> None:
         with self._state_lock:
             position = self._axis.stop(time.monotonic())
-            self._pending = None
+            halted, self._pending = self._pending, None
         self._publish(position)
+        if halted is not None:  # a move newer than the one stop() saw is halted too: finish it
+            halted.finish(MoveState.INTERRUPTED, position_um=position.tolist(), reason=reason)
 
     def _do_read_position_um(self) -> Sequence[float]:
         with self._state_lock:

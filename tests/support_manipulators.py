@@ -264,6 +264,59 @@ class ManipulatorContract:
         manipulator.stop("again")
         assert_not_moved(manipulator, before, self.settle_s, self.tolerance_um)
 
+    def test_a_stop_between_the_switch_and_the_send_is_not_undone(self, manipulator: Manipulator) -> None:
+        """stop() from another thread after move_to made the move current, before its command
+        went out: the move must never run to its target (not started, or halted again at
+        once), and it ends INTERRUPTED."""
+        start = manipulator.position_um
+        target = target_inside(manipulator, self.travel_um)
+        real_send = manipulator._do_move_to
+
+        def stop_lands_first(target_um, speed_um_s, handle):  # type: ignore[no-untyped-def]
+            stopper = threading.Thread(target=manipulator.stop, args=("e-stop",))
+            stopper.start()
+            stopper.join(self.move_timeout_s)
+            return real_send(target_um, speed_um_s, handle)
+
+        manipulator._do_move_to = stop_lands_first  # type: ignore[method-assign]
+        try:
+            handle = manipulator.move_to(target, self.slow_speed_um_s)
+        finally:
+            del manipulator._do_move_to
+        handle.wait(self.move_timeout_s, check=False)
+        assert handle.state is MoveState.INTERRUPTED, (handle.state, handle.reason)
+        assert wait_until(lambda: not manipulator.is_busy(), 2.0)
+        stopped_at = manipulator.position_um
+        assert np.linalg.norm(stopped_at - start) < 0.5 * self.travel_um, "the stopped move ran on"
+        assert_not_moved(manipulator, stopped_at, 0.3, self.tolerance_um)
+
+    def test_a_move_sent_while_a_stop_is_on_its_way_is_halted_and_finished(self, manipulator: Manipulator) -> None:
+        """stop() read the running move; a newer move went out before the STOP did. The STOP
+        halts the newer move too, so it must end INTERRUPTED (never RUNNING forever)."""
+        start, _target, first = self._slow_move(manipulator)
+        second_target = start.copy()
+        real_stop = manipulator._do_stop
+        newer: list[MoveHandle] = []
+
+        def newer_move_first(reason: str) -> None:
+            if not newer:
+                mover = threading.Thread(target=lambda: newer.append(manipulator.move_to(second_target, self.slow_speed_um_s)))
+                mover.start()
+                mover.join(self.move_timeout_s)
+            real_stop(reason)
+
+        manipulator._do_stop = newer_move_first  # type: ignore[method-assign]
+        try:
+            manipulator.stop("e-stop")
+        finally:
+            del manipulator._do_stop
+        assert newer, "the newer move was not sent"
+        assert first.state is MoveState.INTERRUPTED
+        newer[0].wait(self.move_timeout_s, check=False)
+        assert newer[0].state is MoveState.INTERRUPTED, (newer[0].state, newer[0].reason)
+        assert wait_until(lambda: not manipulator.is_busy(), 2.0)
+        assert_not_moved(manipulator, manipulator.position_um, 0.3, self.tolerance_um)
+
     def test_new_move_supersedes_running_move(self, manipulator: Manipulator) -> None:
         start, _target, first = self._slow_move(manipulator)
         assert wait_until(lambda: np.linalg.norm(manipulator.position_um - start) > 2.0, 3.0)

@@ -467,3 +467,39 @@ def _position_or_none(m: ScientificaManipulator) -> np.ndarray | None:
         return m.position_um
     except DeviceError:
         return None
+
+
+def test_a_stop_after_the_switch_but_before_the_move_is_queued_is_not_undone() -> None:
+    """stop() reads the new move (move_to has made it current) and registers its STOP before
+    the move is queued: the port thread serves the STOP, then must not start the move (its
+    queue number is newer than the STOP's, so it used to run to its target, reported
+    INTERRUPTED)."""
+    with rig(version=3) as (sim, m):
+        real_submit, real_put = m._submit, m._requests.put
+        stop_registered = threading.Event()
+        stoppers: list[threading.Thread] = []
+
+        def put(item, *args, **kwargs):  # type: ignore[no-untyped-def]
+            real_put(item, *args, **kwargs)
+            if item is None:  # stop() wakes the port thread after registering itself
+                stop_registered.set()
+
+        def stop_then_submit(request):  # type: ignore[no-untyped-def]
+            if request.kind == "move" and not stoppers:
+                stoppers.append(threading.Thread(target=m.stop, args=("e-stop",)))
+                stoppers[0].start()
+                assert stop_registered.wait(BOUND_S)
+            real_submit(request)
+
+        m._requests.put = put  # type: ignore[method-assign]
+        m._submit = stop_then_submit  # type: ignore[method-assign]
+        try:
+            handle = m.move_to([300.0, 0.0, 0.0], 400.0)
+            stoppers[0].join(BOUND_S)
+        finally:
+            m._submit = real_submit  # type: ignore[method-assign]
+            m._requests.put = real_put  # type: ignore[method-assign]
+        handle.wait(BOUND_S, check=False)
+        assert handle.state is MoveState.INTERRUPTED, (handle.state, handle.reason)
+        time.sleep(0.3)  # at 400 µm/s a move left running would travel 120 µm in this time
+        assert np.max(np.abs(sim.physical_position_um())) < 5.0, sim.physical_position_um()

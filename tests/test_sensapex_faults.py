@@ -481,3 +481,74 @@ def test_a_stop_between_the_goto_and_its_watch_interrupts_the_move(rig: Sensapex
         for th in stoppers:
             th.join(5.0)
     assert not rig.sim.is_moving(2)
+
+
+def test_a_stop_whose_stop_goes_out_before_the_goto_is_not_undone(rig: SensapexRig, monkeypatch) -> None:
+    """stop() reads the new move (move_to has made it current), sends STOP to an idle device
+    and is still verifying when the GOTO goes out: the driver must halt that GOTO (the move
+    used to run to its target while its handle said INTERRUPTED)."""
+    import threading
+
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    ump = m._sdk.ump
+    real_goto, real_verify = ump.goto_pos, m._verify_stopped
+    verified, release = threading.Event(), threading.Event()
+    stoppers: list[threading.Thread] = []
+
+    def slow_verify(move_at_stop):  # type: ignore[no-untyped-def]
+        real_verify(move_at_stop)
+        verified.set()
+        release.wait(5.0)  # stop() finishes the handle only after this
+
+    def stop_then_goto(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stoppers.append(threading.Thread(target=m.stop, args=("e-stop",)))
+        stoppers[0].start()
+        assert verified.wait(5.0)  # the STOP went out and found the device idle
+        return real_goto(*args, **kwargs)
+
+    monkeypatch.setattr(m, "_verify_stopped", slow_verify)
+    monkeypatch.setattr(ump, "goto_pos", stop_then_goto)
+    try:
+        handle = m.move_to(start + np.array([300.0, 0, 0]), 500.0)
+    finally:
+        release.set()
+        for th in stoppers:
+            th.join(5.0)
+    handle.wait(2.0, check=False)
+    assert handle.state is MoveState.INTERRUPTED, (handle.state, handle.reason)
+    time.sleep(0.4)  # at 500 µm/s an untracked GOTO would travel 200 µm in this time
+    assert not rig.sim.is_moving(2)
+    assert np.max(np.abs(rig.sim.position_um(2) - start)) < 50.0
+
+
+def test_a_move_timeout_never_stops_the_move_that_superseded_it(rig: SensapexRig, monkeypatch) -> None:
+    """The watcher gives up on a move (deadline passed) just as a newer move is sent: its
+    timeout STOP must not halt the newer move, which runs to its target."""
+    import threading
+
+    m = rig.open(2)
+    start = rig.sim.position_um(2)
+    real_where = m._where
+    resolving, newer_sent = threading.Event(), threading.Event()
+
+    def where_as_the_newer_move_is_sent():  # type: ignore[no-untyped-def]
+        # the watcher names the device in its timeout error, before it sends the STOP
+        if threading.current_thread() is not threading.main_thread() and not resolving.is_set():
+            resolving.set()
+            newer_sent.wait(5.0)
+        return real_where()
+
+    monkeypatch.setattr(m, "_where", where_as_the_newer_move_is_sent)
+    first = m.move_to(start + np.array([1500.0, 0, 0]), 100.0)
+    time.sleep(0.05)
+    with m._sdk._cond:
+        m._sdk._pending[m.device_id].deadline_s = 0.0  # the first move times out now
+    assert resolving.wait(5.0)
+    target = start + np.array([0, 300.0, 0])
+    second = m.move_to(target, 500.0)
+    newer_sent.set()
+    second.wait(10.0, check=False)
+    assert second.state is MoveState.DONE, (second.state, second.reason)
+    assert first.state is MoveState.INTERRUPTED and first.reason == "superseded"
+    assert np.allclose(rig.sim.position_um(2)[:3], target[:3], atol=1.0)

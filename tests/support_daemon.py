@@ -85,14 +85,41 @@ class RigUnderTest:
         return c
 
     def subscriber(self, topics: tuple[str, ...] = ()) -> TelemetrySubscriber:
-        s = TelemetrySubscriber(self.daemon.telemetry_endpoint, topics)
+        """A telemetry subscriber known to be joined (see ``JoinedSubscriber``)."""
+        s = JoinedSubscriber(self.daemon.telemetry_endpoint, topics)
         self.clients.append(s)
-        time.sleep(0.15)  # slow-joiner: let the subscription reach the publisher
         return s
 
     def positions(self) -> dict[str, np.ndarray]:
         """True read-backs straight from the world (not through the daemon)."""
         return {n: self.world.manipulator_position_um(n) for n in self.manipulators}
+
+
+class JoinedSubscriber(TelemetrySubscriber):
+    """A subscriber whose subscriptions have reached the publisher when it is returned.
+
+    ZeroMQ's slow joiner: a SUB socket's subscriptions travel to the PUB asynchronously, and
+    until they arrive its messages are dropped, so a fixed sleep is a race on a loaded machine.
+    This one also subscribes to ``heartbeat`` and waits for one: a heartbeat that arrives
+    proves that the subscriptions sent before it are in force. Topics it was not asked for are
+    then hidden from ``recv``."""
+
+    def __init__(self, endpoint: str, topics: tuple[str, ...] = (), join_timeout_s: float = 10.0) -> None:
+        self._wanted: tuple[str, ...] | None = None  # None: show everything (while joining)
+        super().__init__(endpoint, (*topics, "heartbeat") if topics else ())
+        joined = self.wait_for(lambda topic, _message: topic == "heartbeat", join_timeout_s)
+        assert joined is not None, f"no heartbeat within {join_timeout_s} s: the subscription never joined"
+        self._wanted = tuple(topics)
+
+    def recv(self, timeout_s: float | None = 1.0) -> tuple[str, dict[str, Any]] | None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            item = super().recv(remaining)
+            if item is None or not self._wanted or item[0].startswith(self._wanted):
+                return item
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
 
 @contextlib.contextmanager

@@ -332,14 +332,15 @@ class ManipulatorContract:
     def test_concurrent_move_calls_leave_one_winner(self, manipulator: Manipulator) -> None:
         """Moves issued from several threads at once: exactly one ends DONE (the last one
         started), every other one ends superseded, and the device ends at the winner's target."""
-        targets = [target_inside(manipulator, d) for d in (10.0, 20.0, 30.0, 40.0)]
+        # slow and long enough (0.2 s or more) that no move can finish before the others start
+        targets = [target_inside(manipulator, f * self.travel_um) for f in (0.5, 0.67, 0.83, 1.0)]
         handles: list[MoveHandle] = []
         lock = threading.Lock()
         barrier = threading.Barrier(len(targets))
 
         def go(t: np.ndarray) -> None:
             barrier.wait()
-            h = manipulator.move_to(t, self.speed_um_s)
+            h = manipulator.move_to(t, self.slow_speed_um_s)
             with lock:
                 handles.append(h)
 

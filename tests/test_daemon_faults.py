@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import zmq
 from support_daemon import START_UM, make_manipulators, running_daemon, wait_until
+from support_sensapex import free_group
 
 from manipulators.base import Limits
 from rig.client import PatchrigClient, TelemetrySubscriber
 from rig.protocol import RpcError, make_request
 
 REPO = Path(__file__).resolve().parents[1]
-SENSAPEX_GROUP = 5  # a group of this module's own (protocols/sensapex-smcp.md §7.1)
+SENSAPEX_GROUP = 5  # this module's preferred group (protocols/sensapex-smcp.md §7.1)
 
 
 def test_a_sensapex_device_that_dies_mid_move(tmp_path: Path) -> None:
@@ -31,15 +32,16 @@ def test_a_sensapex_device_that_dies_mid_move(tmp_path: Path) -> None:
     from simulators.sensapex_device import SensapexSimulator
 
     holder: dict = {}
+    group = free_group(SENSAPEX_GROUP)  # another one if something on this machine holds its port
 
     def devices(cfg, world):
         out = make_manipulators(cfg, world)
         out["A"].close()
-        sim = SensapexSimulator(world=world, devices={3: "A"}, n_axes={3: 3}, group=SENSAPEX_GROUP)
+        sim = SensapexSimulator(world=world, devices={3: "A"}, n_axes={3: 3}, group=group)
         sim.start()
         holder["sim"] = sim
         m = SensapexManipulator("A", Limits((0.0,) * 3, (5000.0,) * 3), 2000.0, 500.0, device_id=3,
-                                address="127.0.0.1", group=SENSAPEX_GROUP)
+                                address="127.0.0.1", group=group)
         m.completion_margin_s = 0.5
         out["A"] = m
         return out

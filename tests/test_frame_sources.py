@@ -232,7 +232,8 @@ def test_replay_of_a_folder_rejects_bad_images_and_goes_on(tmp_path: Path) -> No
     tifffile.imwrite(tmp_path / "06.tif", np.ones((32, 48, 3)), photometric="rgb")  # colour float64
     cv2.imwrite(str(tmp_path / "07.png"), image(70, dtype=np.uint8))
     (tmp_path / "notes.txt").write_text("ignored")
-    with ReplayFrameSource(tmp_path, rate_hz=100.0, um_per_px=0.5, loop=False) as source:
+    # 20 Hz: the collector must see frames 5 and 7 before the next replaces them (newest only)
+    with ReplayFrameSource(tmp_path, rate_hz=20.0, um_per_px=0.5, loop=False) as source:
         frames = collect(source)
     assert source.n_frames == 8
     assert source.stats == {"received": 4, "dropped": source.stats["dropped"], "rejected": 4}
@@ -295,7 +296,7 @@ def test_replay_of_a_scanimage_int16_stack_and_folder(tmp_path: Path) -> None:
     stack = np.stack([np.full((16, 20), v, np.int16) for v in (-7, 300, 1200)])
     stack[1, 0, 0] = -3
     tifffile.imwrite(tmp_path / "scanimage.tif", stack, photometric="minisblack")
-    with ReplayFrameSource(tmp_path / "scanimage.tif", rate_hz=100.0, um_per_px=0.5, loop=False) as source:
+    with ReplayFrameSource(tmp_path / "scanimage.tif", rate_hz=20.0, um_per_px=0.5, loop=False) as source:
         frames = collect(source)
     assert source.stats["received"] == 3 and source.stats["rejected"] == 0
     by_id = {f.frame_id: f.pixels for f in frames}

@@ -103,6 +103,12 @@ def test_running_microscope_streams_to_subscribers_and_advances_the_world() -> N
         microscope.start()
         assert done.wait(10.0)
         unsubscribe()
+        # a frame already being delivered when we unsubscribed may still land: wait until two
+        # more frames were rendered (so none is in flight), then count
+        rendered = microscope.frames_rendered
+        deadline = time.monotonic() + 5.0
+        while microscope.frames_rendered < rendered + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         n = len(got)
         time.sleep(0.1)
         assert len(got) == n  # unsubscribed

@@ -98,7 +98,7 @@ def test_stop_never_waits_behind_queued_slow_work() -> None:
         m.stop()
         stop_s = time.monotonic() - t0
         assert handle.state is MoveState.INTERRUPTED
-        assert stop_s < 1.0, f"stop took {stop_s:.2f} s"  # behind the queue it would be >= 1.35 s
+        assert stop_s < 1.2, f"stop took {stop_s:.2f} s"  # behind the queue it would be >= 1.35 s
         for w in workers:
             w.join(BOUND_S)
         assert results == [2] * 6  # the queued work still ran, after the stop

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,10 +269,17 @@ def test_constructor_rejects_bad_settings() -> None:
 
 
 # -- baud rate and faults ----------------------------------------------------------------------------
+def _eventually(predicate: Any, timeout_s: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(predicate())
+
+
 def test_wrong_baud_gives_garbage_without_cr_and_does_nothing(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     line.serial.baudrate = 38400
-    reply = line.raw("ABS 1000 0 0", timeout_s=0.2)
+    reply = line.raw("ABS 1000 0 0", timeout_s=0.5)
     assert reply and b"\r" not in reply and all(b >= 0x80 for b in reply)
     assert not sim.is_moving()
     line.serial.baudrate = 9600
@@ -281,12 +289,13 @@ def test_wrong_baud_gives_garbage_without_cr_and_does_nothing(v2: tuple[Scientif
 def test_baud_command_switches_the_rate_without_a_reply(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     assert line.raw("BAUD 38", timeout_s=0.15) == b""
-    assert sim.baud == 38400
-    garbage = line.raw("VER", timeout_s=0.15)  # still 9600 here
+    assert _eventually(lambda: sim.baud == 38400)
+    garbage = line.raw("VER", timeout_s=0.5)  # still 9600 here
     assert garbage and b"\r" not in garbage
     line.serial.baudrate = 38400
     assert line.ask("VER") == "2"
     assert line.raw("baud 96", timeout_s=0.15) == b""
+    assert _eventually(lambda: sim.baud == 9600)
     line.serial.baudrate = 9600
     assert line.ask("scientifica") == "Y519"
     assert line.ask("BAUD 19") == "E,1"
@@ -327,7 +336,7 @@ def test_garbled_replies_keep_the_cr_and_count_down(v2: tuple[ScientificaSimulat
 def test_silence_means_no_reply_and_no_action(v2: tuple[ScientificaSimulator, Line]) -> None:
     sim, line = v2
     sim.faults.silent = True
-    assert line.raw("ABS 1000 0 0", timeout_s=0.15) == b""
+    assert line.raw("ABS 1000 0 0", timeout_s=0.5) == b""  # long enough for the device to hear it while silent
     assert not sim.is_moving()
     sim.faults.silent = False
     assert line.ask("POS") == "0\t0\t0"
@@ -352,13 +361,15 @@ def test_missed_target_and_early_idle(v2: tuple[ScientificaSimulator, Line]) -> 
     line.ask("ABS 1000 0 0")
     line.wait_idle()
     assert line.ask("PX") == "960"  # stopped 4 µm short
-    sim.faults.idle_early_s = 0.3
-    line.ask("ACC 10")  # 390 µm/s²: the last 4 µm take 0.2 s
+    sim.faults.idle_early_s = 1.0
+    line.ask("ACC 2")  # 78 µm/s²: the last 4 µm take 0.45 s
     line.ask("ABS 1000 0 0")
     time.sleep(0.02)
     assert line.ask("S") == "0"  # says idle although still moving
     assert line.ask("PX") != "1000"
-    time.sleep(0.35)
+    deadline = time.monotonic() + 2.0
+    while line.ask("PX") != "1000" and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert line.ask("PX") == "1000"
 
 

@@ -124,7 +124,7 @@ def test_timeout_ms_is_applied_to_the_sdk(sim: SensapexSimulator) -> None:
         t0 = time.monotonic()
         with pytest.raises(DeviceTimeout, match="3 tries of 50 ms"):
             _ = m.position_um
-        assert time.monotonic() - t0 < 0.45  # 3 tries of 50 ms (twice with the SDK's retry), not 0.6 s
+        assert time.monotonic() - t0 < 0.55  # 3 tries of 50 ms (twice with the SDK's retry): 0.3 s, not 0.6 s
         sim.faults.silent = False
         # a second channel asking for another timeout shares the first one's
         b = SensapexManipulator("b", LIMITS, 1000.0, device_id=2, address="127.0.0.1", group=GROUP, timeout_ms=300)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support_sensapex import free_group
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"name", "driver", "calibration_residual_um", "calibration_true_error_um", "final_true_error_um",
         "iterations", "seconds"}
@@ -22,9 +24,11 @@ KEYS = {"name", "driver", "calibration_residual_um", "calibration_true_error_um"
 def test_patchrig_sim_session_and_report(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     env = dict(os.environ)
-    # a Sensapex group of its own (protocols/sensapex-smcp.md §7.1) so parallel runs do not clash
-    env["PATCHRIG__CHANNELS__A__SENSAPEX__GROUP"] = "9"
-    env["PATCHRIG__CHANNELS__B__SENSAPEX__GROUP"] = "9"
+    # a Sensapex group of its own (protocols/sensapex-smcp.md §7.1) so parallel runs do not
+    # clash; another one if something on this machine holds its port
+    group = str(free_group(9))
+    env["PATCHRIG__CHANNELS__A__SENSAPEX__GROUP"] = group
+    env["PATCHRIG__CHANNELS__B__SENSAPEX__GROUP"] = group
     proc = subprocess.run(
         [sys.executable, "-m", "rig.cli", "--log-level", "WARNING", "sim", "--headless", "--localiser", "oracle",
          "--out", str(tmp_path / "out"), "--report", str(report)],

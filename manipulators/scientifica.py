@@ -613,6 +613,10 @@ class ScientificaManipulator(Manipulator):
         self._state_lock = threading.Lock()  # guards seq, stop waiters, cache; held briefly
         self._seq = 0
         self._stop_waiters: list[tuple[int, str, threading.Event, list[PatchrigError]]] = []
+        # the newest request number a serviced STOP covered, and its reason (port thread only):
+        # a move taken off the queue just before that STOP must not start after it
+        self._stopped_through_seq = 0
+        self._stopped_reason = ""
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._active: _ActiveMove | None = None  # worker thread only
         self._failure: PatchrigError | None = None
@@ -859,6 +863,9 @@ class ScientificaManipulator(Manipulator):
         if req.handle.stop_requested:  # stopped after the switch, before it was queued
             req.handle.finish(MoveState.INTERRUPTED, reason="stopped before it started")
             return
+        if req.seq <= self._stopped_through_seq:  # queued before a STOP served since it was dequeued
+            req.handle.finish(MoveState.INTERRUPTED, reason=self._stopped_reason)
+            return
         info = self.info
         now = time.monotonic()
         top = info.top_for_speed(req.speed_um_s)
@@ -993,6 +1000,8 @@ class ScientificaManipulator(Manipulator):
             return
         stop_seq = max(w[0] for w in waiters)
         reason = waiters[-1][1]
+        self._stopped_through_seq = max(self._stopped_through_seq, stop_seq)
+        self._stopped_reason = reason
         error: PatchrigError | None = None
         try:
             self._proto.stop()

@@ -293,8 +293,8 @@ class ManipulatorContract:
     def test_a_move_sent_while_a_stop_is_on_its_way_is_halted_and_finished(self, manipulator: Manipulator) -> None:
         """stop() read the running move; a newer move went out before the STOP did. The STOP
         halts the newer move too, so it must end INTERRUPTED (never RUNNING forever)."""
-        start, _target, first = self._slow_move(manipulator)
-        second_target = start.copy()
+        _start, far_target, first = self._slow_move(manipulator)
+        second_target = far_target  # 2 s away: it cannot end DONE before the STOP reaches it
         real_stop = manipulator._do_stop
         newer: list[MoveHandle] = []
 

@@ -503,3 +503,38 @@ def test_a_stop_after_the_switch_but_before_the_move_is_queued_is_not_undone() -
         assert handle.state is MoveState.INTERRUPTED, (handle.state, handle.reason)
         time.sleep(0.3)  # at 400 µm/s a move left running would travel 120 µm in this time
         assert np.max(np.abs(sim.physical_position_um())) < 5.0, sim.physical_position_um()
+
+
+def test_a_move_taken_off_the_queue_just_before_a_stop_does_not_start_after_it() -> None:
+    """stop() read the running move; a newer move was queued and the port thread took it off
+    the queue; then the STOP was registered and served. The newer move was queued before the
+    STOP, so it must not start after it (it used to run to its target, DONE)."""
+    with rig(version=3) as (sim, m):
+        first = m.move_to([300.0, 0.0, 0.0], 100.0)
+        assert wait_for(lambda: sim.is_moving(), BOUND_S)
+        real_get, real_stop = m._requests.get, m._do_stop
+        newer: list[MoveHandle] = []
+
+        def get_then_wait_for_the_stop(*args, **kwargs):  # type: ignore[no-untyped-def]
+            req = real_get(*args, **kwargs)
+            if req is not None and req.kind == "move" and req.handle is not first:
+                assert wait_for(m._stop_flag.is_set, BOUND_S)  # the STOP is registered now
+            return req
+
+        def newer_move_first(reason: str) -> None:
+            if not newer:
+                newer.append(m.move_to([-300.0, 0.0, 0.0], 100.0))
+            real_stop(reason)
+
+        m._requests.get = get_then_wait_for_the_stop  # type: ignore[method-assign]
+        m._do_stop = newer_move_first  # type: ignore[method-assign]
+        try:
+            m.stop("e-stop")
+        finally:
+            m._do_stop = real_stop  # type: ignore[method-assign]
+            m._requests.get = real_get  # type: ignore[method-assign]
+        newer[0].wait(BOUND_S, check=False)
+        assert newer[0].state is MoveState.INTERRUPTED, (newer[0].state, newer[0].reason)
+        stopped_at = sim.physical_position_um()
+        time.sleep(0.3)  # at 100 µm/s a move left running would travel 30 µm in this time
+        assert np.allclose(sim.physical_position_um(), stopped_at, atol=0.5)

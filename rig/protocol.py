@@ -232,7 +232,9 @@ def parse_request(payload: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
         raise RpcError("bad_request", "missing field 'v' (protocol version, 1)")
     if data["v"] != VERSION or isinstance(data["v"], bool):
         raise RpcError("bad_request", f"unsupported protocol version {data['v']!r}; this is {PROTOCOL}")
-    request_id = data.get("id")
+    if "id" not in data:  # DESIGN.md: a missing field is bad_request
+        raise RpcError("bad_request", "missing field 'id' (a string, a number or null; the reply echoes it)")
+    request_id = data["id"]
     if not _valid_id(request_id):
         raise RpcError("bad_request", "'id' must be a string (at most 256 characters), a number or null")
     method = data.get("method")

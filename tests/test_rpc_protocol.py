@@ -135,7 +135,10 @@ def test_valid_requests_parse_to_typed_params() -> None:
     r = parse_request(req("move_tip", {"channel": "B", "target_um": [1, 2], "wait": False}))
     assert r.params.target_um == [1.0, 2.0] and r.params.wait is False  # type: ignore[attr-defined]
     assert parse_request(req("ping")).params.model_dump() == {}
-    assert parse_request(b'{"v":1,"method":"ping"}').id is None
+    assert parse_request(b'{"v":1,"id":null,"method":"ping"}').id is None
+    with pytest.raises(RpcError, match="missing field 'id'") as info:  # DESIGN.md: missing fields
+        parse_request(b'{"v":1,"method":"ping"}')
+    assert info.value.code == "bad_request"
     assert parse_request(b'{"v":1,"id":7,"method":"status","params":null}').id == 7
 
 

@@ -96,10 +96,12 @@ def test_error_codes_over_the_wire(rig) -> None:
         assert pos == pytest.approx([START_UM] * 3)
 
 
-def test_request_without_id_and_dealer_clients(rig) -> None:
+def test_request_with_a_null_or_missing_id_and_dealer_clients(rig) -> None:
     ep = rig.daemon.command_endpoint
-    reply = raw_request(ep, b'{"v":1,"method":"ping"}')
+    reply = raw_request(ep, b'{"v":1,"id":null,"method":"ping"}')
     assert reply["ok"] is True and reply["id"] is None
+    reply = raw_request(ep, b'{"v":1,"method":"ping"}')
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request" and reply["id"] is None
     reply = raw_request(ep, b'{"v":1,"id":5,"method":"ping"}', socket_type=zmq.DEALER)
     assert reply["ok"] is True and reply["id"] == 5
 

@@ -335,6 +335,15 @@ class CalibrationService:
             out["corrections"] = dict(self._correctors[channel].counts)
         return out
 
+    def check_target_px(self, channel: str, px: Any) -> None:
+        """Raise (InvalidParams, NoFrame) unless ``px`` is a pixel inside the newest frame: for
+        callers that must refuse a bad ``move_tip`` before it supersedes anything."""
+        xy = _pixel(px)
+        geometry = self._geometry()
+        if geometry is None:
+            raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
+        _check_in_frame(xy, geometry[1], channel)
+
     def predicted_tip_px(self, channel: str) -> tuple[float, float] | None:
         m = self._manipulator(channel)
         with self._lock:

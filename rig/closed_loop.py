@@ -58,6 +58,8 @@ class ClosedLoop:
         service = self._require(ctl.name)
         if not service.is_calibrated(ctl.name):
             raise NotCalibrated("not calibrated; run calibrate first", channel=ctl.name)
+        if params.target_px is not None:  # refused before it supersedes the running operation
+            service.check_target_px(ctl.name, params.target_px)
 
         def body(op: Any) -> dict[str, Any]:
             return dict(

@@ -356,6 +356,11 @@ def test_move_tip_outside_the_limits_moves_nothing(loop_rig) -> None:
     assert rpc_code(c.move_tip, "B", target_um=[1e6, 0.0]) == "out_of_bounds"
     time.sleep(0.1)
     assert rig.positions()["B"] == pytest.approx(before["B"])
+    # a target pixel outside the frame is refused before it supersedes the running move
+    running = c.move("B", (before["B"] + np.array([200.0, 0.0, 0.0])).tolist(), speed_um_s=100.0, wait=False)["op"]
+    assert rpc_code(c.move_tip, "B", target_px=[-3000.0, -3000.0]) == "invalid_params"
+    assert c.status()["channels"]["B"]["op"]["op"] == running  # still running, not superseded
+    c.stop("B")
 
 
 def test_calibrate_without_wait_reports_progress_and_stop_ends_it(loop_rig) -> None:

@@ -177,6 +177,10 @@ class CalibrationService:
     def _load(self, channel: str) -> None:
         try:
             stored = self.store.load(channel)
+            n_axes = self.manipulators[channel].n_axes
+            if stored is not None and stored.calibration.n_axes != n_axes:
+                raise DataError(f"calibration file {self.store.path(channel)} is for {stored.calibration.n_axes} "
+                                f"axes, channel {channel!r} has {n_axes}; refused, recalibrate this channel")
         except PatchrigError as exc:
             self._refused[channel] = str(exc)
             self._stored[channel] = None
@@ -201,6 +205,7 @@ class CalibrationService:
                 self._dirty.add(channel)
                 return
             snapshot = StoredCalibration(stored.calibration, list(stored.offset_history))
+            refused_file = channel in self._refused  # the file on disk was refused at load
             self._save_generation[channel] = generation = self._save_generation.get(channel, 0) + 1
             self._saved_s[channel] = now  # also spaces out retries after a failed write
             self._dirty.discard(channel)
@@ -208,8 +213,12 @@ class CalibrationService:
             if generation < self._written_generation.get(channel, 0):
                 return  # a newer snapshot is already on disk
             try:
+                if refused_file:
+                    aside = self.store.set_aside(channel)
+                    if aside is not None:
+                        self.log.warning("refused calibration file kept aside", channel=channel, path=str(aside))
                 self.store.save(channel, snapshot)
-            except OSError as exc:
+            except (OSError, ValueError, DataError) as exc:
                 with self._lock:
                     self._dirty.add(channel)
                 message = f"calibration file could not be written ({exc}); the calibration is in use but NOT saved"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.transform import ChannelCalibration
+from calibration.transform import ChannelCalibration, json_number, json_numbers
 from config.models import RigIdentity
 from rig.atomic import write_text_atomic
 from rig.errors import DataError, InvalidParams, NotCalibrated
@@ -34,6 +34,22 @@ from rig.errors import DataError, InvalidParams, NotCalibrated
 FORMAT = "patchrig-calibration"
 VERSION = 1
 MAX_HISTORY = 2000  # offset history entries kept per channel (the oldest are dropped)
+
+
+def _offset_history(value: Any) -> list[dict[str, Any]]:
+    """The file's offset history, checked entry by entry (InvalidParams on the first bad one):
+    a NaN or a string here would make every later save of the channel fail."""
+    if not isinstance(value, list):
+        raise InvalidParams("offset_history is not a list")
+    for k, entry in enumerate(value):
+        where = f"offset_history[{k}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+            raise InvalidParams(f"{where} must be an object with a 'source' string")
+        json_number(entry.get("t_s"), f"{where}.t_s")
+        json_numbers(entry.get("offset_um"), f"{where}.offset_um", (3,))
+        if entry.get("delta_um") is not None:
+            json_numbers(entry["delta_um"], f"{where}.delta_um", (3,))
+    return value
 
 
 @dataclass
@@ -112,7 +128,7 @@ class CalibrationStore:
             raise DataError(f"calibration file {path} is not a JSON object")
         if document.get("format") != FORMAT:
             raise DataError(f"calibration file {path} has format {document.get('format')!r}, expected {FORMAT!r}")
-        if document.get("version") != VERSION:
+        if type(document.get("version")) is not int or document.get("version") != VERSION:
             raise DataError(f"calibration file {path} has version {document.get('version')!r}; this patchrig reads version {VERSION}")
         try:
             rig = RigIdentity(**document["rig"])
@@ -128,9 +144,25 @@ class CalibrationStore:
             raise DataError(f"calibration file {path} belongs to channel {document.get('channel')!r}, not {channel!r}")
         try:
             calibration = ChannelCalibration.from_dict(document["calibration"])
+            history = _offset_history(document.get("offset_history", []))
         except (KeyError, InvalidParams) as exc:
             raise DataError(f"calibration file {path}: {exc}") from None
-        history = document.get("offset_history", [])
-        if not isinstance(history, list):
-            raise DataError(f"calibration file {path}: offset_history is not a list")
+        if calibration.channel != channel:
+            raise DataError(f"calibration file {path} holds the calibration of channel {calibration.channel!r}, not {channel!r}")
         return StoredCalibration(calibration=calibration, offset_history=history)
+
+    def set_aside(self, channel: str) -> Path | None:
+        """Rename ``channel``'s file to ``<channel>.refused-<UTC time>.json`` (never over
+        another file) so that a new calibration does not destroy one that was refused at
+        load (another objective, a damaged file): a person may still want it. Returns the new
+        path, or None if there was no file."""
+        path = self.path(channel)
+        if not path.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            aside = path.with_name(f"{path.stem}.refused-{stamp}{'' if n == 0 else f'-{n}'}.json")
+            if not aside.exists():
+                path.rename(aside)
+                return aside
+        raise DataError(f"cannot set {path} aside: too many refused copies beside it")

@@ -25,6 +25,7 @@ entries (µm²/µm²), and ``anchor_var_um2`` the variance of the tip position a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,6 +46,46 @@ def px_to_um(xy_px: np.ndarray, um_per_px: float, shape_hw: tuple[int, int]) -> 
     """Pixel (x, y) -> microscope (X, Y) µm; the inverse of ``um_to_px``."""
     h, w = shape_hw
     return (np.asarray(xy_px, float)[..., :2] - np.array([(w - 1) / 2.0, (h - 1) / 2.0])) * float(um_per_px)
+
+
+MAX_CONDITION = 1e6  # a matrix's x, y, z columns this close to dependent are refused, at any scale
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def json_number(value: Any, name: str, *, minimum: float | None = None) -> float:
+    """A finite JSON number (not a string, not a boolean), at least ``minimum``; else InvalidParams."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise InvalidParams(f"calibration {name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidParams(f"calibration {name} must be at least {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def json_count(value: Any, name: str) -> int:
+    """A non-negative JSON integer (not a boolean); else InvalidParams."""
+    if type(value) is not int or value < 0:
+        raise InvalidParams(f"calibration {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def json_numbers(value: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A nested JSON list of finite numbers of exactly ``shape`` (any regular shape when None),
+    as float64; ragged lists, strings, booleans, NaN and other shapes are InvalidParams."""
+    if not isinstance(value, list):
+        raise InvalidParams(f"calibration {name} must be a list of numbers")
+    array = np.asarray(value, dtype=object)
+    if shape is not None and array.shape != shape:
+        raise InvalidParams(f"calibration {name} must have shape {shape}, got {array.shape}")
+    flat = array.reshape(-1)
+    if not all(_is_number(v) for v in flat):
+        raise InvalidParams(f"calibration {name} must hold numbers only (no strings, booleans or ragged lists)")
+    out = flat.astype(float).reshape(array.shape)
+    if not np.all(np.isfinite(out)):
+        raise InvalidParams(f"calibration {name} is not finite")
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,8 +123,8 @@ class ChannelCalibration:
         off = np.asarray(self.offset_um, float).reshape(-1)
         if off.shape != (3,) or not np.all(np.isfinite(off)):
             raise InvalidParams("calibration offset_um must be 3 finite numbers")
-        if abs(np.linalg.det(m[:, :3])) < 1e-6:
-            raise InvalidParams("calibration matrix is singular: x, y, z axes are not independent")
+        if abs(np.linalg.det(m[:, :3])) < 1e-6 or np.linalg.cond(m[:, :3]) > MAX_CONDITION:
+            raise InvalidParams("calibration matrix is singular (or nearly): x, y, z axes are not independent")
         object.__setattr__(self, "matrix", m.copy())
         object.__setattr__(self, "offset_um", off.copy())
         object.__setattr__(self, "matrix_cov", np.asarray(self.matrix_cov, float).reshape(2, m.shape[1], m.shape[1]).copy())
@@ -186,23 +227,44 @@ class ChannelCalibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChannelCalibration:
-        """Inverse of ``as_dict``; raises InvalidParams naming the missing/bad key."""
+        """Inverse of ``as_dict`` for JSON read from a file; raises InvalidParams naming the
+        missing or bad key. Strict: every array has exactly its shape (nothing is reshaped),
+        every value is a finite number (no strings, no booleans, no NaN), counts are
+        non-negative integers, variances non-negative, ``z_up_sign`` is +1 or -1."""
+        if not isinstance(data, dict):
+            raise InvalidParams("calibration is not a JSON object")
         try:
+            matrix = json_numbers(data["matrix_um_per_um"], "matrix_um_per_um")
+            if matrix.ndim != 2 or matrix.shape[0] != 3 or matrix.shape[1] not in (3, 4):
+                raise InvalidParams(f"calibration matrix_um_per_um must be 3x3 or 3x4, got shape {matrix.shape}")
+            n = matrix.shape[1]
+            if "n_axes" in data and (type(data["n_axes"]) is not int or data["n_axes"] != n):
+                raise InvalidParams(f"calibration n_axes {data['n_axes']!r} does not match its {n}-column matrix")
+            channel = data["channel"]
+            if not isinstance(channel, str):
+                raise InvalidParams("calibration channel must be a string")
+            n_points, n_inliers = json_count(data["n_points"], "n_points"), json_count(data["n_inliers"], "n_inliers")
+            if n_inliers > n_points:
+                raise InvalidParams(f"calibration has more inliers ({n_inliers}) than points ({n_points})")
+            z_up_sign = json_number(data.get("z_up_sign", 1.0), "z_up_sign")
+            if z_up_sign not in (1.0, -1.0):
+                raise InvalidParams(f"calibration z_up_sign must be 1 or -1, got {z_up_sign:g}")
+            z_model = data.get("z_model", "assumed")
+            if not isinstance(z_model, str):
+                raise InvalidParams("calibration z_model must be a string")
             return cls(
-                channel=str(data["channel"]),
-                matrix=np.asarray(data["matrix_um_per_um"], float),
-                offset_um=np.asarray(data["offset_um"], float),
-                matrix_cov=np.asarray(data["matrix_cov_um2_per_um2"], float),
-                anchor_position_um=np.asarray(data["anchor_position_um"], float),
-                anchor_var_um2=float(data["anchor_var_um2"]),
-                residual_um=float(data["residual_um"]),
-                n_points=int(data["n_points"]),
-                n_inliers=int(data["n_inliers"]),
-                z_model=str(data.get("z_model", "assumed")),
-                z_up_sign=float(data.get("z_up_sign", 1.0)),
-                created_s=float(data.get("created_s", 0.0)),
+                channel=channel,
+                matrix=matrix,
+                offset_um=json_numbers(data["offset_um"], "offset_um", (3,)),
+                matrix_cov=json_numbers(data["matrix_cov_um2_per_um2"], "matrix_cov_um2_per_um2", (2, n, n)),
+                anchor_position_um=json_numbers(data["anchor_position_um"], "anchor_position_um", (n,)),
+                anchor_var_um2=json_number(data["anchor_var_um2"], "anchor_var_um2", minimum=0.0),
+                residual_um=json_number(data["residual_um"], "residual_um", minimum=0.0),
+                n_points=n_points,
+                n_inliers=n_inliers,
+                z_model=z_model,
+                z_up_sign=z_up_sign,
+                created_s=json_number(data.get("created_s", 0.0), "created_s", minimum=0.0),
             )
         except KeyError as exc:
             raise InvalidParams(f"calibration is missing key {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
-            raise InvalidParams(f"calibration has a malformed value: {exc}") from None

@@ -42,7 +42,10 @@ def _apply_override(data: dict[str, Any], keys: list[str], value: Any, var: str)
                 raise ConfigError(f"{var}: name a channel and one of its keys, as in "
                                   f"{ENV_PREFIX}CHANNELS__A__MAX_SPEED_UM_S=500")
             name = keys[i + 1]
-            matches = [c for c in node.get("channels", []) if c.get("name") == name]
+            channels = node.get("channels", [])
+            if not isinstance(channels, list) or not all(isinstance(c, dict) for c in channels):
+                raise ConfigError(f"{var}: 'channels' in the file is not a list of [[channels]] tables")
+            matches = [c for c in channels if c.get("name") == name]
             if not matches:
                 raise ConfigError(f"{var}: no channel named {name!r}")
             node = matches[0]
@@ -115,10 +118,14 @@ def load_config(
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
     environ = os.environ if environ is None else environ
     apply_env_overrides(data, environ)
     overrides = sorted(var for var in environ if var.startswith(ENV_PREFIX))

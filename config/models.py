@@ -18,11 +18,21 @@ SIMULATED_PORT = "<simulated>"  # a Scientifica port the simulated rig makes (on
 
 
 def _numeric(annotation: Any) -> bool:
-    """Whether a field's type is a number (int or float, possibly optional), not a string."""
+    """Whether a field's type is made of numbers (int or float; possibly optional, or a list or
+    tuple of them), not strings."""
     if annotation in (int, float):
         return True
+    if get_origin(annotation) is Literal:
+        return False
     args = get_args(annotation)
-    return bool(args) and str not in args and any(a in (int, float) for a in args) and get_origin(annotation) is not Literal
+    return bool(args) and str not in args and any(_numeric(a) for a in args)
+
+
+def _loose_number(value: Any) -> bool:
+    """A boolean or a string where a number belongs, at any depth of lists and tuples."""
+    if isinstance(value, bool | str):
+        return True
+    return isinstance(value, list | tuple) and any(_loose_number(v) for v in value)
 
 
 class Strict(BaseModel):
@@ -35,8 +45,8 @@ class Strict(BaseModel):
     @classmethod
     def _no_loose_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name or "")
-        if field is not None and isinstance(value, bool | str) and _numeric(field.annotation):
-            raise ValueError(f"expected a number, got {value!r}")
+        if field is not None and _numeric(field.annotation) and _loose_number(value):
+            raise ValueError(f"expected numbers, got {value!r}")
         return value
 
 
@@ -211,8 +221,10 @@ class RigConfig(Strict):
     @classmethod
     def _unique_names(cls, channels: list[ChannelConfig]) -> list[ChannelConfig]:
         names = [c.name for c in channels]
-        if len(set(names)) != len(names):
-            raise ValueError(f"channel names must be unique, got {names}")
+        if len({n.casefold() for n in names}) != len(names):
+            # case-insensitive: their calibration files A.json and a.json are one file on
+            # some file systems, and people confuse them
+            raise ValueError(f"channel names must be unique (ignoring case), got {names}")
         return channels
 
     @model_validator(mode="after")

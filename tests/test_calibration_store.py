@@ -115,3 +115,78 @@ def test_bad_channel_name_rejected(tmp_path):
 
     with pytest.raises(InvalidParams):
         CalibrationStore(tmp_path, RIG).path("../evil")
+
+
+def _edit(section: str, key: str, value):  # type: ignore[no-untyped-def]
+    def apply(document):  # type: ignore[no-untyped-def]
+        target = document if section == "" else document[section]
+        target[key] = value
+    return apply
+
+
+def _edit_history(key: str, value):  # type: ignore[no-untyped-def]
+    def apply(document):  # type: ignore[no-untyped-def]
+        document["offset_history"][0][key] = value
+    return apply
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (_edit("calibration", "anchor_var_um2", NAN), "anchor_var_um2"),
+        (_edit("calibration", "residual_um", NAN), "residual_um"),
+        (_edit("calibration", "z_up_sign", NAN), "z_up_sign"),
+        (_edit("calibration", "z_up_sign", 0.5), "z_up_sign"),
+        (_edit("calibration", "created_s", NAN), "created_s"),
+        (_edit("calibration", "matrix_cov_um2_per_um2", [[[NAN] * 4] * 4] * 2), "matrix_cov"),
+        (_edit("calibration", "matrix_cov_um2_per_um2", [1e-6] * 32), "matrix_cov"),  # flat: no reshaping
+        (_edit("calibration", "anchor_position_um", [[0.0]] * 4), "anchor_position_um"),  # a column
+        (_edit("calibration", "anchor_position_um", [NAN, 0.0, 0.0, 0.0]), "anchor_position_um"),
+        (_edit("calibration", "offset_um", ["1", "2", "3"]), "offset_um"),
+        (_edit("calibration", "offset_um", [True, 0, 0]), "offset_um"),
+        (_edit("calibration", "matrix_um_per_um", [[1e4, 2e4, 3e4, 0], [4e4, 5e4, 6e4, 0], [7e4, 8e4, 9e4, 0]]), "singular"),
+        (_edit("calibration", "matrix_um_per_um", [[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1e-6, 0]]), "singular"),
+        (_edit("calibration", "n_axes", 3), "n_axes"),
+        (_edit("calibration", "n_points", -1), "n_points"),
+        (_edit("calibration", "n_inliers", 99), "inliers"),
+        (_edit("calibration", "anchor_var_um2", -0.5), "anchor_var_um2"),
+        (_edit("calibration", "channel", "B"), "channel 'B'"),
+        (_edit("", "version", True), "version"),
+        (_edit("", "version", 1.0), "version"),
+        (_edit_history("offset_um", [NAN, 0.0, 0.0]), r"offset_history\[0\]"),
+        (_edit_history("t_s", "yesterday"), r"offset_history\[0\]"),
+        (_edit("", "offset_history", {"a": 1}), "offset_history"),
+    ],
+)
+def test_a_hand_edited_or_damaged_file_is_refused_and_left_alone(tmp_path, edit, words):
+    """Every value of a calibration file is checked at load: a NaN, a string, a boolean, a
+    reshaped array or a near-singular matrix is refused naming the field, never used (a NaN
+    loaded once made every later save of the channel fail)."""
+    store = CalibrationStore(tmp_path, RIG)
+    path = store.save("A", _stored())
+    document = json.loads(path.read_text())
+    edit(document)
+    text = json.dumps(document)  # NaN is written as NaN, as a hand edit could
+    path.write_text(text)
+    with pytest.raises(DataError, match=words):
+        store.load("A")
+    assert path.read_text() == text
+
+
+def test_a_refused_file_is_set_aside_not_overwritten(tmp_path):
+    """A file refused at load (here: made with another objective) is kept beside the new
+    calibration the first time the channel is saved again."""
+    other = CalibrationStore(tmp_path, RigIdentity(name="rig-1", objective="40x/0.8", um_per_px=0.62))
+    old_text = other.save("A", _stored((7.0, 7.0, 7.0))).read_text()
+    store = CalibrationStore(tmp_path, RIG)
+    with pytest.raises(NotCalibrated):
+        store.load("A")
+    aside = store.set_aside("A")
+    assert aside is not None and aside.name.startswith("A.refused-") and aside.read_text() == old_text
+    assert not (tmp_path / "A.json").exists()
+    assert store.set_aside("A") is None
+    store.save("A", _stored())
+    assert store.load("A") is not None and aside.read_text() == old_text

@@ -137,6 +137,8 @@ def test_check_config_names_a_missing_serial_port(tmp_path: Path, capsys: pytest
         ("frame_rate_hz = 30.0", "frame_rate_hz = nan", "simulation.frame_rate_hz"),
         ("max_speed_um_s = 1000.0", "max_speed_um_s = \"1000\"", "max_speed_um_s"),  # a quoted number
         ("seed = 0", "seed = true", "simulation.seed"),  # a boolean is not a number
+        ("min_um = [0.0, 0.0, 0.0, 0.0]", "min_um = [false, false, false, false]", "min_um"),  # inside a list
+        ("max_um = [20000.0, 20000.0, 20000.0]", "max_um = [\"20000\", 20000.0, 20000.0]", "max_um"),
     ],
 )
 def test_non_finite_quoted_and_boolean_numbers_are_refused(tmp_path: Path, before: str, after: str, key: str) -> None:
@@ -203,3 +205,29 @@ def test_the_configs_log_level_applies_unless_the_command_line_gives_one(
             assert logging.getLogger().getEffectiveLevel() == expected
     finally:
         configure_logging("INFO")
+
+
+def test_channel_names_differing_only_in_case_are_refused() -> None:
+    data = load_config(environ={}).model_dump(mode="json")
+    data["channels"][1]["name"] = data["channels"][0]["name"].lower()
+    from config.loader import config_from_mapping
+
+    with pytest.raises(ConfigError, match="unique"):
+        config_from_mapping(data)
+
+
+def test_a_file_that_is_not_utf8_or_nested_too_deeply_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8"):
+        load_config(bad, environ={})
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.toml: not valid TOML"):
+        load_config(deep, environ={})
+
+
+def test_a_channel_override_on_a_file_without_channel_tables_is_a_clear_error(tmp_path: Path) -> None:
+    odd = _write(tmp_path, 'channels = [1, 2]\n')
+    with pytest.raises(ConfigError, match="not a list of \\[\\[channels\\]\\] tables"):
+        load_config(odd, environ={"PATCHRIG__CHANNELS__A__MAX_SPEED_UM_S": "5"})

@@ -15,7 +15,8 @@ import support_calibration as sc
 
 from calibration.correction import OffsetCorrector
 from calibration.service import CalibrationService
-from calibration.store import CalibrationStore
+from calibration.store import CalibrationStore, StoredCalibration
+from calibration.transform import ChannelCalibration
 from config.models import CalibrationConfig, RigIdentity
 from localisation.types import TipDetection
 from rig.frame import Frame
@@ -241,3 +242,44 @@ def test_a_move_that_starts_while_the_position_is_read_is_not_a_correction():
         assert handles, "the move never started"
         decision = out["corrections"]["A"]
         assert not decision["accepted"] and decision["reason"].startswith("moving"), decision
+
+
+def _calibration_for(channel: str, n_axes: int) -> StoredCalibration:
+    matrix = np.zeros((3, n_axes))
+    matrix[:, :3] = np.eye(3)
+    cal = ChannelCalibration(channel, matrix, np.zeros(3), np.zeros((2, n_axes, n_axes)), np.zeros(n_axes),
+                             0.01, 0.1, 10, 10)
+    stored = StoredCalibration(cal)
+    stored.record("calibrate")
+    return stored
+
+
+def test_a_refused_calibration_file_is_kept_aside_when_the_channel_is_recalibrated():
+    world = sc.make_world(7, 1)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=7)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        other_objective = RigIdentity(objective="40x/0.8")
+        old = CalibrationStore(Path(tmp), other_objective).save("A", _calibration_for("A", ms["A"].n_axes))
+        old_text = old.read_text()
+        service = CalibrationService(RigIdentity(), CalibrationConfig(), ms, cam, loc, store_dir=tmp)
+        assert "40x/0.8" in service.get_calibration("A")["refused"]
+        cam.start()
+        service.calibrate("A")
+        kept = list(Path(tmp).glob("A.refused-*.json"))
+        assert len(kept) == 1 and kept[0].read_text() == old_text
+        assert CalibrationStore(Path(tmp), RigIdentity()).load("A") is not None  # the new one
+        service.close()
+
+
+def test_a_calibration_file_for_another_number_of_axes_is_refused():
+    world = sc.make_world(8, 1)
+    cam = sc.OracleCamera(world, advance_world=False)
+    loc = sc.OracleLocaliser(cam, seed=8)
+    with sc.closing_all(sc.make_manipulators(world)) as ms, tempfile.TemporaryDirectory() as tmp:
+        wrong = 4 if ms["A"].n_axes == 3 else 3
+        CalibrationStore(Path(tmp), RigIdentity()).save("A", _calibration_for("A", wrong))
+        service = CalibrationService(RigIdentity(), CalibrationConfig(), ms, cam, loc, store_dir=tmp)
+        assert not service.is_calibrated("A")
+        assert "axes" in service.get_calibration("A")["refused"]
+        service.close()

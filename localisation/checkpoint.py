@@ -77,7 +77,10 @@ def read_checkpoint(path: str | Path, *, expect_config: str | None = None) -> di
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise DataError(f"checkpoint {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+        # one line, and not torch's multi-line text, which advises loading with
+        # weights_only=False: patchrig never unpickles arbitrary objects from a file
+        raise DataError(f"checkpoint {path}: unreadable: not a patchrig checkpoint, or damaged "
+                        f"({type(exc).__name__})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"checkpoint {path}: not a patchrig localiser checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -143,7 +146,13 @@ def load_weights(model: nn.Module, payload: dict[str, Any], path: str | Path, *,
     network, e.g. the fast model's identity-initialised ``extra_blocks``); those keep their
     initialisation. Every tensor of the checkpoint must still fit by name and shape.
     """
-    state = flush_tiny(payload["model_state"])
+    raw = payload.get("model_state")
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise DataError(f"checkpoint {path}: no model weights (model_state is missing or not a set of tensors)")
+    bad = [k for k, v in raw.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"checkpoint {path}: weights are not finite (NaN or inf in {bad[:3]})")
+    state = flush_tiny(raw)
     target = unwrap(model)
     try:
         missing, unexpected = target.load_state_dict(state, strict=not grow)

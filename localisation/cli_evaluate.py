@@ -15,6 +15,8 @@ Markdown table, and saves ``<out>.accuracy.png`` (accuracy against threshold) an
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from rig.atomic import write_json_atomic
@@ -55,6 +57,18 @@ def run(args: argparse.Namespace) -> int:
         plot_overlays,
     )
 
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise DataError(f"--threshold must be a score from 0 to 1, got {args.threshold}")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be at least 1, got {args.limit}")
+    if args.threads is not None and args.threads < 1:
+        raise DataError(f"--threads must be at least 1, got {args.threads}")
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    figures = [] if args.no_figures else [Path(f"{stem}.accuracy.png"), Path(f"{stem}.overlays.png")]
+    for path in (out, *figures):
+        if path.is_dir():
+            raise DataError(f"{path} is a directory: it cannot be written (choose another --out)")
     dataset = read_dataset(args.data)
     records = dataset.records[: args.limit] if args.limit else dataset.records
     if not records:
@@ -85,12 +99,19 @@ def run(args: argparse.Namespace) -> int:
             for r, s in zip(results, specs, strict=True)
         ],
     }
-    write_json_atomic(args.out, doc, allow_nan=True)
+    # every output is made in a scratch folder beside --out, then moved into place (the JSON
+    # last): a failure leaves no partial set of files
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".evaluate-") as tmp:
+        staged = {path: Path(tmp) / path.name for path in [*figures, out]}
+        if figures:
+            plot_accuracy_curve(results, staged[figures[0]])
+            plot_overlays(results, records, staged[figures[1]])
+        write_json_atomic(staged[out], doc, allow_nan=True)
+        for final, scratch in staged.items():
+            os.replace(scratch, final)
     print(metrics_table(results))
-    if not args.no_figures:
-        stem = args.out.with_suffix("")
-        plot_accuracy_curve(results, Path(f"{stem}.accuracy.png"))
-        plot_overlays(results, records, Path(f"{stem}.overlays.png"))
-        print(f"figures: {stem}.accuracy.png, {stem}.overlays.png")
-    print(f"results: {args.out}")
+    if figures:
+        print(f"figures: {figures[0]}, {figures[1]}")
+    print(f"results: {out}")
     return 0

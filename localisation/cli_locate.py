@@ -40,6 +40,8 @@ def collect_inputs(path: Path, um_per_px: float | None) -> list[tuple[str, Path,
         raise DataError(f"{path}: no such file or directory")
     if path.is_dir() and (path / LABELS_NAME).is_file():
         ds = read_dataset(path)
+        if not ds.records:
+            raise DataError(f"{path}: the dataset has no images")
         return [(r.file, r.path, r.um_per_px) for r in ds.records]
     if um_per_px is None or not um_per_px > 0:
         raise DataError("plain images need --um-per-px (the pixel size in µm, > 0)")
@@ -54,13 +56,21 @@ def collect_inputs(path: Path, um_per_px: float | None) -> list[tuple[str, Path,
 
 
 def run(args: argparse.Namespace) -> int:
-    from localisation.dataset_format import load_image
+    from localisation.dataset_format import LABELS_NAME, load_image
     from localisation.inference import TipLocaliser
     from localisation.progress import bar
     from localisation.types import VALIDATED_UM_PER_PX, pixel_size_refusal
     from rig.atomic import write_json_atomic
 
     items = collect_inputs(args.input, args.um_per_px)
+    out = Path(args.out).resolve()
+    inputs = {path.resolve() for _, path, _ in items}
+    if args.input.is_dir():
+        inputs.add((args.input / LABELS_NAME).resolve())
+    if out in inputs:
+        raise DataError(f"--out {args.out} is one of the inputs: it would be overwritten; choose another file")
+    if out.is_dir():
+        raise DataError(f"--out {args.out} is a directory; give a file name")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN fails too
         raise DataError(f"--threshold must be a score from 0 to 1, got {args.threshold}")
     if args.threads is not None and args.threads < 1:

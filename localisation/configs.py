@@ -26,6 +26,7 @@ Configurations:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,23 @@ class LocaliserConfig:
         aug["scale_range"] = tuple(aug["scale_range"])
         d["augment"] = AugmentConfig(**aug)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.check_inference_values()
+        return cfg
+
+    def check_inference_values(self) -> None:
+        """ValueError for a value inference could not use (as a hand-edited or damaged
+        checkpoint might hold): the threshold in 0-1, a positive finite scale and input size,
+        at least one thread and one tip."""
+        if not (isinstance(self.score_threshold, int | float) and 0.0 <= self.score_threshold <= 1.0):
+            raise ValueError(f"score_threshold must be in 0-1, got {self.score_threshold!r}")
+        scale = self.model_um_per_px
+        if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"model_um_per_px must be positive and finite, got {scale!r}")
+        for name in ("threads", "n_max", "input_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 PAPER_STAGES = (

@@ -15,6 +15,7 @@ input and the model image; ``Resampling`` converts between them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -23,6 +24,7 @@ import numpy as np
 from rig.errors import DataError
 
 MAX_MODEL_SIDE_PX = 16384  # a frame larger than this on the model's grid has a wrong pixel size
+MIN_MODEL_SIDE_PX = 1  # ... and so has a whole frame smaller than one model pixel
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,13 @@ def resample(
         if model_um_per_px is None:
             raise ValueError("fixed_scale mode needs model_um_per_px")
         f = float(um_per_px) / float(model_um_per_px)
-        out_w, out_h = max(8, round(w * f)), max(8, round(h * f))
-        if max(out_w, out_h) > MAX_MODEL_SIDE_PX:
+        side = max(w, h) * f  # the frame's larger side on the model grid, model pixels
+        if not math.isfinite(side) or side > MAX_MODEL_SIDE_PX or side < MIN_MODEL_SIDE_PX:
             raise DataError(
-                f"a {w}x{h} frame at {um_per_px:g} µm/px is {out_w}x{out_h} px on the model's "
-                f"{model_um_per_px:g} µm grid, above {MAX_MODEL_SIDE_PX} px a side: is the pixel size right?")
+                f"a {w}x{h} frame at {um_per_px:g} µm/px is {w * f:.3g}x{h * f:.3g} px on the model's "
+                f"{model_um_per_px:g} µm grid, outside {MIN_MODEL_SIDE_PX}-{MAX_MODEL_SIDE_PX} px a side: "
+                "is the pixel size right?")
+        out_w, out_h = max(8, round(w * f)), max(8, round(h * f))
     else:
         raise ValueError(f"unknown input mode {mode!r}")
     img: np.ndarray = pixels.astype(np.float32, copy=False)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,17 @@ TARGETS = {"acc_5um": 0.95, "acc_10um": 0.99, "precision": 0.98}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ship a run (see the module docstring). Any failure is one line on stderr and exit 1,
+    and leaves ``--out`` and its ``.json`` as they were: the new checkpoint is written beside
+    them and moved into place only after the test set was measured."""
+    try:
+        return _ship(argv)
+    except (DataError, OSError, ValueError) as exc:
+        print(f"localisation.ship: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _ship(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="training run directory (best.pt, metrics.jsonl)")
     p.add_argument("--checkpoint-name", default="best.pt")
@@ -66,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     progress = not args.no_progress
+    if args.threads < 1:
+        p.error("--threads must be at least 1")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        p.error(f"--score-threshold must be in 0-1, got {args.score_threshold}")
+    if not 0.0 <= args.precision_margin <= 0.02:
+        p.error(f"--precision-margin must be in 0-0.02, got {args.precision_margin}")
+    # every input is read before anything is written
+    records = read_dataset(args.test).records
+    if not records:
+        raise DataError(f"{args.test}: the test set has no images")
+    metrics_log = args.run / "metrics.jsonl"
+    try:
+        history = [json.loads(x) for x in metrics_log.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{metrics_log}: cannot read the run's metrics log: {exc}") from None
 
     torch.set_num_threads(args.threads)
     src = args.run / args.checkpoint_name
@@ -98,19 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.with_overrides(score_threshold=chosen["threshold"])
     elif args.score_threshold is not None:
         cfg = cfg.with_overrides(score_threshold=args.score_threshold)
-    history = [json.loads(x) for x in (args.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    save_checkpoint(args.out, model, cfg, metrics={"val": payload.get("metrics", {}).get("val"),
-                                                   "epoch": payload.get("metrics", {}).get("epoch")},
-                    verifier=verifier)
-    records = read_dataset(args.test).records
-    loc = TipLocaliser.load(args.out, device="cpu", threads=args.threads)
-    result = evaluate(cfg.name, loc, records, keep_heatmaps=False, progress=progress)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".ship-") as tmp:
+        staged = Path(tmp) / args.out.name  # same file system: moved into place at the end
+        save_checkpoint(staged, model, cfg, metrics={"val": payload.get("metrics", {}).get("val"),
+                                                     "epoch": payload.get("metrics", {}).get("epoch")},
+                        verifier=verifier)
+        loc = TipLocaliser.load(staged, device="cpu", threads=args.threads)
+        result = evaluate(cfg.name, loc, records, keep_heatmaps=False, progress=progress)
+        doc = _record(args, cfg, model, payload, verifier, verifier_src, src, history, sweep_rows, records,
+                      result, staged.stat().st_size)
+        os.replace(staged, args.out)
+    write_json_atomic(args.out.with_suffix(".json"), doc, allow_nan=True)
+    print(metrics_table([result]))
+    print(json.dumps(doc["targets"], indent=1))
+    return 0
+
+
+def _record(args: argparse.Namespace, cfg: LocaliserConfig, model: torch.nn.Module, payload: dict[str, Any],
+            verifier: dict[str, Any] | None, verifier_src: Path, src: Path, history: list[dict[str, Any]],
+            sweep_rows: Any, records: list[Any], result: Any, size_bytes: int) -> dict[str, Any]:
+    """The shipped checkpoint's record (``fast.json``): commands, training, sweep, test metrics."""
     overall = result.metrics["overall"]
-    doc = {
+    return {
         "checkpoint": args.out.name,
         "config": cfg.name,
         "config_values": cfg.to_dict(),
-        "size_bytes": args.out.stat().st_size,
+        "size_bytes": size_bytes,
         "parameters": sum(p.numel() for p in model.parameters()),
         "verifier": None if verifier is None else {
             "config": verifier["config"], "first_stage_threshold": verifier.get("first_stage_threshold"),
@@ -137,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         "mean_locate_ms_during_evaluation": result.latency_ms,
         "host": {"machine": platform.machine(), "torch": torch.__version__, "threads": args.threads},
     }
-    write_json_atomic(args.out.with_suffix(".json"), doc, allow_nan=True)
-    print(metrics_table([result]))
-    print(json.dumps(doc["targets"], indent=1))
-    return 0
 
 
 def verifier_from(

@@ -226,6 +226,9 @@ def load_frames(cfg: LocaliserConfig, opts: TrainOptions) -> tuple[list[Prepared
     return train_frames, val_frames
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run directory holds
+
+
 def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
     """Train ``cfg``; returns the final state summary (best score, epochs done, stopped_early)."""
     rank, world, device, created_group = _setup_distributed(opts.device)
@@ -244,6 +247,11 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     random.seed(opts.seed + rank)
     np.random.seed(opts.seed + rank)
     out = Path(opts.out_dir)
+    if not opts.resume:
+        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        if earlier:
+            raise DataError(f"{out} already holds a run ({', '.join(earlier)}): add --resume to continue it, "
+                            "or choose another --out (nothing was overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     deadline = None if opts.max_minutes is None else t_start + 60.0 * opts.max_minutes

@@ -62,6 +62,18 @@ def test_train_stops_on_budget_and_resumes(tmp_path: Path, tiny_dataset: Path) -
     assert (out / "best.pt").is_file()
 
 
+def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from support_cli import one_line_error
+
+    run = tiny_checkpoint.parent
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--config", "fast-tiny", "--out", str(run), "--data", str(tiny_dataset), "--threads", "1",
+                 "--epochs", "1", "--no-progress"]) == 1
+    assert "already holds a run" in one_line_error(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_train_um_per_px_sets_the_scale_inference_resamples_to(tmp_path: Path, tiny_dataset: Path) -> None:
     from localisation.inference import TipLocaliser
 
@@ -159,6 +171,26 @@ def test_evaluate_writes_metrics_and_figures(tmp_path: Path, tiny_dataset: Path,
     assert set(doc["models"][0]["metrics"]["by_n_tips"]) == counts
     for fig in ("results.accuracy.png", "results.overlays.png"):
         assert (out.parent / fig).stat().st_size > 1000
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.accuracy.png", "results.json", "results.overlays.png"]
+
+
+def test_evaluate_refuses_bad_options_and_leaves_no_partial_output(
+    tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from support_cli import one_line_error
+
+    out = tmp_path / "ev.json"
+    base = ["evaluate", "--data", str(tiny_dataset), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+            "--threads", "1", "--no-progress"]
+    for extra, message in ((["--threshold", "nan"], "--threshold must be a score"),
+                           (["--threshold", "-1"], "--threshold must be a score"),
+                           (["--limit", "-5"], "--limit must be at least 1")):
+        assert main([*base, *extra]) == 1
+        assert message in one_line_error(capsys)
+    (tmp_path / "ev.overlays.png").mkdir()  # a figure that cannot be written
+    assert main(base) == 1
+    assert "is a directory" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.overlays.png"]  # nothing else written
 
 
 def test_evaluate_refuses_checkpoint_of_other_config(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path) -> None:
@@ -224,6 +256,22 @@ def test_locate_refuses_bad_options_with_one_line(tmp_path: Path, tiny_dataset: 
         assert main([*base, *extra]) == 1
         assert message in one_line_error(capsys)
     assert not (tmp_path / "p.json").exists()
+    # an --out that is one of the inputs (the dataset's labels or an image) or a directory
+    labels = tiny_dataset / "labels.json"
+    before = labels.read_bytes()
+    image = next((tiny_dataset / "images").iterdir())
+    image_bytes = image.read_bytes()
+    for argv, message in ((["locate", str(tiny_dataset), "--out", str(labels)], "is one of the inputs"),
+                          (["locate", str(image), "--um-per-px", "0.5", "--out", str(image)], "is one of the inputs"),
+                          (["locate", str(tiny_dataset), "--out", str(tmp_path)], "is a directory")):
+        assert main([*argv, "--checkpoint", str(tiny_checkpoint), "--no-progress"]) == 1
+        assert message in one_line_error(capsys)
+    assert labels.read_bytes() == before and image.read_bytes() == image_bytes
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "labels.json").write_text(json.dumps({"format": "patchrig-tips/1", "images": []}))
+    assert main(["locate", str(empty), "--out", str(tmp_path / "e.json"), "--checkpoint", str(tiny_checkpoint)]) == 1
+    assert "has no images" in one_line_error(capsys)
 
 
 def test_bench_reports_every_stage(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -278,6 +326,48 @@ def test_ship_records_commands_threshold_and_measured_metrics(tmp_path: Path, ti
     assert doc["targets"]["precision"]["measured"] == doc["metrics"]["overall"]["precision"]
     loc = TipLocaliser.load(out, threads=1)
     assert loc.score_threshold == picked and loc.cfg.name == "fast-tiny"
+
+
+def test_ship_refuses_bad_input_before_it_writes_anything(
+    tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing or empty test set, a missing run, a bad threshold or a failure during the
+    measurement: one line, exit 1, and the existing ``--out`` (by default the shipped
+    checkpoint) and its record are untouched."""
+    from localisation.ship import main as ship_main
+
+    out = tmp_path / "shipped.pt"
+    out.write_bytes(b"the checkpoint that is shipped now")
+    out.with_suffix(".json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "labels.json").write_text(json.dumps({"format": "patchrig-tips/1", "images": []}))
+    common = ["--train-command", "t", "--test-command", "t", "--out", str(out), "--no-progress"]
+    cases = [
+        ["--run", str(tiny_checkpoint.parent), "--test", str(tmp_path / "missing"), *common],
+        ["--run", str(tiny_checkpoint.parent), "--test", str(empty), *common],
+        ["--run", str(tmp_path / "no-run"), "--test", str(tiny_dataset), *common],
+    ]
+    for argv in cases:
+        assert ship_main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("localisation.ship: error:"), err
+    with pytest.raises(SystemExit):  # argparse: one usage line and exit 2
+        ship_main(["--run", str(tiny_checkpoint.parent), "--test", str(tiny_dataset), "--score-threshold", "nan", *common])
+    import localisation.ship as ship
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full while measuring")
+
+    real = ship.evaluate
+    ship.evaluate = broken  # type: ignore[assignment]
+    try:
+        assert ship_main(["--run", str(tiny_checkpoint.parent), "--test", str(tiny_dataset), *common]) == 1
+    finally:
+        ship.evaluate = real  # type: ignore[assignment]
+    assert out.read_bytes() == b"the checkpoint that is shipped now"
+    assert out.with_suffix(".json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "shipped.json", "shipped.pt"]
 
 
 def test_ship_verifier_from_puts_another_cascades_verifier_on_the_runs_first_stage(
@@ -528,3 +618,39 @@ def test_resume_refuses_a_run_trained_with_another_denoiser(tmp_path: Path, tiny
     cfg = get_config("fast-tiny").with_overrides(denoiser=str(tmp_path / "some-denoiser.pt"))
     with pytest.raises(DataError, match="denoiser"):
         train(cfg, TrainOptions(out_dir=out, data=tiny_dataset, progress=False, threads=1, resume=True))
+
+
+def test_damaged_checkpoints_are_one_clear_error(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that is not a checkpoint, one without weights, one with NaN weights or with
+    values inference cannot use: one line naming the file, exit 1, no predictions written."""
+    import torch
+    from support_cli import one_line_error
+
+    good = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+
+    def variant(name: str, change) -> Path:  # type: ignore[no-untyped-def]
+        payload = {**good, "config": dict(good["config"]), "model_state": dict(good["model_state"])}
+        change(payload)
+        path = tmp_path / name
+        torch.save(payload, path)
+        return path
+
+    first = next(iter(good["model_state"]))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04 not a checkpoint at all" * 10)
+    cases = [
+        (garbage, "unreadable"),
+        (variant("no-state.pt", lambda p: p.pop("model_state")), "no model weights"),
+        (variant("nan-weights.pt", lambda p: p["model_state"].__setitem__(first, torch.full_like(good["model_state"][first], float("nan")))),
+         "not finite"),
+        (variant("nan-threshold.pt", lambda p: p["config"].__setitem__("score_threshold", float("nan"))), "score_threshold"),
+        (variant("bad-scale.pt", lambda p: p["config"].__setitem__("model_um_per_px", -1.0)), "model_um_per_px"),
+        (variant("no-threads.pt", lambda p: p["config"].__setitem__("threads", 0)), "threads"),
+    ]
+    out = tmp_path / "p.json"
+    for path, words in cases:
+        assert main(["locate", str(tiny_dataset), "--out", str(out), "--checkpoint", str(path), "--no-progress"]) == 1
+        message = one_line_error(capsys)
+        assert path.name in message and words in message and "weights_only" not in message, message
+    assert not out.exists()

@@ -134,6 +134,9 @@ def test_deterministic(localiser: TipLocaliser, frames: list) -> None:
         (np.zeros((64, 64), np.uint16), float("inf")),
         (np.zeros((64, 64), np.uint16), True),
         (np.zeros((512, 512), np.uint16), 620.0),  # 254,000 px a side on the model grid: refused, not allocated
+        (np.zeros((512, 512), np.uint16), 1e308),  # infinite on the model grid (was an OverflowError)
+        (np.zeros((512, 512), np.uint16), 1e-300),  # the whole frame smaller than one model pixel
+        (np.zeros((512, 512), np.uint16), 0.001),
         (None, 0.5),
     ],
 )

@@ -11,19 +11,28 @@ GPU):
 - batch 32: the (first-stage) model's forward pass alone on 32 prepared frames, per image (the paper's
   protocol: warm up, synchronise, average over iterations, divide by the batch size).
 
-Prints a Markdown table and writes ``--out`` JSON when given.
+Prints a Markdown table and writes ``--out`` JSON when given. Bad options (a count below 1,
+an unknown device, or one this machine lacks) are refused before anything runs or is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rig.errors import DataError
+
+#: Smallest ``--size`` (pixels): the synthetic frame generator fails below 13 px and never
+#: returns from 13 to 21 px (``simulators.synth.sample_example``, seed 0).
+MIN_FRAME_PX = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations at batch 1")
     parser.add_argument("--batch-iters", type=int, default=5, help="timed iterations at batch 32")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--size", type=int, default=512, help="frame side in pixels")
+    parser.add_argument("--size", type=int, default=512, help=f"frame side in pixels (at least {MIN_FRAME_PX})")
     parser.add_argument("--um-per-px", type=float, default=1.0, help="frame pixel size (1.0: the largest field)")
-    parser.add_argument("--devices", default="all", help="all, cpu, or cuda")
+    parser.add_argument("--devices", default="all", help="all, cpu, cuda (every CUDA GPU) or cuda:N")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
 
 
@@ -108,15 +117,39 @@ def _localisers(args: argparse.Namespace, device: str) -> list[tuple[str, Any]]:
     return out
 
 
+def check_options(args: argparse.Namespace) -> list[str]:
+    """The devices to time (see ``requested_devices``), after checking the other options:
+    DataError for fewer than 1 iteration, batch iteration or thread, a negative warm-up, a
+    frame smaller than ``MIN_FRAME_PX`` pixels, a pixel size (µm/px) that is not a positive
+    number, or an ``--out`` that is a directory."""
+    for name, least in (("iters", 1), ("batch_iters", 1), ("threads", 1), ("warmup", 0), ("size", MIN_FRAME_PX)):
+        if getattr(args, name) < least:
+            raise DataError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if not (math.isfinite(args.um_per_px) and args.um_per_px > 0):
+        raise DataError(f"--um-per-px must be a positive number of µm per pixel, got {args.um_per_px}")
+    if args.out is not None and args.out.is_dir():
+        raise DataError(f"--out {args.out} is a directory; name the JSON file to write")
+    return requested_devices(args.devices)
+
+
+def requested_devices(spec: str) -> list[str]:
+    """The torch devices ``--devices spec`` names: 'all' (the CPU and every CUDA GPU), 'cpu',
+    'cuda' (every CUDA GPU) or 'cuda:N'. DataError for another name, or for GPUs this
+    machine does not have."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    named = {"all": ["cpu", *gpus], "cpu": ["cpu"], "cuda": gpus, **{g: [g] for g in gpus}}
+    if named.get(spec):
+        return named[spec]
+    if spec == "cuda" or re.fullmatch(r"cuda:\d+", spec):
+        raise DataError(f"--devices {spec}: no such CUDA GPU on this machine ({len(gpus)} found)")
+    raise DataError(f"--devices must be all, cpu, cuda or cuda:N, got {spec!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     import cv2
 
+    devices = check_options(args)
     cv2.setNumThreads(1)  # as the daemon's localiser process does (rig/localiser_process.py)
-    devices = []
-    if args.devices in ("all", "cpu"):
-        devices.append("cpu")
-    if args.devices in ("all", "cuda") and torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     pixels = _frame(args.size)
     results = []
     for dev in devices:
@@ -160,6 +193,12 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m localisation.bench")
     add_arguments(p)
-    raise SystemExit(run(p.parse_args()))
+    try:
+        raise SystemExit(run(p.parse_args()))
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -105,6 +105,8 @@ def read_dataset(directory: str | Path, *, check_images: bool = True) -> TipData
         raise DataError(f"{labels_path}: not UTF-8 text ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{labels_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise DataError(f"{labels_path}: invalid JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise DataError(f"{labels_path}: top level must be a JSON object")
     if doc.get("format") != FORMAT:
@@ -113,12 +115,14 @@ def read_dataset(directory: str | Path, *, check_images: bool = True) -> TipData
     if not isinstance(images, list):
         raise DataError(f"{labels_path}: 'images' must be a list")
     records = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # normalised file -> its first index
     for index, entry in enumerate(images):
         record = _parse_entry(labels_path, index, entry)
-        if record.file in seen:
-            raise DataError(f"{labels_path}: images[{index}]: duplicate file {record.file!r}")
-        seen.add(record.file)
+        key = Path(record.file).as_posix()  # "./a.png", "a.png" and ".//a.png" are one file
+        if key in seen:
+            raise DataError(f"{labels_path}: images[{index}]: duplicate file {record.file!r} "
+                            f"(the same file as images[{seen[key]}])")
+        seen[key] = index
         if check_images and not record.path.is_file():
             raise DataError(f"{record.path}: image listed in {labels_path} (images[{index}]) is missing")
         records.append(record)
@@ -127,7 +131,23 @@ def read_dataset(directory: str | Path, *, check_images: bool = True) -> TipData
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or float (not a bool) that is finite as a float64; an integer too large for a
+    float (a JSON 1 followed by 400 zeros) is not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for messages (a huge number would fill the screen)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's limit for str (4300 digits)
+        return "a huge integer"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
@@ -145,13 +165,13 @@ def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
     where = f"{where} ({file})"
     um_per_px: Any = entry.get("um_per_px")
     if not _finite_number(um_per_px) or um_per_px <= 0:
-        raise DataError(f"{where}: 'um_per_px' must be a positive number, got {um_per_px!r}")
+        raise DataError(f"{where}: 'um_per_px' must be a positive number, got {_show(um_per_px)}")
     tips = entry.get("tips")
     if not isinstance(tips, list):
         raise DataError(f"{where}: 'tips' must be a list of [x, y]")
     for j, tip in enumerate(tips):
         if not (isinstance(tip, list) and len(tip) == 2 and all(_finite_number(c) for c in tip)):
-            raise DataError(f"{where}: tips[{j}] must be [x, y] with finite numbers, got {tip!r}")
+            raise DataError(f"{where}: tips[{j}] must be [x, y] with finite numbers, got {_show(tip)}")
     extra = {k: v for k, v in entry.items() if k not in ("file", "um_per_px", "tips")}
     return TipRecord(
         file=file,
@@ -166,7 +186,8 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
     """The image as an (h, w) uint8 or uint16 array; colour is converted to grey, and signed
     16-bit pixels (as ScanImage saves them) become uint16 with negative values set to 0.
 
-    Raises DataError naming the file if it is missing, unreadable, or not 8/16-bit.
+    Raises DataError naming the file if it is missing, unreadable, or not 8/16-bit, or is a
+    TIFF holding more than one image (several series, such as a thumbnail, or a page stack).
     """
     path = record.path if isinstance(record, TipRecord) else Path(record)
     if not path.is_file():
@@ -175,11 +196,13 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
     image: Any
     try:
         if suffix in (".tif", ".tiff"):
-            image = tifffile.imread(path)
+            image = _read_tiff(path)
             colour_order = "rgb"
         else:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             colour_order = "bgr"
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises several types on corrupt files
         raise DataError(f"{path}: cannot read image ({exc})") from exc
     if image is None:
@@ -204,6 +227,26 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
     if image.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: expected 8- or 16-bit pixels, got {image.dtype}")
     return np.ascontiguousarray(image)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """The TIFF's one image as (h, w) or (h, w, samples), whatever its planar configuration.
+    DataError for a file with several series (a thumbnail beside the image, say) or a stack of
+    pages: which one is the image is not ours to guess."""
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.series) != 1:
+            raise DataError(f"{path}: holds {len(tif.series)} image series (a thumbnail or several images); "
+                            "expected a TIFF with one image")
+        pages = tif.series[0].pages
+        if len(pages) != 1:
+            raise DataError(f"{path}: a stack of {len(pages)} pages; expected a TIFF with one image")
+        page = pages[0]
+        if not isinstance(page, tifffile.TiffPage):  # a series' first page is one; never seen otherwise
+            raise DataError(f"{path}: unsupported TIFF layout")
+        image = page.asarray()
+        if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+            image = np.moveaxis(image, 0, -1)  # (samples, h, w) -> (h, w, samples), as for contiguous
+    return image
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,13 +389,13 @@ def import_coco(
     coco_path = Path(coco_json)
     out = Path(out_dir)
     if not _finite_number(um_per_px) or um_per_px <= 0:
-        raise DataError(f"um_per_px must be a positive number, got {um_per_px!r}")
+        raise DataError(f"um_per_px must be a positive number, got {_show(um_per_px)}")
     refuse_existing_dataset(out)
     try:
         doc = json.loads(coco_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DataError(f"{coco_path}: COCO file is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # bad JSON or UTF-8, or an integer of more than 4300 digits
         raise DataError(f"{coco_path}: invalid JSON ({exc})") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{coco_path}: not a COCO file (no 'images' list)")

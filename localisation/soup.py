@@ -98,16 +98,30 @@ def average_first_stages(checkpoints: Sequence[Path]) -> tuple[nn.Module, Locali
 def write_soup(out_dir: Path, checkpoints: Sequence[Path]) -> Path:
     """Average ``checkpoints`` and write the run directory ``out_dir`` (see the module
     docstring); returns the path of ``best.pt``. A non-empty ``out_dir`` (a training run, say)
-    is refused, and nothing is written when averaging fails."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(f"soup: {out_dir} is not empty; name a new run directory")
+    is refused, as is a path through a file; nothing is written when averaging fails."""
+    _check_out_dir(out_dir)
     model, cfg, record = average_first_stages(checkpoints)
-    out_dir.mkdir(parents=True, exist_ok=True)
     best = out_dir / "best.pt"
-    save_checkpoint(best, model, cfg, metrics={"soup": record})
-    (out_dir / "metrics.jsonl").write_text("", encoding="utf-8")
-    write_json_atomic(out_dir / "soup.json", record)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(best, model, cfg, metrics={"soup": record})
+        (out_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+        write_json_atomic(out_dir / "soup.json", record)
+    except OSError as exc:  # permissions, a full disk, a path changed since the check
+        raise DataError(f"soup: cannot write {out_dir} ({exc.strerror or exc})") from exc
     return best
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """DataError unless ``out_dir`` is an empty directory or can be created as one: it is not
+    a file, no folder above it is a file, and it holds nothing."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise DataError(f"soup: --out {out_dir}: {path} is not a directory")
+            break
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DataError(f"soup: {out_dir} is not empty; name a new run directory")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,164 @@
+"""Bad input to the localiser's tools is refused clearly and changes nothing: the weight soup's
+output directory, the patchrig-tips/1 reader and COCO importer (duplicate files, numbers too
+large for a float, TIFF layouts) and ``patchrig bench localiser``'s options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from support_cli import one_line_error
+
+from localisation.checkpoint import save_checkpoint
+from localisation.configs import build_model, get_config
+from localisation.dataset_format import import_coco, load_image, read_dataset, write_dataset
+from localisation.soup import main as soup_main
+from rig.cli import main as cli_main
+from rig.errors import DataError
+
+HUGE = 10**400  # json.dumps writes it as 1 followed by 400 zeros; too large for a float
+
+
+def _ingredient(path: Path) -> Path:
+    cfg = get_config("fast-tiny")
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model(cfg).eval(), cfg)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# localisation.soup
+
+
+def test_soup_out_through_a_file_is_one_line_and_leaves_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _ingredient(tmp_path / "a.pt")
+    afile = tmp_path / "afile.png"
+    afile.write_bytes(b"not a directory")
+    for out in (afile, afile / "x"):
+        assert soup_main([str(a), "--out", str(out)]) != 0
+        line = one_line_error(capsys)
+        assert f"{afile} is not a directory" in line
+    assert afile.read_bytes() == b"not a directory"
+
+
+# --------------------------------------------------------------------------------------------
+# patchrig-tips/1 reader
+
+
+def _dataset_with_labels(tmp_path: Path, entries: list[dict[str, object]]) -> Path:
+    """A dataset whose one real image is images/000000.png, with labels.json holding ``entries``."""
+    root = tmp_path / "ds"
+    write_dataset(root, [("images/000000.png", np.zeros((8, 8), np.uint8), 0.5, [])])
+    (root / "labels.json").write_text(json.dumps({"format": "patchrig-tips/1", "images": entries}))
+    return root
+
+
+@pytest.mark.parametrize("alias", ["./images/000000.png", "images//000000.png", "images/./000000.png"])
+def test_one_file_named_two_ways_is_a_duplicate(tmp_path: Path, alias: str) -> None:
+    entry = {"file": "images/000000.png", "um_per_px": 0.5, "tips": []}
+    root = _dataset_with_labels(tmp_path, [entry, {**entry, "file": alias}])
+    with pytest.raises(DataError, match=r"labels\.json: images\[1\]: duplicate file .*same file as images\[0\]"):
+        read_dataset(root)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"um_per_px": HUGE, "tips": []}, "'um_per_px' must be a positive number"),
+        ({"um_per_px": 0.5, "tips": [[HUGE, 3]]}, r"tips\[0\] must be \[x, y\] with finite numbers"),
+        ({"um_per_px": 0.5, "tips": [[3, -HUGE]]}, r"tips\[0\] must be \[x, y\] with finite numbers"),
+    ],
+)
+def test_numbers_too_large_for_a_float_are_data_errors(tmp_path: Path, entry: dict[str, object], message: str) -> None:
+    root = _dataset_with_labels(tmp_path, [{"file": "images/000000.png", **entry}])
+    with pytest.raises(DataError, match=r"labels\.json: images\[0\] \(images/000000\.png\): " + message) as info:
+        read_dataset(root)
+    assert len(str(info.value)) < 300  # the 401-digit number is cut short
+
+
+def test_coco_keypoint_too_large_for_a_float_is_a_data_error(tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((8, 8), np.uint8))
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"image_id": 1, "category_id": 1, "keypoints": [HUGE, 2, 2]}],
+        "categories": [{"id": 1, "name": "pipette", "keypoints": ["tip"]}],
+    }))
+    with pytest.raises(DataError, match=r"coco\.json: annotations\[0\]: 'keypoints'"):
+        import_coco(coco, images, tmp_path / "out", um_per_px=0.5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_planar_rgb_tiff_is_converted_to_grey_like_contiguous(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 12, 10), dtype=np.uint8)  # (samples, h, w)
+    tifffile.imwrite(tmp_path / "planar.tif", rgb, photometric="rgb", planarconfig="separate")
+    grey = load_image(tmp_path / "planar.tif")
+    expected = cv2.cvtColor(np.ascontiguousarray(np.moveaxis(rgb, 0, -1)), cv2.COLOR_RGB2GRAY)
+    assert grey.shape == (12, 10)
+    assert np.array_equal(grey, expected)
+
+
+def test_tiff_with_a_thumbnail_series_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "thumb.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(np.zeros((4, 4), np.uint8))  # a thumbnail first: the old reader returned it
+        tw.write(np.full((16, 16), 7, np.uint8))
+    with pytest.raises(DataError, match=r"thumb\.tif: holds 2 image series"):
+        load_image(path)
+
+
+def test_stack_of_narrow_pages_is_refused_not_read_as_colour(tmp_path: Path) -> None:
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((5, 40, 3), np.uint8), photometric="minisblack")  # 5 pages of 40x3
+    with pytest.raises(DataError, match=r"stack\.tif: a stack of 5 pages"):
+        load_image(path)
+
+
+# --------------------------------------------------------------------------------------------
+# patchrig bench localiser
+
+BENCH = ["bench", "localiser", "--config", "fast-tiny", "--iters", "1", "--batch-iters", "1", "--warmup", "0",
+         "--threads", "1", "--size", "32"]
+
+
+def test_bench_refuses_unknown_or_missing_devices_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench.json"
+    for devices, message in (("foo", "--devices must be all, cpu, cuda or cuda:N, got 'foo'"),
+                             ("cuda:99", "--devices cuda:99: no such CUDA GPU")):
+        assert cli_main([*BENCH, "--devices", devices, "--out", str(out)]) == 1
+        assert message in one_line_error(capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    assert cli_main([*BENCH, "--devices", "cuda", "--out", str(out)]) == 1
+    assert "--devices cuda: no such CUDA GPU" in one_line_error(capsys)
+    assert not out.exists()
+    assert cli_main([*BENCH, "--devices", "cpu", "--out", str(out)]) == 0  # a usable device still runs
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["device"] == "CPU (1 threads)"
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--iters", "0"], "--iters must be at least 1, got 0"),
+        (["--batch-iters", "0"], "--batch-iters must be at least 1, got 0"),
+        (["--batch-iters", "-3"], "--batch-iters must be at least 1, got -3"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--size", "8"], "--size must be at least 32, got 8"),
+    ],
+)
+def test_bench_refuses_counts_below_one_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    out = tmp_path / "bench.json"
+    assert cli_main([*BENCH, "--devices", "cpu", *option, "--out", str(out)]) == 1
+    assert message in one_line_error(capsys)
+    assert not out.exists()

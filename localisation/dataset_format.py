@@ -413,6 +413,9 @@ def import_coco(
             raise DataError(f"{coco_path}: images[{i}] 'id' must be an integer or a string, got {im['id']!r}")
         if im["id"] in images:
             raise DataError(f"{coco_path}: images[{i}] repeats the id {im['id']!r}: its tips would be merged")
+        for key in ("width", "height"):
+            if key in im and (type(im[key]) is not int or im[key] < 1):
+                raise DataError(f"{coco_path}: images[{i}] '{key}' must be a positive integer, got {im[key]!r}")
         images[im["id"]] = im
     tips: dict[Any, list[list[float]]] = {k: [] for k in images}
     shift = 0.5 if coco_corner_origin else 0.0
@@ -424,7 +427,10 @@ def import_coco(
             continue
         if not isinstance(kps, list) or len(kps) % 3 or not all(_finite_number(v) for v in kps):
             raise DataError(f"{coco_path}: annotations[{i}]: 'keypoints' must be [x, y, v, ...]")
-        k = tip_index.get(ann.get("category_id"), 0)
+        category = ann.get("category_id")
+        if category is not None and (not isinstance(category, int | str) or isinstance(category, bool)):
+            raise DataError(f"{coco_path}: annotations[{i}]: 'category_id' must be an integer or a string")
+        k = tip_index.get(category, 0)
         if 3 * k + 2 >= len(kps):
             raise DataError(f"{coco_path}: annotations[{i}]: no keypoint number {k}")
         x, y, v = kps[3 * k : 3 * k + 3]
@@ -432,15 +438,17 @@ def import_coco(
             tips[ann["image_id"]].append([float(x) - shift, float(y) - shift])
 
     src_root = Path(images_dir)
+    root = src_root.resolve()
     loaded = []
     used: set[str] = set()
     for image_id, im in images.items():
-        src = src_root / im["file_name"]
-        if not src.is_file():
-            alt = src_root / Path(im["file_name"]).name
-            if not alt.is_file():
-                raise DataError(f"{src}: image named in {coco_path} is missing")
-            src = alt
+        # the file as named, else by its base name (exports often keep the annotating machine's
+        # folders); never a file outside --images ("../", absolute paths)
+        named, alt = src_root / im["file_name"], src_root / Path(im["file_name"]).name
+        found = [p for p in (named, alt) if p.resolve().is_relative_to(root) and p.is_file()]
+        if not found:
+            raise DataError(f"{named}: image named in {coco_path} is missing from {src_root}")
+        src = found[0]
         pixels = load_image(src)
         h, w = pixels.shape
         if ("width" in im and im["width"] != w) or ("height" in im and im["height"] != h):

@@ -298,3 +298,29 @@ def test_an_unwritable_output_place_is_one_clear_error(tmp_path: Path, capsys: p
     assert main(["data", "synth", "--out", str(blocker / "ds"), "--n", "2", "--size", "64"]) == 1
     err = one_line_error(capsys)
     assert "cannot create the dataset directory" in err and str(blocker / "ds") in err
+
+
+def test_coco_import_never_reads_outside_the_images_folder_and_checks_types(tmp_path: Path) -> None:
+    coco, images = _coco(tmp_path)
+    secret = tmp_path / "secret.png"  # beside the images folder, not in it
+    cv2.imwrite(str(secret), np.full((20, 30), 200, np.uint8))
+    doc = json.loads(coco.read_text())
+    doc["images"][1]["file_name"] = "../secret.png"
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="missing"):
+        import_coco(coco, images, tmp_path / "a", um_per_px=0.7)
+    doc["images"][1]["file_name"] = str(secret)  # absolute: only its base name is looked up, in --images
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="missing"):
+        import_coco(coco, images, tmp_path / "b", um_per_px=0.7)
+    doc["images"][1]["file_name"] = "two.png"
+    doc["images"][1]["width"] = "30"
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="'width' must be a positive integer"):
+        import_coco(coco, images, tmp_path / "c", um_per_px=0.7)
+    doc["images"][1]["width"] = 30
+    doc["annotations"][0]["category_id"] = [7]
+    coco.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="'category_id' must be"):
+        import_coco(coco, images, tmp_path / "d", um_per_px=0.7)
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -340,7 +340,7 @@ class ChannelController:
                     self._halt_cond.notify_all()
                 request = self._next_halt
                 request.join(reason, callback)
-        if request is None:  # closed: the shutdown's own stop already ran
+        if request is None:  # the controller is closed and its stopper gone: stop from here
             error = self._halt(reason)
             if callback is not None:
                 callback(error)

@@ -9,9 +9,11 @@
 Reliability: the "lazy pirate" pattern. Each call sends on a REQ socket and polls for the reply
 for ``timeout_s``; when none comes, the socket is closed (linger 0) and re-created, and the
 request is sent again, up to ``retries`` more times, then ``RpcTimeout`` is raised. Replies are
-matched by ``id``. Motion methods are safe to retry: a repeated request supersedes the first
-on its channel and drives to the same target. Long operations called with ``wait=True`` get a
-per-call timeout (``op_timeout_s``) instead of the short default.
+matched by ``id``. Queries, ``move`` (a repeat supersedes the first and drives to the same
+target), ``stop`` and ``stop_all`` are re-sent; ``calibrate``, ``move_tip``, ``set_tip`` and
+``shutdown`` never are (``NEVER_RESENT``): a repeat would start the routine again from wherever
+the first one had got to, while the first may still be running. Long operations called with
+``wait=True`` get a per-call timeout (``op_timeout_s``) instead of the short default.
 
 Errors: a reply with ``ok: false`` raises ``RpcError`` carrying the wire ``code``.
 """
@@ -33,6 +35,8 @@ from rig.protocol import RpcError, make_request
 
 DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TELEMETRY_ENDPOINT = "tcp://127.0.0.1:5556"
+#: methods a timeout never re-sends: a repeat would restart the routine part-way
+NEVER_RESENT = frozenset({"calibrate", "move_tip", "set_tip", "shutdown"})
 
 
 class RpcTimeout(RpcError):
@@ -111,11 +115,12 @@ class PatchrigClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, timeout_s: float | None = None,
              retries: int | None = None) -> dict[str, Any]:
-        """Send one request; return its ``result`` or raise ``RpcError``/``RpcTimeout``."""
+        """Send one request; return its ``result`` or raise ``RpcError``/``RpcTimeout``. A
+        method in ``NEVER_RESENT`` is sent once, whatever ``retries`` says."""
         request_id = f"{self._prefix}-{next(self._ids)}"
         payload = make_request(method, params, request_id)
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        attempts = 1 + (self.retries if retries is None else int(retries))
+        attempts = 1 if method in NEVER_RESENT else 1 + (self.retries if retries is None else int(retries))
         for attempt in range(attempts):
             if self._socket is None:
                 self._socket = self._connect()
@@ -135,6 +140,9 @@ class PatchrigClient:
                     self._reset()
                     break
                 return self._result(reply)
+        if method in NEVER_RESENT:
+            raise RpcTimeout(f"{method}: no reply from {self.endpoint} within {timeout:.1f} s; not re-sent (it would "
+                             "start again): it may still be running, see status or the op topic")
         raise RpcTimeout(f"{method}: no reply from {self.endpoint} after {attempts} attempt(s) of {timeout:.1f} s")
 
     @staticmethod

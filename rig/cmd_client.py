@@ -25,6 +25,9 @@ from rig.client import (
 )
 from rig.errors import InvalidParams
 from rig.protocol import METHODS, RpcError
+from rig.telemetry import TOPICS
+
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a typo (and inf overflowed in ZeroMQ's poll)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=DEFAULT_COMMAND_ENDPOINT, help="command socket (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="reply timeout in s (default: 5, or 300 for motion methods that wait)")
-    parser.add_argument("--retries", type=int, default=2, help="resends after a timeout (lazy pirate)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="resends after a timeout (lazy pirate); calibrate, move_tip and set_tip are never re-sent")
     parser.add_argument("--curve-dir", type=Path, default=None, help="CURVE keys (client.key_secret, server.key)")
     parser.add_argument("--watch", metavar="TOPIC", nargs="*", default=None,
                         help="instead of a command, print telemetry (all topics if none named)")
@@ -42,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.watch is not None:
+        unknown = sorted(set(args.watch) - set(TOPICS))
+        if unknown:  # a typo would otherwise wait for ever in silence
+            raise InvalidParams(f"unknown telemetry topic(s) {unknown}; topics: {', '.join(TOPICS)}")
         with TelemetrySubscriber(args.telemetry, args.watch, curve_dir=args.curve_dir) as sub:
             for topic, message in sub:
                 print(topic, json.dumps(message), flush=True)
@@ -56,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParams("params must be a JSON object")
     if args.retries < 0:
         raise InvalidParams(f"--retries must be 0 or more, got {args.retries}")
-    if args.timeout is not None and not args.timeout > 0:
-        raise InvalidParams(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:  # NaN and inf fail too
+        raise InvalidParams(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {args.timeout}")
     waits = args.method in ("move", "move_tip", "calibrate") and params.get("wait", True)
     timeout = args.timeout if args.timeout is not None else (300.0 if waits else 5.0)
     with PatchrigClient(args.endpoint, timeout_s=timeout, retries=args.retries, curve_dir=args.curve_dir) as client:

@@ -42,6 +42,7 @@ from rig.atomic import atomic_path, write_json_atomic
 from rig.client import RpcTimeout
 from rig.errors import PatchrigError
 from rig.logs import get_logger
+from simulators.signals import sigterm_as_ctrl_c
 
 TARGET_SHIFT_UM = 20.0
 SESSION_BUDGET_S = 100.0  # the scripted session's steps; start-up and the picture come on top
@@ -333,6 +334,13 @@ def write_report(path: Path, rows: list[dict[str, Any]], total_s: float) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the session (or serve); SIGTERM stops it as Ctrl-C does: devices stopped, the
+    daemon and every simulator closed."""
+    with sigterm_as_ctrl_c():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from rig.client import PatchrigClient
     from rig.cmd_run import serve
     from rig.simrig import SimulatedRig, build_daemon, load_localiser

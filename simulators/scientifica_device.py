@@ -53,6 +53,7 @@ import numpy as np
 
 from rig.logs import get_logger
 from simulators.motion import MotionAxis
+from simulators.signals import sigterm_as_ctrl_c
 from simulators.world import SimWorld
 
 TICKS_PER_UM = {2: 10.0, 3: 100.0}
@@ -67,6 +68,7 @@ FIRMWARE = {2: "2.13", 3: "3.22"}
 BAUD_CONSTANTS = {9600: termios.B9600, 38400: termios.B38400}
 STATUS_IDLE, STATUS_ACCELERATING, STATUS_MAX_SPEED, STATUS_DECELERATING = 0, 2, 3, 4
 WORLD_UPDATE_S = 0.02
+MAX_START_UM = 100_000.0  # a start position farther than 10 cm from zero is a typo
 
 
 @dataclass
@@ -656,9 +658,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run the simulator until Ctrl-C or SIGTERM (both a clean stop, exit 0)."""
+    position = np.asarray(args.position_um, float)
+    if not np.all(np.isfinite(position)) or np.any(np.abs(position) > MAX_START_UM):
+        raise SystemExit(f"patchrig simulate scientifica: error: --position-um must be finite and within "
+                         f"±{MAX_START_UM:g} µm, got {args.position_um}")
+    with sigterm_as_ctrl_c():
+        return _serve(args, position)
+
+
+def _serve(args: argparse.Namespace, position: np.ndarray) -> int:
     sim = ScientificaSimulator(
         version=args.version, baud=args.baud, description=args.description,
-        initial_position_um=np.asarray(args.position_um, float), wire_time=args.wire_time,
+        initial_position_um=position, wire_time=args.wire_time,
     )
     path = sim.start()
     try:  # announce inside the try: a Ctrl-C right after the path is read is a clean stop

@@ -71,6 +71,21 @@ def test_gives_up_with_timeout_after_all_retries() -> None:
         server.close()
 
 
+@pytest.mark.parametrize("method", ["calibrate", "move_tip", "set_tip"])
+def test_routines_are_never_re_sent_after_a_timeout(method: str) -> None:
+    """A repeated calibrate (or move_tip, set_tip) would restart the routine part-way while the
+    first may still run: it is sent once, and the timeout says it may still be running."""
+    server = DroppingServer(drop=10)
+    try:
+        with PatchrigClient(server.endpoint, timeout_s=0.1, retries=2) as client:
+            with pytest.raises(RpcError, match="not re-sent") as info:
+                client.call(method, {"channel": "A"})
+            assert info.value.code == "timeout" and client.resends == 0
+        assert len(server.seen) == 1
+    finally:
+        server.close()
+
+
 def test_typed_methods_and_error_codes_against_the_daemon() -> None:
     with running_daemon(["A"]) as rig:
         c = rig.client()
@@ -109,5 +124,8 @@ def test_a_malformed_endpoint_is_one_clear_line_not_a_hang(capsys) -> None:
     assert "cannot connect to 'foo'" in one_line_error(capsys)
     assert main(["client", "ping", "--retries", "-1"]) == 1
     assert "--retries must be 0 or more" in one_line_error(capsys)
-    assert main(["client", "ping", "--timeout", "-2"]) == 1
-    assert "--timeout must be a positive" in one_line_error(capsys)
+    for bad in ("-2", "inf", "nan", "1e12"):
+        assert main(["client", "ping", "--timeout", bad]) == 1
+        assert "--timeout must be a number of seconds" in one_line_error(capsys)
+    assert main(["client", "--watch", "hearbeat"]) == 1  # a typo used to wait for ever in silence
+    assert "unknown telemetry topic(s) ['hearbeat']" in one_line_error(capsys)

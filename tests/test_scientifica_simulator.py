@@ -417,7 +417,8 @@ def test_close_is_idempotent_and_releases_the_pty() -> None:
 
 
 # -- the CLI -------------------------------------------------------------------------------------------
-def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c_or_sigterm(sig: signal.Signals) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", "from rig.cli import main; raise SystemExit(main())",
          "simulate", "scientifica", "--version", "3", "--baud", "38400"],
@@ -436,7 +437,7 @@ def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
             assert line.ask("VER") == "3"
         finally:
             line.close()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         code = proc.wait(10)
         assert proc.stderr is not None
         assert code == 0, proc.stderr.read()[-2000:]
@@ -447,3 +448,13 @@ def test_cli_prints_the_pty_path_first_and_stops_on_ctrl_c() -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.parametrize("value", ["nan", "1e30"])
+def test_cli_refuses_a_start_position_that_is_not_finite_or_absurd(value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rig.cli", "simulate", "scientifica", "--position-um", value, "0", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--position-um must be finite" in done.stderr and "Traceback" not in done.stderr

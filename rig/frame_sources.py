@@ -406,6 +406,11 @@ class ZmqFrameSource(FrameSource):
             self._reject(f"undecodable message ({type(exc).__name__}: {str(exc)[:80]})")
             return None
         last = self._last_seen_id
+        if last is not None and frame.frame_id == last:
+            # ids must change from frame to frame: consumers wait for "a frame after id N", and a
+            # repeated id would leave them waiting in silence (no localisation, no correction)
+            self._reject(f"frame_id {frame.frame_id} repeats the previous frame's; each frame needs a new id")
+            return None
         lost = frames_lost_between(last, frame.frame_id)
         if lost:
             self._count_lost(lost)

@@ -125,6 +125,25 @@ def test_zmq_counts_gaps_in_the_senders_frame_ids() -> None:
         assert source.stats["dropped"] - base == 3
 
 
+def test_zmq_rejects_a_frame_that_repeats_the_previous_id_loudly() -> None:
+    """A publisher that sends every frame with one id used to stop localisation in silence
+    (consumers wait for a frame after that id): the repeats are rejected and counted."""
+    with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
+        fid = connected(sender, source)
+        sender.send(image(1), um_per_px=0.5, frame_id=fid)
+        assert source.wait_for_frame(fid - 1, 5.0) is not None
+        rejected = source.stats["rejected"]
+        for _ in range(3):
+            sender.send(image(2), um_per_px=0.5, frame_id=fid)
+            time.sleep(0.005)
+        assert wait_until(lambda: source.stats["rejected"] == rejected + 3)
+        latest = source.latest()
+        assert latest is not None and latest.pixels[0, 0] == 1  # the first frame with that id stays
+        sender.send(image(3), um_per_px=0.5, frame_id=fid + 1)  # a new id flows again
+        got = source.wait_for_frame(fid, 5.0)
+        assert got is not None and got.pixels[0, 0] == 3
+
+
 def test_zmq_rejects_corrupt_frames_counts_them_and_keeps_going() -> None:
     with FrameSender("tcp://127.0.0.1:*") as sender, ZmqFrameSource(sender.endpoint) as source:
         fid = connected(sender, source)  # fixes the stream's geometry: 32x48 uint16

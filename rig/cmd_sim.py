@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--localiser", choices=["model", "classical", "oracle"], default="model",
                         help="tip localiser: the shipped trained model (default), the classical detector, or "
                         "the simulation's truth with 0.3 px noise (to separate control from localisation error)")
-    parser.add_argument("--seed", type=int, default=None, help="simulated world seed (default: [simulation] seed)")
+    parser.add_argument("--seed", type=int, default=None, help="simulated world seed, >= 0 (default: [simulation] seed)")
 
 
 # -- the session display ------------------------------------------------------------------------
@@ -347,6 +347,8 @@ def _run(args: argparse.Namespace) -> int:
 
     log = get_logger("patchrig.sim")
     t_start = time.monotonic()
+    if args.seed is not None and args.seed < 0:
+        raise PatchrigError(f"--seed must be 0 or more, got {args.seed}")
     cfg = load_config(args.config)
     sim = SimulatedRig(cfg, seed=args.seed)
     out: Path = args.out.expanduser()

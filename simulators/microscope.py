@@ -260,7 +260,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5560",
                         help="PUB endpoint to bind (default tcp://127.0.0.1:5560; tcp://127.0.0.1:* picks a port)")
-    parser.add_argument("--rate", type=float, default=30.0, help="frames per second, 0-200 (default 30)")
+    parser.add_argument("--rate", type=float, default=30.0, help="frames per second, above 0 and at most 200 (default 30)")
     parser.add_argument("--channels", type=int, default=4, help="number of pipettes, 1-8 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="world and noise seed, >= 0 (default 0)")
     parser.add_argument("--um-per-px", type=float, default=0.62,

@@ -91,3 +91,12 @@ def test_patchrig_sim_serve_until_shutdown(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_patchrig_sim_refuses_a_negative_seed_in_one_line(capsys) -> None:  # type: ignore[no-untyped-def]
+    from support_cli import one_line_error
+
+    from rig.cli import main
+
+    assert main(["sim", "--headless", "--seed", "-1"]) == 1
+    assert "--seed must be 0 or more" in one_line_error(capsys)

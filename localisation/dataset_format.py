@@ -414,8 +414,9 @@ def import_coco(
         if im["id"] in images:
             raise DataError(f"{coco_path}: images[{i}] repeats the id {im['id']!r}: its tips would be merged")
         for key in ("width", "height"):
-            if key in im and (type(im[key]) is not int or im[key] < 1):
-                raise DataError(f"{coco_path}: images[{i}] '{key}' must be a positive integer, got {im[key]!r}")
+            value: Any = im.get(key)
+            if key in im and not (_finite_number(value) and float(value).is_integer() and value >= 1):
+                raise DataError(f"{coco_path}: images[{i}] '{key}' must be a positive integer, got {value!r}")
         images[im["id"]] = im
     tips: dict[Any, list[list[float]]] = {k: [] for k in images}
     shift = 0.5 if coco_corner_origin else 0.0
@@ -438,16 +439,17 @@ def import_coco(
             tips[ann["image_id"]].append([float(x) - shift, float(y) - shift])
 
     src_root = Path(images_dir)
-    root = src_root.resolve()
     loaded = []
     used: set[str] = set()
     for image_id, im in images.items():
         # the file as named, else by its base name (exports often keep the annotating machine's
-        # folders); never a file outside --images ("../", absolute paths)
-        named, alt = src_root / im["file_name"], src_root / Path(im["file_name"]).name
-        found = [p for p in (named, alt) if p.resolve().is_relative_to(root) and p.is_file()]
+        # folders); never through "../" or an absolute path (symbolic links inside --images,
+        # say into raw storage, are followed)
+        given = Path(im["file_name"])
+        named = None if given.is_absolute() or ".." in given.parts else src_root / given
+        found = [p for p in (named, src_root / given.name) if p is not None and p.is_file()]
         if not found:
-            raise DataError(f"{named}: image named in {coco_path} is missing from {src_root}")
+            raise DataError(f"{im['file_name']}: image named in {coco_path} is missing from {src_root}")
         src = found[0]
         pixels = load_image(src)
         h, w = pixels.shape

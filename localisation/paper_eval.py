@@ -190,6 +190,7 @@ def train_study_model(
             TrainOptions(
                 out_dir=run, data=data[0], val_data=data[1], max_minutes=minutes,
                 device="cpu", threads=plan.threads, progress=progress,
+                resume=(run / "last.pt").exists(),  # a study stopped mid-model goes on from there
             ),
         )
         summary["train_minutes"] = (time.monotonic() - t0) / 60.0

@@ -258,6 +258,8 @@ class Manipulator(ABC):
                 previous, self._current = self._current, handle
             if previous is not None and not previous.done:
                 previous.finish(MoveState.INTERRUPTED, reason="superseded")
+            if handle.done or self.current_move is not handle:
+                return handle  # a done-callback above moved or stopped the channel: that one wins
             self.log.info("move", target_um=[round(float(v), 3) for v in target], speed_um_s=speed)
             try:
                 self._do_move_to(target, speed, handle)

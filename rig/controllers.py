@@ -268,6 +268,7 @@ class ChannelController:
         self.device_error: str | None = None
         self._halt_cond = threading.Condition()
         self._next_halt: _HaltRequest | None = None  # asked for, not yet begun by the stopper
+        self._halt_under_way: _HaltRequest | None = None  # begun by the stopper, not yet answered
         self._stopper_closing = False
         self._thread = threading.Thread(target=self._run, name=f"patchrig-controller-{name}", daemon=True)
         self._thread.start()
@@ -282,8 +283,9 @@ class ChannelController:
         the worker can take it: the running operation is cancelled first, then its device stop
         is asked for (on the stopper thread: the caller, the server loop, never waits for a
         device), and ``op`` starts only once that stop is answered. Stops run one after
-        another, so that one ends after any stop asked for earlier. A dropped pending request
-        passes its own wait on to ``op``."""
+        another, so that one ends after any stop asked for earlier; with nothing to supersede,
+        ``op`` still waits for a stop already asked for (a user's, the watchdog's), which
+        would otherwise cut its move short."""
         op._emit("queued", params=op.params)  # before the worker can emit "running"
         with self._cond:
             if self._closed:
@@ -291,7 +293,10 @@ class ChannelController:
                 return op
             dropped, self._pending = self._pending, op
             running = self._current
-            op.after_halt = dropped.after_halt if dropped is not None else None
+            # every stop asked for before this request (a user's stop, the watchdog's, a
+            # superseded operation's) ends before it starts: stops run one after another, so
+            # waiting for the newest one is enough
+            op.after_halt = self._newest_halt()
             if running is not None and not running.finished:
                 self.log.info("superseding", old=running.id, new=op.id)
                 running.cancel("superseded")  # before the stop: see Operation.start_move
@@ -349,15 +354,24 @@ class ChannelController:
             return done
         return request.done
 
+    def _newest_halt(self) -> threading.Event | None:
+        """The answer Event of the newest stop asked for and not yet answered, or None."""
+        with self._halt_cond:
+            request = self._next_halt or self._halt_under_way
+            return None if request is None else request.done
+
     def _run_stopper(self) -> None:
         while True:
             with self._halt_cond:
                 while self._next_halt is None and not self._stopper_closing:
                     self._halt_cond.wait()
                 request, self._next_halt = self._next_halt, None
+                self._halt_under_way = request
             if request is None:  # closing, nothing left to do
                 return
             error = self._halt(request.reason)
+            with self._halt_cond:
+                self._halt_under_way = None
             request.done.set()
             for callback in request.callbacks:
                 try:

@@ -134,8 +134,10 @@ def test_a_burst_of_superseding_moves_and_a_stop_share_one_device_stop() -> None
         ctl.halt_async("stop", answered.append)
         device.answer_stop.set()
         assert _wait_until(lambda: answered == [None])
-        assert len(device.stop_reasons) == 2, device.stop_reasons  # the held one, then one for the rest
-        assert "stop" in device.stop_reasons[1]
+        # the held one, then one for all the rest (plus, when the first operation was cancelled
+        # while its move command was on its way, that operation's own second stop)
+        assert 2 <= len(device.stop_reasons) <= 3, device.stop_reasons
+        assert "stop" in device.stop_reasons[-1]
         assert all(op.wait_finished(5.0) and op.state == "stopped" for op in [first, *burst])
         assert not device.is_busy()
     finally:
@@ -179,5 +181,29 @@ def test_a_move_that_never_finishes_is_stopped_when_its_operation_gives_up() -> 
         time.sleep(0.2)  # at 50 µm/s a move left running would travel 10 µm in this time
         assert np.allclose(device.position_um, settled)
     finally:
+        ctl.close()
+        device.close()
+
+
+def test_a_move_asked_for_while_a_stop_is_under_way_waits_for_it() -> None:
+    """The watchdog (or a user) cancels the operation and asks for a stop; a move submitted
+    before the device answered that stop must start after it, not be cut short by it."""
+    device = SlowToStop()
+    ctl = ChannelController("A", device)
+    try:
+        ctl.note_position(device.position_um)
+        first = ctl.submit(_move(ctl, 900.0, 50.0))
+        assert _wait_until(device.is_busy)
+        ctl.cancel_ops("stale frames")
+        ctl.halt_async("stale frames")
+        assert device.stopping.wait(5.0) and first.wait_finished(5.0)  # the op ended, its stop is held
+        second = ctl.submit(_move(ctl, 100.0, 500.0))
+        time.sleep(0.2)
+        assert second.state == "queued"  # waits for the stop under way
+        device.answer_stop.set()
+        assert second.wait_finished(10.0) and second.state == "done", (second.state, second.error)
+        assert np.allclose(device.position_um, [100.0, 0.0, 0.0], atol=0.01)
+    finally:
+        device.answer_stop.set()
         ctl.close()
         device.close()

@@ -233,3 +233,21 @@ def test_speeds_that_are_not_numbers_are_rejected(speed: object) -> None:
         m.move_to(np.array([2, 3, 4]), 50).wait(5)  # integer targets and speeds too
     finally:
         m.close()
+
+
+def test_a_move_started_from_the_superseded_moves_done_callback_wins() -> None:
+    """The superseded move's done-callback starts another move (the lock is re-entrant): that
+    nested move is the newest and must run; the outer one, already superseded by it, must not
+    be sent."""
+    m = SimulatedManipulator("A", Limits((0.0,) * 3, (1000.0,) * 3), 1000.0, initial_position_um=[0.0, 0.0, 0.0])
+    try:
+        first = m.move_to([900.0, 0.0, 0.0], 50.0)
+        nested: list[MoveHandle] = []
+        first.add_done_callback(lambda _h: nested.append(m.move_to([0.0, 200.0, 0.0], 500.0)))
+        outer = m.move_to([0.0, 0.0, 300.0], 500.0)
+        assert nested and m.current_move is nested[0]
+        assert outer.state is MoveState.INTERRUPTED and outer.reason == "superseded"
+        nested[0].wait(5.0)
+        assert np.allclose(m.position_um, [0.0, 200.0, 0.0], atol=1.0)
+    finally:
+        m.close()

@@ -324,3 +324,15 @@ def test_coco_import_never_reads_outside_the_images_folder_and_checks_types(tmp_
     with pytest.raises(DataError, match="'category_id' must be"):
         import_coco(coco, images, tmp_path / "d", um_per_px=0.7)
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_coco_import_follows_symlinks_inside_the_images_folder_and_takes_integral_float_sizes(tmp_path: Path) -> None:
+    coco, images = _coco(tmp_path)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (images / "two.png").rename(raw / "two.png")
+    (images / "two.png").symlink_to(raw / "two.png")  # a folder of links into raw storage
+    doc = json.loads(coco.read_text())
+    doc["images"][0]["width"], doc["images"][0]["height"] = 30.0, 20.0  # some tools write floats
+    coco.write_text(json.dumps(doc))
+    assert len(import_coco(coco, images, tmp_path / "ok", um_per_px=0.7)) == 2

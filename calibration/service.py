@@ -344,14 +344,16 @@ class CalibrationService:
             out["corrections"] = dict(self._correctors[channel].counts)
         return out
 
-    def check_target_px(self, channel: str, px: Any) -> None:
-        """Raise (InvalidParams, NoFrame) unless ``px`` is a pixel inside the newest frame: for
-        callers that must refuse a bad ``move_tip`` before it supersedes anything."""
+    def check_target_px(self, channel: str, px: Any) -> tuple[np.ndarray, tuple[float, tuple[int, int]]]:
+        """``px`` as a pixel (x, y) inside the newest frame, with that frame's geometry
+        (µm per pixel, shape); InvalidParams or NoFrame otherwise. The daemon calls it to refuse
+        a bad ``move_tip`` before it supersedes anything, and ``move_tip`` again."""
         xy = _pixel(px)
         geometry = self._geometry()
         if geometry is None:
             raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
         _check_in_frame(xy, geometry[1], channel)
+        return xy, geometry
 
     def predicted_tip_px(self, channel: str) -> tuple[float, float] | None:
         m = self._manipulator(channel)
@@ -539,11 +541,7 @@ class CalibrationService:
             latest = self.frames.latest()
             focal_z = self.eye.focal_z_of(latest) if latest is not None else float(self.eye.focal_z_um or 0.0)
             if target_px is not None:
-                xy = _pixel(target_px)
-                geometry = self._geometry()
-                if geometry is None:
-                    raise NoFrame("no frame yet: cannot convert the target pixel to µm", channel=channel)
-                _check_in_frame(xy, geometry[1], channel)
+                xy, geometry = self.check_target_px(channel, target_px)
                 target = np.array([*px_to_um(xy, *geometry), focal_z])
             else:
                 values = np.asarray(target_um, float).reshape(-1)
@@ -573,10 +571,10 @@ class CalibrationService:
                 unverified_final_um=float(self.cfg.unverified_final_um),
             )
             self._install(channel, result.calibration, "move_tip")
-            geometry = self._geometry()
+            final_geometry = self._geometry()
             out = result.as_dict()
-            if geometry is not None:
-                out["tip_px"] = um_to_px(result.seen_xy_um, *geometry).tolist()
+            if final_geometry is not None:
+                out["tip_px"] = um_to_px(result.seen_xy_um, *final_geometry).tolist()
             out["tolerance_um"] = tolerance
             return out
         finally:

@@ -8,8 +8,10 @@ so no test depends on timing luck.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,22 @@ class SlowToStop(SimulatedManipulator):
         super()._do_stop(reason)
 
 
+@contextlib.contextmanager
+def _controller(device: SimulatedManipulator) -> Iterator[ChannelController]:
+    """A controller for channel "A" on ``device``; on exit whatever the device holds is let go
+    (``release``, ``answer_stop``) and both are closed."""
+    ctl = ChannelController("A", device)
+    try:
+        yield ctl
+    finally:
+        for held in ("release", "answer_stop"):
+            event = getattr(device, held, None)
+            if event is not None:
+                event.set()
+        ctl.close()
+        device.close()
+
+
 def _wait_until(condition: Any, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -63,8 +81,7 @@ def _wait_until(condition: Any, timeout_s: float = 5.0) -> bool:
 
 def test_a_stop_that_lands_while_the_move_is_being_sent_still_leaves_the_device_stopped() -> None:
     device = MoveInFlight()
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         ctl.note_position(device.position_um)
         op = Operation("A", "move", {}, move_body(ctl, np.array([200.0, 0.0, 0.0]), 500.0))
         ctl.submit(op)
@@ -83,16 +100,11 @@ def test_a_stop_that_lands_while_the_move_is_being_sent_still_leaves_the_device_
         assert np.allclose(after, settled), (settled, after)
         assert after[0] < 20.0, after  # halted within milliseconds of starting, far from the 200 µm target
         assert not device.is_busy()
-    finally:
-        device.release.set()
-        ctl.close()
-        device.close()
 
 
 def test_superseding_a_closed_loop_operation_never_waits_for_the_device_stop() -> None:
     device = SlowToStop()
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         first = Operation("A", "calibrate", {}, lambda op: (op.sleep(30.0), {})[1])
         ctl.submit(first)
         assert _wait_until(lambda: first.state == "running")
@@ -107,10 +119,6 @@ def test_superseding_a_closed_loop_operation_never_waits_for_the_device_stop() -
         assert not second_started.wait(0.2)  # the successor waits for the device's answer
         device.answer_stop.set()
         assert second.wait_finished(5.0) and second.state == "done" and second_started.is_set()
-    finally:
-        device.answer_stop.set()
-        ctl.close()
-        device.close()
 
 
 def _move(ctl: ChannelController, x_um: float, speed_um_s: float) -> Operation:
@@ -122,8 +130,7 @@ def test_a_burst_of_superseding_moves_and_a_stop_share_one_device_stop() -> None
     while one is under way joins the next one, so the backlog never grows, the user's stop is
     never refused, and it is answered by a STOP sent after it was asked for."""
     device = SlowToStop()
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         ctl.note_position(device.position_um)
         first = ctl.submit(_move(ctl, 900.0, 50.0))
         assert _wait_until(device.is_busy)
@@ -140,17 +147,12 @@ def test_a_burst_of_superseding_moves_and_a_stop_share_one_device_stop() -> None
         assert "stop" in device.stop_reasons[-1]
         assert all(op.wait_finished(5.0) and op.state == "stopped" for op in [first, *burst])
         assert not device.is_busy()
-    finally:
-        device.answer_stop.set()
-        ctl.close()
-        device.close()
 
 
 def test_the_newest_of_a_burst_of_moves_runs_to_its_target() -> None:
     """No stale supersession stop may cut short the move that superseded them all."""
     device = SlowToStop()
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         ctl.note_position(device.position_um)
         ctl.submit(_move(ctl, 900.0, 50.0))
         assert _wait_until(device.is_busy)
@@ -162,16 +164,11 @@ def test_the_newest_of_a_burst_of_moves_runs_to_its_target() -> None:
         assert last.state == "done", (last.state, last.error)
         assert np.allclose(device.position_um, [119.0, 0.0, 0.0], atol=0.01)
         assert all(op.state == "stopped" for op in burst[:-1])
-    finally:
-        device.answer_stop.set()
-        ctl.close()
-        device.close()
 
 
 def test_a_move_that_never_finishes_is_stopped_when_its_operation_gives_up() -> None:
     device = SimulatedManipulator("A", LIMITS, 1000.0, initial_position_um=[0.0, 0.0, 0.0])
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         op = ctl.submit(Operation("A", "move", {}, lambda op: (
             op.start_move(lambda: device.move_to([900.0, 0.0, 0.0], 50.0), timeout_s=0.3), {})[1]))
         assert op.wait_finished(5.0)
@@ -180,17 +177,13 @@ def test_a_move_that_never_finishes_is_stopped_when_its_operation_gives_up() -> 
         settled = device.position_um
         time.sleep(0.2)  # at 50 µm/s a move left running would travel 10 µm in this time
         assert np.allclose(device.position_um, settled)
-    finally:
-        ctl.close()
-        device.close()
 
 
 def test_a_move_asked_for_while_a_stop_is_under_way_waits_for_it() -> None:
     """The watchdog (or a user) cancels the operation and asks for a stop; a move submitted
     before the device answered that stop must start after it, not be cut short by it."""
     device = SlowToStop()
-    ctl = ChannelController("A", device)
-    try:
+    with _controller(device) as ctl:
         ctl.note_position(device.position_um)
         first = ctl.submit(_move(ctl, 900.0, 50.0))
         assert _wait_until(device.is_busy)
@@ -203,7 +196,3 @@ def test_a_move_asked_for_while_a_stop_is_under_way_waits_for_it() -> None:
         device.answer_stop.set()
         assert second.wait_finished(10.0) and second.state == "done", (second.state, second.error)
         assert np.allclose(device.position_um, [100.0, 0.0, 0.0], atol=0.01)
-    finally:
-        device.answer_stop.set()
-        ctl.close()
-        device.close()

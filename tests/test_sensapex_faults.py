@@ -444,6 +444,23 @@ def test_the_simulator_reports_idle_after_a_step_that_ended_between_its_ticks(ri
     assert busy == 0
 
 
+def _hold_stop_verification(m: SensapexManipulator, monkeypatch):  # type: ignore[no-untyped-def]
+    """Make ``m.stop()`` hold after its STOP and stillness check, before the base class
+    finishes the handle: returns (verified, release) events; set ``release`` to let it end."""
+    import threading
+
+    real_verify = m._verify_stopped
+    verified, release = threading.Event(), threading.Event()
+
+    def slow_verify(move_at_stop):  # type: ignore[no-untyped-def]
+        real_verify(move_at_stop)
+        verified.set()
+        release.wait(5.0)
+
+    monkeypatch.setattr(m, "_verify_stopped", slow_verify)
+    return verified, release
+
+
 def test_a_stop_between_the_goto_and_its_watch_interrupts_the_move(rig: SensapexRig, monkeypatch) -> None:
     """stop() takes the request the GOTO just registered before the driver watches it, and is
     still verifying the halt when the watcher sees the interrupted request: the move was
@@ -453,14 +470,9 @@ def test_a_stop_between_the_goto_and_its_watch_interrupts_the_move(rig: Sensapex
     m = rig.open(2)
     start = rig.sim.position_um(2)
     ump = m._sdk.ump
-    real_goto, real_verify = ump.goto_pos, m._verify_stopped
-    verified, release = threading.Event(), threading.Event()
+    real_goto = ump.goto_pos
+    verified, release = _hold_stop_verification(m, monkeypatch)
     stoppers: list[threading.Thread] = []
-
-    def slow_verify(move_at_stop):  # type: ignore[no-untyped-def]
-        real_verify(move_at_stop)
-        verified.set()
-        release.wait(5.0)  # the base class finishes the handle only after this returns
 
     def goto_then_stop(*args, **kwargs):  # type: ignore[no-untyped-def]
         request = real_goto(*args, **kwargs)
@@ -469,7 +481,6 @@ def test_a_stop_between_the_goto_and_its_watch_interrupts_the_move(rig: Sensapex
         assert request.finished_event.wait(5.0)  # the stop interrupted it
         return request
 
-    monkeypatch.setattr(m, "_verify_stopped", slow_verify)
     monkeypatch.setattr(ump, "goto_pos", goto_then_stop)
     try:
         handle = m.move_to(start + np.array([300.0, 0, 0]), 500.0)
@@ -493,14 +504,9 @@ def test_a_stop_whose_stop_goes_out_before_the_goto_is_not_undone(rig: SensapexR
     m = rig.open(2)
     start = rig.sim.position_um(2)
     ump = m._sdk.ump
-    real_goto, real_verify = ump.goto_pos, m._verify_stopped
-    verified, release = threading.Event(), threading.Event()
+    real_goto = ump.goto_pos
+    verified, release = _hold_stop_verification(m, monkeypatch)
     stoppers: list[threading.Thread] = []
-
-    def slow_verify(move_at_stop):  # type: ignore[no-untyped-def]
-        real_verify(move_at_stop)
-        verified.set()
-        release.wait(5.0)  # stop() finishes the handle only after this
 
     def stop_then_goto(*args, **kwargs):  # type: ignore[no-untyped-def]
         stoppers.append(threading.Thread(target=m.stop, args=("e-stop",)))
@@ -508,7 +514,6 @@ def test_a_stop_whose_stop_goes_out_before_the_goto_is_not_undone(rig: SensapexR
         assert verified.wait(5.0)  # the STOP went out and found the device idle
         return real_goto(*args, **kwargs)
 
-    monkeypatch.setattr(m, "_verify_stopped", slow_verify)
     monkeypatch.setattr(ump, "goto_pos", stop_then_goto)
     try:
         handle = m.move_to(start + np.array([300.0, 0, 0]), 500.0)

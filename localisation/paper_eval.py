@@ -176,8 +176,10 @@ def write_study_dataset(
 def train_study_model(
     cfg: LocaliserConfig, name: str, data: tuple[Path, Path], out_dir: Path, plan: StudyPlan, *, progress: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train with the shared trainer and return the trained model (``best.pt``, else ``last.pt``)
+    and the run's summary. A finished run (``done.json``) is not trained again; one stopped
+    mid-run (``last.pt`` only) resumes from its checkpoint."""
     minutes = plan.minutes_paper if cfg.model == "paper" else plan.minutes_baseline
-    """Train with the shared trainer (resumes a finished run); returns the last model."""
     from localisation.checkpoint import load_model
     from localisation.train import TrainOptions, train
 

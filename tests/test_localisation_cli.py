@@ -62,6 +62,27 @@ def test_train_stops_on_budget_and_resumes(tmp_path: Path, tiny_dataset: Path) -
     assert (out / "best.pt").is_file()
 
 
+def test_the_paper_study_resumes_a_model_stopped_mid_run(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``paper_eval`` trains each model of the study in turn; one stopped mid-run (last.pt, no
+    done.json) goes on from its checkpoint, and a finished one is not trained again."""
+    from localisation.configs import Stage
+    from localisation.paper_eval import StudyPlan, train_study_model
+
+    cfg = get_config("fast-tiny").with_overrides(stages=(Stage("all", 2, 2e-3, None),))
+    run = tmp_path / "runs" / "model"
+    train(cfg, TrainOptions(out_dir=run, data=tiny_dataset, progress=False, threads=1, max_minutes=0))
+    assert read_checkpoint(run / "last.pt")["trainer_state"]["global_step"] == 1  # stopped after one step
+    _, summary = train_study_model(cfg, "model", (tiny_dataset, tiny_dataset), tmp_path, StudyPlan(), progress=False)
+    assert summary["epochs_done"] == 2
+    state = read_checkpoint(run / "last.pt")["trainer_state"]
+    steps_per_epoch = 6 // cfg.batch_size  # six frames, whole batches only
+    # the step before the stop, then two epochs: the step counter went on (a fresh run counts 2)
+    assert state["epochs_done"] == 2 and state["global_step"] == 1 + 2 * steps_per_epoch
+    weights = (run / "last.pt").read_bytes()
+    _, again = train_study_model(cfg, "model", (tiny_dataset, tiny_dataset), tmp_path, StudyPlan(), progress=False)
+    assert again == summary and (run / "last.pt").read_bytes() == weights  # done.json: not trained again
+
+
 def test_train_refuses_to_overwrite_a_run_without_resume(tmp_path: Path, tiny_dataset: Path, tiny_checkpoint: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from support_cli import one_line_error

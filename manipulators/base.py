@@ -280,12 +280,12 @@ class Manipulator(ABC):
             # before the STOP: a move switched in but not yet sent must see it (backends check
             # ``stop_requested`` before they start a move, and again after sending it)
             current.request_stop()
-        self.log.info("stop", reason=reason)
         try:
-            self._do_stop(reason)
+            self._do_stop(reason)  # first: nothing (not even a log line) is sent before the STOP
         finally:
             if current is not None and not current.done:
                 current.finish(MoveState.INTERRUPTED, reason=reason)
+            self.log.info("stop", reason=reason)
 
     @property
     def current_move(self) -> MoveHandle | None:

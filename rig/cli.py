@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rig.errors import PatchrigError
 
@@ -68,28 +69,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"patchrig {top_args.command}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    from rig.logs import configure_logging
+    from rig.logs import configure_logging, flush_logs
 
     configure_logging(top_args.log_level or "INFO", json_lines=True if top_args.log_json else None)
     args.log_level_from_command_line = top_args.log_level  # None: a command may take its config's
     args.log_json_from_command_line = bool(top_args.log_json)
     try:
+        return _run_command(module, args, top_args)
+    finally:
+        flush_logs()  # the command's log lines are written before it returns
+
+
+def _run_command(module: Any, args: argparse.Namespace, top_args: argparse.Namespace) -> int:
+    """``module.run(args)``, with every error one line on stderr, after the log lines before it."""
+    from rig.logs import flush_logs
+
+    name = top_args.command
+    try:
         return int(module.run(args) or 0)
     except PatchrigError as exc:
-        print(f"patchrig {top_args.command}: error: {exc}", file=sys.stderr)
+        flush_logs()
+        print(f"patchrig {name}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"patchrig {top_args.command}: interrupted", file=sys.stderr)
+        flush_logs()
+        print(f"patchrig {name}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as exc:
-        print(f"patchrig {top_args.command}: error: {exc}", file=sys.stderr)
+        flush_logs()
+        print(f"patchrig {name}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # bad input a command did not foresee: one line, never a traceback
         import traceback
 
+        flush_logs()
         if (top_args.log_level or "INFO") == "DEBUG":
             traceback.print_exc()
-        print(f"patchrig {top_args.command}: error: {type(exc).__name__}: {exc} "
+        print(f"patchrig {name}: error: {type(exc).__name__}: {exc} "
               f"(rerun with --log-level DEBUG for the traceback)", file=sys.stderr)
         return 1
 

@@ -7,15 +7,26 @@ Where they apply, lines carry ``channel=`` (the manipulator channel) and ``op=``
 bind them on a logger (``get_logger(name, channel="A")``) or, for everything logged by the
 current thread or task inside a block, including stdlib lines of other libraries, use
 ``with operation("move_tip", channel="A"): ...``.
+
+Safety: no thread that logs ever waits on the output stream. A line is formatted in the
+thread that logs it and handed to one background writer thread; if stderr stops being read (a
+terminal after Ctrl-S, a paused pager, a stuck pipe), only that writer waits, a stop still
+reaches its device, and lines beyond ``BACKLOG_LINES`` are dropped and counted (one line says
+how many once the stream moves again). ``flush_logs`` waits for the backlog, with a time limit;
+the process flushes at exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import enum
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,19 +39,94 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _configured = False
 
 
-class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is at emit time (survives stream redirection)."""
+BACKLOG_LINES = 10_000  # lines waiting for a stalled stderr before new ones are dropped
+EXIT_FLUSH_S = 2.0  # how long the process waits at exit for its backlog to be written
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
+class _BackgroundWriter:
+    """One thread writing log lines to whatever ``sys.stderr`` is at write time (so it survives
+    stream redirection). ``put`` never blocks: a full backlog drops the line and counts it."""
 
-    @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001
-        pass
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._lines: collections.deque[str] = collections.deque()
+        self._cond = threading.Condition()
+        self._dropped = 0
+        self._writing = False
+        self._pid = -1  # the process whose thread runs; a forked child starts its own
+
+    def put(self, line: str) -> None:
+        with self._cond:
+            if os.getpid() != self._pid:
+                self._start()
+            if len(self._lines) >= self._capacity:
+                self._dropped += 1
+                return
+            self._lines.append(line)
+            self._cond.notify()
+
+    def _start(self) -> None:
+        """(Re)start the thread in this process; called with the condition held."""
+        self._pid = os.getpid()
+        self._writing = False
+        threading.Thread(target=self._run, name="patchrig-persistent-log-writer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._dropped:
+                    self._cond.wait()
+                batch = list(self._lines)
+                self._lines.clear()
+                if self._dropped:
+                    batch.append(f"patchrig: {self._dropped} log lines dropped: stderr was not being read\n")
+                    self._dropped = 0
+                self._writing = True
+            try:
+                stream = sys.stderr
+                stream.write("".join(batch))
+                stream.flush()
+            except Exception:  # noqa: S110 - a closed or broken stderr must not end logging
+                pass
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued line is written (at most ``timeout_s``); True if it was."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if os.getpid() != self._pid:
+                return not self._lines
+            while self._lines or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
+_writer = _BackgroundWriter(BACKLOG_LINES)
+atexit.register(lambda: _writer.flush(EXIT_FLUSH_S))
+
+
+def flush_logs(timeout_s: float = 1.0) -> bool:
+    """Wait until every line logged so far is written to stderr (at most ``timeout_s``
+    seconds); True if it was. For tests and for messages that must follow the log lines."""
+    return _writer.flush(timeout_s)
+
+
+class _NonBlockingHandler(logging.Handler):
+    """Formats in the logging thread, writes through the background writer (never waits)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        _writer.put(line + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -92,7 +178,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) ->
             renderer,
         ],
     )
-    handler = _CurrentStderrHandler()
+    handler = _NonBlockingHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -45,7 +45,8 @@ def no_leaked_threads_or_sockets(request: pytest.FixtureRequest) -> Iterator[Non
         return [
             t for t in threading.enumerate()
             if t.ident not in threads_before and t.is_alive()
-            # the sensapex SDK poller is a per-process singleton, see tests/sensapex_fixtures
+            # per-process singletons: the sensapex SDK poller (tests/sensapex_fixtures) and the
+            # log writer (rig/logs.py)
             and not t.name.startswith("patchrig-persistent")
         ]
 

@@ -8,6 +8,8 @@ import json
 import logging
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 import structlog
 
 from rig.errors import ConfigError
-from rig.logs import configure_logging, get_logger, operation
+from rig.logs import configure_logging, flush_logs, get_logger, operation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,7 @@ def _configure(monkeypatch: pytest.MonkeyPatch, *, tty: bool, level: str = "INFO
 
 
 def _json_lines(stream: _Stream) -> list[dict]:
+    assert flush_logs(5.0)
     return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
@@ -78,6 +81,7 @@ def test_a_logger_made_before_configuration_follows_it(monkeypatch, restore_logg
 def test_readable_console_lines_on_a_terminal(monkeypatch, restore_logging) -> None:
     stream = _configure(monkeypatch, tty=True)
     get_logger("patchrig.manipulator", channel="B").warning("stop failed", reason="timeout")
+    assert flush_logs(5.0)
     text = stream.getvalue()
     assert text.strip(), "nothing logged"
     with pytest.raises(json.JSONDecodeError):
@@ -167,3 +171,49 @@ def test_json_lines_carry_numpy_values_and_paths_as_plain_json(monkeypatch, rest
     (line,) = _json_lines(stream)
     assert line["position_um"] == [1.5, 2.0] and line["n"] == 3 and line["gain"] == 0.5
     assert line["path"] == "/tmp/a"
+
+
+class _StalledStream(_Stream):
+    """stderr whose reader has stopped reading (a terminal after Ctrl-S, a full pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__(tty=False)
+        self.reading = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.reading.wait()
+        return super().write(s)
+
+
+def test_logging_never_waits_on_a_stalled_stderr(monkeypatch, restore_logging) -> None:
+    """A thread that logs (a stopper, the server loop) returns at once whatever stderr does;
+    the lines are written once the stream moves again."""
+    stream = _StalledStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("INFO")
+    log = get_logger("patchrig.x")
+    t0 = time.monotonic()
+    for i in range(50):
+        log.info("line", i=i)
+    assert time.monotonic() - t0 < 2.0  # the writer waits on the stream, not the threads that log
+    assert not flush_logs(0.2) and stream.getvalue() == ""
+    stream.reading.set()
+    assert [line["i"] for line in _json_lines(stream)] == list(range(50))
+
+
+def test_a_full_backlog_drops_lines_and_says_how_many(monkeypatch) -> None:
+    from rig.logs import _BackgroundWriter
+
+    stream = _StalledStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    writer = _BackgroundWriter(capacity=3)
+    writer.put("first\n")
+    deadline = time.monotonic() + 5
+    while not writer._writing and time.monotonic() < deadline:  # the writer thread holds "first"
+        time.sleep(0.01)
+    for i in range(10):
+        writer.put(f"{i}\n")
+    stream.reading.set()
+    assert writer.flush(5.0)
+    assert stream.getvalue().splitlines() == ["first", "0", "1", "2",
+                                              "patchrig: 7 log lines dropped: stderr was not being read"]

@@ -97,6 +97,27 @@ class MoveTipResult:
         }
 
 
+def check_move_tip_goal(
+    manipulator: Manipulator,
+    calibration: ChannelCalibration,
+    target_um: np.ndarray,
+    position_um: np.ndarray,
+    speed_um_s: float | None,
+) -> None:
+    """Refuse a ``move_tip`` before anything moves: OutOfBounds when the manipulator position
+    that puts the tip at ``target_um`` (microscope µm) from ``position_um`` (device µm) is
+    outside the limits, InvalidParams for a speed the channel refuses."""
+    target = np.asarray(target_um, float).reshape(3)
+    first_goal = calibration.to_manipulator_um(target, np.asarray(position_um, float))
+    if not manipulator.limits.contains(first_goal.tolist()):
+        raise OutOfBounds(
+            f"target {np.round(target, 2).tolist()} µm needs manipulator position "
+            f"{np.round(first_goal, 1).tolist()} µm, outside the limits; rejected, nothing moved",
+            channel=manipulator.name,
+        )
+    manipulator.validate_speed(speed_um_s)
+
+
 def move_tip(
     manipulator: Manipulator,
     eye: Eye,
@@ -124,14 +145,7 @@ def move_tip(
     log = get_logger("patchrig.calibration.move_tip", channel=channel)
     target = np.asarray(target_um, float).reshape(3)
     start = manipulator.position_um.copy()
-    first_goal = calibration.to_manipulator_um(target, start)
-    if not manipulator.limits.contains(first_goal.tolist()):
-        raise OutOfBounds(
-            f"target {np.round(target, 2).tolist()} µm needs manipulator position "
-            f"{np.round(first_goal, 1).tolist()} µm, outside the limits; rejected, nothing moved",
-            channel=channel,
-        )
-    manipulator.validate_speed(speed_um_s)
+    check_move_tip_goal(manipulator, calibration, target, start, speed_um_s)
     cal = calibration
     errors: list[float] = []
     focus_searches = 0

@@ -80,6 +80,7 @@ import numpy as np
 
 from calibration.assignment import Assignment, assign_detections
 from calibration.auto import AutoCalibrationSettings, AutoCalibrator
+from calibration.closed_loop import check_move_tip_goal
 from calibration.closed_loop import move_tip as closed_loop_move_tip
 from calibration.correction import OffsetCorrector
 from calibration.observe import Eye, Look
@@ -526,29 +527,11 @@ class CalibrationService:
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         m = self._manipulator(channel)
-        self._calibration(channel)  # NotCalibrated before anything else
-        if (target_px is None) == (target_um is None):
-            raise InvalidParams("give exactly one of target_px and target_um", channel=channel)
-        tolerance = float(self.cfg.tolerance_um if tolerance_um is None else tolerance_um)
-        iterations = int(self.cfg.max_iterations if max_iterations is None else max_iterations)
-        if not (math.isfinite(tolerance) and tolerance > 0):
-            raise InvalidParams(f"tolerance_um must be positive, got {tolerance_um!r}", channel=channel)
-        if not 1 <= iterations <= 50:
-            raise InvalidParams(f"max_iterations must be 1..50, got {max_iterations!r}", channel=channel)
+        tolerance, iterations = self._move_tip_options(channel, target_px, target_um, tolerance_um, max_iterations)
         lock = self._operation(channel)
         try:
             cal = self._calibration(channel)  # under the lock: after any correction it waited for
-            latest = self.frames.latest()
-            focal_z = self.eye.focal_z_of(latest) if latest is not None else float(self.eye.focal_z_um or 0.0)
-            if target_px is not None:
-                xy, geometry = self.check_target_px(channel, target_px)
-                target = np.array([*px_to_um(xy, *geometry), focal_z])
-            else:
-                values = np.asarray(target_um, float).reshape(-1)
-                if values.size not in (2, 3) or not np.all(np.isfinite(values)):
-                    raise InvalidParams("target_um must be 2 or 3 finite numbers (microscope µm)", channel=channel)
-                target = np.array([values[0], values[1], values[2] if values.size == 3 else focal_z])
-
+            target = self._move_tip_target(channel, target_px, target_um)
             self.check_separation(channel, target)
 
             def find(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
@@ -579,6 +562,55 @@ class CalibrationService:
             return out
         finally:
             lock.release()
+
+
+    def check_move_tip(
+        self,
+        channel: str,
+        *,
+        target_px: list[float] | tuple[float, float] | None = None,
+        target_um: list[float] | tuple[float, ...] | None = None,
+        tolerance_um: float | None = None,
+        max_iterations: int | None = None,
+        speed_um_s: float | None = None,
+    ) -> None:
+        """Every check ``move_tip`` makes before it moves anything, for the daemon to run before
+        the request supersedes the running operation: calibrated, options, target (in the
+        newest frame, or finite µm), separation from the other tips, speed, and the first goal
+        inside the limits. Reads device positions; raises and changes nothing."""
+        m = self._manipulator(channel)
+        self._move_tip_options(channel, target_px, target_um, tolerance_um, max_iterations)
+        target = self._move_tip_target(channel, target_px, target_um)
+        self.check_separation(channel, target)
+        check_move_tip_goal(m, self._calibration(channel), target, m.position_um, speed_um_s)
+
+    def _move_tip_options(
+        self, channel: str, target_px: Any, target_um: Any, tolerance_um: float | None, max_iterations: int | None
+    ) -> tuple[float, int]:
+        """(tolerance µm, iterations) of a ``move_tip`` request; NotCalibrated or InvalidParams."""
+        self._calibration(channel)  # NotCalibrated before anything else
+        if (target_px is None) == (target_um is None):
+            raise InvalidParams("give exactly one of target_px and target_um", channel=channel)
+        tolerance = float(self.cfg.tolerance_um if tolerance_um is None else tolerance_um)
+        iterations = int(self.cfg.max_iterations if max_iterations is None else max_iterations)
+        if not (math.isfinite(tolerance) and tolerance > 0):
+            raise InvalidParams(f"tolerance_um must be positive, got {tolerance_um!r}", channel=channel)
+        if not 1 <= iterations <= 50:
+            raise InvalidParams(f"max_iterations must be 1..50, got {max_iterations!r}", channel=channel)
+        return tolerance, iterations
+
+    def _move_tip_target(self, channel: str, target_px: Any, target_um: Any) -> np.ndarray:
+        """A ``move_tip`` target as microscope (X, Y, Z) µm: a pixel of the newest frame at its
+        focal plane, or 2-3 finite µm (Z defaults to the focal plane)."""
+        latest = self.frames.latest()
+        focal_z = self.eye.focal_z_of(latest) if latest is not None else float(self.eye.focal_z_um or 0.0)
+        if target_px is not None:
+            xy, geometry = self.check_target_px(channel, target_px)
+            return np.array([*px_to_um(xy, *geometry), focal_z])
+        values = np.asarray(target_um, float).reshape(-1)
+        if values.size not in (2, 3) or not np.all(np.isfinite(values)):
+            raise InvalidParams("target_um must be 2 or 3 finite numbers (microscope µm)", channel=channel)
+        return np.array([values[0], values[1], values[2] if values.size == 3 else focal_z])
 
 
 def _pixel(px: Any) -> np.ndarray:

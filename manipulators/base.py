@@ -242,6 +242,15 @@ class Manipulator(ABC):
             )
         return speed
 
+    def check_move(self, position_um: PositionLike, speed_um_s: float | None = None) -> tuple[np.ndarray, float]:
+        """Every check ``move_to`` makes before it supersedes the running move: the target, the
+        speed, and the backend's own (which may read the device). Returns (target, speed);
+        raises (InvalidParams, OutOfBounds, DeviceError) and sends nothing."""
+        target = self.validate_target(position_um)
+        speed = self.validate_speed(speed_um_s)
+        self._check_move(target, speed)
+        return target, speed
+
     # -- public API ---------------------------------------------------------------------
     def move_to(self, position_um: PositionLike, speed_um_s: float | None = None) -> MoveHandle:
         """Start a move to ``position_um`` (device µm) at ``speed_um_s``; return its handle.
@@ -249,9 +258,7 @@ class Manipulator(ABC):
         Raises before anything is sent if the target or speed is invalid. Supersedes the
         running move on this channel.
         """
-        target = self.validate_target(position_um)
-        speed = self.validate_speed(speed_um_s)
-        self._check_move(target, speed)
+        target, speed = self.check_move(position_um, speed_um_s)
         with self._move_lock:
             handle = MoveHandle(self.name, target, speed)
             with self._handle_lock:

@@ -77,6 +77,19 @@ class ClosedLoop:
 
         return body
 
+    def move_tip_check(self, ctl: Any, params: Any) -> Any:
+        """A callable making every check of ``move_tip`` (it reads device positions: the daemon
+        runs it off the server loop, before the request supersedes anything)."""
+        service = self._require(ctl.name)
+
+        def check() -> None:
+            service.check_move_tip(
+                ctl.name, target_px=params.target_px, target_um=params.target_um, tolerance_um=params.tolerance_um,
+                max_iterations=params.max_iterations, speed_um_s=params.speed_um_s,
+            )
+
+        return check
+
     def calibrate_body(self, ctl: Any) -> Any:
         service = self._require(ctl.name)
 

@@ -262,6 +262,7 @@ class ChannelController:
         self._pending: Operation | None = None
         self._current: Operation | None = None
         self._closed = False
+        self._requests = 0  # requests and stops so far (see ``reserve``)
         self.last_position_um: np.ndarray | None = None
         self.last_position_s: float | None = None
         self.last_device_ok_s: float = time.monotonic()
@@ -276,7 +277,16 @@ class ChannelController:
         self._stopper.start()
 
     # -- submit / stop --------------------------------------------------------------------
-    def submit(self, op: Operation) -> Operation:
+    def reserve(self) -> int:
+        """A place in this channel's order of requests, for a request whose checks run (and may
+        read devices) before it is submitted: ``submit(op, reserved=n)`` drops ``op`` if a stop
+        or another request came after it, so requests take effect in the order they arrived
+        and a stop always wins over a request that was still being checked."""
+        with self._cond:
+            self._requests += 1
+            return self._requests
+
+    def submit(self, op: Operation, *, reserved: int | None = None) -> Operation:
         """Queue ``op``; it supersedes the running and the pending operation of this channel.
 
         Everything that decides when ``op`` may start happens under the channel's lock, before
@@ -291,6 +301,11 @@ class ChannelController:
             if self._closed:
                 op._drop("refused: controller closed")
                 return op
+            if reserved is not None and reserved != self._requests:
+                op._drop("superseded by a later request or stop while it was being checked")
+                return op
+            if reserved is None:
+                self._requests += 1
             dropped, self._pending = self._pending, op
             running = self._current
             # every stop asked for before this request (a user's stop, the watchdog's, a
@@ -323,6 +338,7 @@ class ChannelController:
     def cancel_ops(self, reason: str, *, failure: PatchrigError | None = None) -> None:
         """Cancel the operations without commanding the device (stop_all halts devices itself)."""
         with self._cond:
+            self._requests += 1  # a request still being checked (``reserve``) is not submitted
             dropped, self._pending = self._pending, None
             running = self._current
         if running is not None:

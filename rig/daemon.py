@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -452,14 +453,28 @@ class Daemon:
             raise InvalidParams(f"method {method!r} is not handled")
 
     def _query(self, responder: Responder, work: Any) -> None:
-        if not self._query_slots.acquire(blocking=False):
-            raise Busy(f"more than {MAX_QUERIES} queries in flight; try again")
+        """Run ``work()`` in the query pool and answer with its result or error."""
 
-        def run() -> None:
+        def answer() -> None:
             try:
                 responder.ok(work())
             except Exception as exc:
                 responder.error(exc)
+
+        self._in_query_slot(answer, responder)
+
+    def _in_query_slot(self, run_and_answer: Any, responder: Responder, *, accepted: Any = None) -> None:
+        """Run ``run_and_answer()`` (which answers ``responder`` itself) in the query pool;
+        Busy beyond ``MAX_QUERIES`` in flight. ``accepted()`` runs here (the server loop) once
+        the request has a slot, before the pool can start it."""
+        if not self._query_slots.acquire(blocking=False):
+            raise Busy(f"more than {MAX_QUERIES} queries in flight; try again")
+        if accepted is not None:
+            accepted()
+
+        def run() -> None:
+            try:
+                run_and_answer()
             finally:
                 self._query_slots.release()
 
@@ -506,21 +521,43 @@ class Daemon:
         params = p.model_dump(exclude_none=True)
         wait = params.pop("wait", True)
         params.pop("channel", None)
+        check: Any = None  # checks that may read devices: run off the loop, before superseding
         if request.method == "move":
             target = ctl.manipulator.validate_target(p.position_um)  # type: ignore[attr-defined]
             speed = ctl.manipulator.validate_speed(p.speed_um_s)  # type: ignore[attr-defined]
             body = move_body(ctl, target, speed)
+            check = partial(ctl.manipulator.check_move, target, speed)
         elif request.method == "move_tip":
             body = self.closed_loop.move_tip_body(ctl, p)
+            check = self.closed_loop.move_tip_check(ctl, p)
         else:
             body = self.closed_loop.calibrate_body(ctl)
         op = Operation(ctl.name, request.method, params, body, publish=self.telemetry.publish)
         op.add_finish_callback(self._report_failure)
         if wait:
             op.add_finish_callback(lambda o: responder.error(o.error) if o.error is not None else responder.ok(o.result))
-        ctl.submit(op)
-        if not wait:
-            responder.ok({"op": op.id, "channel": ctl.name, "method": request.method})
+
+        def submit(reserved: int | None = None) -> None:
+            ctl.submit(op, reserved=reserved)
+            if not wait:
+                responder.ok({"op": op.id, "channel": ctl.name, "method": request.method})
+
+        if check is None:
+            submit()
+            return
+        # a request refused by its checks leaves the running operation alone ("a bad request
+        # changes nothing"); a stop or a newer request arriving meanwhile wins (``reserve``)
+        reserved: list[int] = []
+
+        def check_then_submit() -> None:
+            try:
+                check()
+            except Exception as exc:
+                responder.error(exc)
+                return
+            submit(reserved[0])
+
+        self._in_query_slot(check_then_submit, responder, accepted=lambda: reserved.append(ctl.reserve()))
 
     def _report_failure(self, op: Operation) -> None:
         """A failed operation (not a stop) also goes out as a warning ``event``."""

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from rig.logs import flush_logs
+
 
 def _fd_kinds() -> dict[int, str]:
     kinds: dict[int, str] = {}
@@ -38,6 +40,7 @@ def no_leaked_threads_or_sockets(request: pytest.FixtureRequest) -> Iterator[Non
     threads_before = {t.ident for t in threading.enumerate()}
     fds_before = _fd_kinds()
     yield
+    flush_logs(1.0)  # the test's log lines go to its own captured output
     if request.node.get_closest_marker("allow_leaks"):
         return
 

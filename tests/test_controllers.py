@@ -196,3 +196,27 @@ def test_a_move_asked_for_while_a_stop_is_under_way_waits_for_it() -> None:
         device.answer_stop.set()
         assert second.wait_finished(10.0) and second.state == "done", (second.state, second.error)
         assert np.allclose(device.position_um, [100.0, 0.0, 0.0], atol=0.01)
+
+
+def test_a_request_still_being_checked_loses_to_a_later_stop_or_request() -> None:
+    """The daemon checks some requests off its loop before it submits them (``reserve``): one
+    that a stop or a newer request overtook while it was checked is dropped, never run, and
+    the operation it would have superseded keeps running."""
+    device = SimulatedManipulator("A", LIMITS, 1000.0, initial_position_um=[0.0, 0.0, 0.0])
+    with _controller(device) as ctl:
+        overtaken_by_stop = ctl.reserve()
+        ctl.cancel_ops("stop")
+        late = ctl.submit(_move(ctl, 100.0, 500.0), reserved=overtaken_by_stop)
+        assert late.wait_finished(5.0) and late.state == "stopped" and late.started_s is None
+        running = ctl.submit(_move(ctl, 900.0, 100.0))
+        assert _wait_until(lambda: running.state == "running")
+        older, newer = ctl.reserve(), ctl.reserve()
+        second = ctl.submit(_move(ctl, 50.0, 500.0), reserved=newer)
+        first = ctl.submit(_move(ctl, 10.0, 500.0), reserved=older)  # its check ended last
+        assert first.wait_finished(5.0) and first.state == "stopped" and first.started_s is None
+        assert second.wait_finished(5.0) and second.state == "done"
+        assert running.state == "stopped"  # superseded by the newer request only
+        assert device.position_um[0] == 50.0
+        ctl.reserve()  # a request whose check failed is never submitted; a later one runs
+        kept = ctl.submit(_move(ctl, 20.0, 500.0))
+        assert kept.wait_finished(5.0) and kept.state == "done"

@@ -189,6 +189,27 @@ def test_a_new_move_supersedes_the_running_one(rig) -> None:
     assert second["position_um"] == pytest.approx([START_UM, START_UM + 30.0, START_UM])
 
 
+def test_a_move_its_device_refuses_leaves_the_running_move_alone(rig) -> None:
+    """The backend's own checks (the Sensapex driver refuses low diagonal speeds its SDK would
+    exceed; it reads the device to know) run before the request supersedes anything."""
+    from rig.errors import InvalidParams
+
+    device = rig.daemon.controllers["A"].manipulator
+
+    def refuse_slow_moves(target_um, speed_um_s) -> None:
+        if speed_um_s < 5.0:
+            raise InvalidParams("this device would move faster than 2 µm/s on that path", channel="A")
+
+    device._check_move = refuse_slow_moves
+    c = rig.client()
+    running = c.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)["op"]
+    time.sleep(0.1)
+    assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0) == "invalid_params"
+    assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0, wait=False) == "invalid_params"
+    assert c.status()["channels"]["A"]["op"]["op"] == running  # still running, not superseded
+    c.stop("A")
+
+
 def test_a_superseding_operation_that_fails_at_once_still_halts_the_old_move(tmp_path) -> None:
     """``calibrate`` refused at its first look (frames outside the validated pixel sizes) must
     not leave the move it superseded running on to its old target."""
@@ -359,6 +380,11 @@ def test_move_tip_outside_the_limits_moves_nothing(loop_rig) -> None:
     # a target pixel outside the frame is refused before it supersedes the running move
     running = c.move("B", (before["B"] + np.array([200.0, 0.0, 0.0])).tolist(), speed_um_s=100.0, wait=False)["op"]
     assert rpc_code(c.move_tip, "B", target_px=[-3000.0, -3000.0]) == "invalid_params"
+    # so are the checks that read the devices: limits, speed, separation, options
+    assert rpc_code(c.move_tip, "B", target_um=[1e6, 0.0]) == "out_of_bounds"
+    assert rpc_code(c.move_tip, "B", target_um=[1e6, 0.0], wait=False) == "out_of_bounds"  # no op id
+    assert rpc_code(c.move_tip, "B", target_px=[10.0, 10.0], speed_um_s=1e6) == "invalid_params"
+    assert rpc_code(c.move_tip, "B", target_px=[10.0, 10.0], max_iterations=500) == "invalid_params"
     assert c.status()["channels"]["B"]["op"]["op"] == running  # still running, not superseded
     c.stop("B")
 

@@ -169,7 +169,7 @@ class Daemon:
             self.watchdog = Watchdog(
                 self.controllers,
                 event=self.telemetry.event,
-                stop_all=lambda reason: self.stop_all(reason),
+                stop_all=lambda reason: self.stop_all_async(reason),  # never waits for a device
                 lease=self.lease,
                 frame_age_s=self._frame_age_s if frames is not None else None,
                 stale_after_s=cfg.frames.stale_after_s,

@@ -10,6 +10,9 @@ Checked ``rate_hz`` times a second (one thread):
   it in time -> every manipulator is stopped (as ``stop_all``) and an ``alarm`` ``lease_lapsed``
   goes out; the lease is released.
 
+The watchdog never waits for a device: its ``stop_all`` and each channel's halt return at once
+(the stops run on the channels' stopper threads), so a slow device cannot hold up its checks.
+
 Each alarm is raised once per episode; recovery is reported as an ``info`` event.
 """
 

@@ -128,6 +128,35 @@ def test_a_lapsed_lease_stops_all_motion() -> None:
         assert rita.status()["lease"]["holder"] is None
 
 
+def test_a_lapsed_lease_never_waits_for_a_slow_device() -> None:
+    """The watchdog's e-stop runs on the stopper threads: a device slow to answer STOP holds up
+    neither the alarm, nor the other channel's stop, nor the watchdog's next checks."""
+    with running_daemon(["A", "B"]) as rig:
+        slow = rig.daemon.controllers["A"].manipulator
+        real_stop = slow._do_stop
+        answering = threading.Event()
+
+        def slow_stop(reason: str) -> None:
+            real_stop(reason)
+            answering.wait(5.0)  # the STOP arrived; the device takes its time to confirm it
+
+        slow._do_stop = slow_stop
+        sub = rig.subscriber(("event",))
+        rita = rig.client()
+        rita.lease("acquire", "rita", 0.3)
+        rita.move("B", [START_UM + 2000.0, START_UM, START_UM], 300.0, wait=False)
+        t_silent = time.monotonic()
+        alarm = sub.wait_for(lambda t, m: m.get("kind") == "lease_lapsed", 3.0)
+        assert alarm is not None and time.monotonic() - t_silent < 2.0
+        assert wait_until(lambda: rig.daemon.controllers["B"].current is None, 1.0)
+        checks: list[float] = []
+        real_check = rig.daemon.watchdog.check_once
+        rig.daemon.watchdog.check_once = lambda: (checks.append(time.monotonic()), real_check())[1]
+        assert wait_until(lambda: len(checks) >= 3, 2.0)  # the watchdog goes on checking meanwhile
+        assert not answering.is_set()
+        answering.set()
+
+
 def test_stale_frames_stop_a_closed_loop_operation(tmp_path: Path) -> None:
     with running_daemon(["A"], calibration_dir=tmp_path / "cal", frames={"stale_after_s": 0.3}) as rig:
         assert wait_until(lambda: rig.daemon.localiser_worker.latest is not None, 5.0)

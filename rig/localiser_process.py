@@ -12,6 +12,12 @@ request = a JSON header (shape, dtype, um_per_px) then the raw pixel bytes; repl
 detections. No pickling of frames or results. ``locate`` has the ``Localiser`` signature.
 A child that dies makes ``locate`` raise (the daemon then has no fresh tips: the watchdog stops
 closed-loop operations); ``close`` stops and joins it.
+
+A child that does not answer within ``CALL_TIMEOUT_S`` is killed (a frame is never sent to a
+child that stopped reading: the pipe would fill and the send would block for ever, holding
+the lock that ``close`` needs), and the next ``locate`` starts a new one. ``close`` never waits
+more than ``CLOSE_LOCK_WAIT_S`` for a call in progress: it kills the child, which ends that
+call with an error.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from rig.errors import ConfigError, PatchrigError
 
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 30.0
+CLOSE_LOCK_WAIT_S = 1.0
 
 
 def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) -> None:
@@ -76,22 +83,37 @@ def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) 
 class ProcessLocaliser:
     """A ``Localiser`` whose model runs in a child process (see the module docstring)."""
 
-    def __init__(self, process: Any, conn: Any, device: str, checkpoint: str) -> None:
+    def __init__(
+        self, process: Any, conn: Any, device: str, checkpoint: str, start_args: tuple[Any, ...] = ()
+    ) -> None:
         self._process = process
         self._conn = conn
         self.device = device
         self.checkpoint = checkpoint
+        self._start_args = start_args  # (checkpoint, device, threads): to replace a hung child
         self._lock = threading.Lock()
         self._closed = False
+        self._hung = False  # the child was killed after a call timed out; the next call restarts it
         self._seq = 0  # request number; a reply that arrives after its call timed out is skipped
 
     @classmethod
     def start(cls, checkpoint: str | None = None, device: str = "auto", threads: int | None = None) -> ProcessLocaliser:
+        process, parent, hello = cls._spawn(checkpoint, device, threads)
+        return cls(process, parent, hello["device"], hello["checkpoint"], (checkpoint, device, threads))
+
+    @staticmethod
+    def _spawn(
+        checkpoint: str | None, device: str, threads: int | None, started: Any = None
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """Start a child and wait for its hello: (process, pipe end, hello); ConfigError if the
+        model does not load. ``started(process)`` is called before the wait."""
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_serve, args=(child, checkpoint, device, threads), name="patchrig-localiser", daemon=True)
         process.start()
         child.close()
+        if started is not None:
+            started(process)
         try:
             if not parent.poll(START_TIMEOUT_S):
                 raise ConfigError(f"the localiser process did not start within {START_TIMEOUT_S:.0f} s")
@@ -107,7 +129,26 @@ class ProcessLocaliser:
             process.join(timeout=5.0)
             parent.close()
             raise ConfigError(f"cannot load the localiser: {hello.get('error')}")
-        return cls(process, parent, hello["device"], hello["checkpoint"])
+        return process, parent, hello
+
+    def _kill_child(self) -> None:
+        """Kill the child now (it hung, or ``close`` cannot wait for it)."""
+        with contextlib.suppress(Exception):
+            self._process.kill()
+            self._process.join(timeout=5.0)
+
+    def _replace_hung_child(self) -> None:
+        """Start a new child in place of one killed after a timeout (called under the lock)."""
+        if not self._start_args:
+            raise PatchrigError("the localiser process hung and was stopped")
+        self._conn.close()
+
+        def started(process: Any) -> None:  # ``close`` can kill it while it loads
+            self._process = process
+
+        checkpoint, device, threads = self._start_args
+        self._process, self._conn, _ = self._spawn(checkpoint, device, threads, started)
+        self._hung = False
 
     def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
         """The child's detections for THIS frame. Safety: every request is numbered, and a
@@ -117,6 +158,8 @@ class ProcessLocaliser:
         with self._lock:
             if self._closed:
                 raise PatchrigError("the localiser process is closed")
+            if self._hung:
+                self._replace_hung_child()
             self._seq += 1
             header = {"seq": self._seq, "shape": list(array.shape), "dtype": array.dtype.str,
                       "um_per_px": float(um_per_px)}
@@ -126,7 +169,10 @@ class ProcessLocaliser:
                 deadline = time.monotonic() + CALL_TIMEOUT_S
                 while True:
                     if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-                        raise PatchrigError(f"the localiser process did not answer within {CALL_TIMEOUT_S:.0f} s")
+                        self._hung = True
+                        self._kill_child()
+                        raise PatchrigError(f"the localiser process did not answer within {CALL_TIMEOUT_S:.0f} s; "
+                                            "it was stopped and is restarted for the next frame")
                     reply = json.loads(self._conn.recv_bytes())
                     if reply.get("seq") == self._seq:
                         break  # older replies belong to calls that already timed out
@@ -137,14 +183,20 @@ class ProcessLocaliser:
         return [TipDetection(float(x), float(y), float(s)) for x, y, s in reply["tips"]]
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the child and join it. Never waits more than ``CLOSE_LOCK_WAIT_S`` for a call in
+        progress: a child that keeps it longer is killed (that call then raises)."""
+        if not self._lock.acquire(timeout=CLOSE_LOCK_WAIT_S):
+            self._kill_child()
+            self._lock.acquire()  # the call in progress ends at once: its child is gone
+        try:
             if self._closed:
                 return
             self._closed = True
             with contextlib.suppress(OSError, ValueError):  # already gone: nothing to tell it
                 self._conn.send_bytes(json.dumps({"stop": True}).encode())
+        finally:
+            self._lock.release()
         self._process.join(timeout=10.0)
         if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=5.0)
+            self._kill_child()
         self._conn.close()

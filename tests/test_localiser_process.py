@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,46 +53,102 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         ProcessLocaliser.start(str(tmp_path / "nope.pt"), device="cpu", threads=1)
 
 
-def test_a_reply_that_comes_after_its_call_timed_out_is_never_taken_for_the_next_frame(monkeypatch) -> None:
-    """Each answer must belong to its own frame: tips of an earlier frame (before a move) must
-    never come back as a later frame's."""
-    import json
-    import multiprocessing
-    import threading
+class _FakeChild:
+    """A stand-in for the child process: a thread on the other end of a real pipe that answers
+    x = the frame's first pixel, or never answers (``hang``). ``kill`` closes its pipe end, as
+    the death of a real child does."""
+
+    def __init__(self, *, hang: bool = False) -> None:
+        import multiprocessing
+
+        self.parent, self._child = multiprocessing.Pipe(duplex=True)
+        self.hang = hang
+        self.killed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import json
+
+        try:
+            while True:
+                header = json.loads(self._child.recv_bytes())
+                if header.get("stop"):
+                    return
+                pixels = np.frombuffer(self._child.recv_bytes(), dtype=header["dtype"]).reshape(header["shape"])
+                if self.hang:
+                    self.killed.wait()
+                    return
+                self._child.send_bytes(json.dumps({"ok": True, "seq": header.get("seq"),
+                                                   "tips": [[float(pixels[0, 0]), 0.0, 0.9]]}).encode())
+        except (EOFError, OSError):
+            return
+        finally:
+            self._child.close()
+
+    def kill(self) -> None:
+        self.killed.set()
+        self._thread.join(5.0)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def test_a_child_that_does_not_answer_is_killed_and_replaced(monkeypatch) -> None:
+    """A frame is never sent to a child that stopped reading (the send would block for ever);
+    the hung child is killed, the next frame goes to a new one, and no answer of the old one
+    can come back as a later frame's tips."""
+    import rig.localiser_process as lp
+
+    hung = _FakeChild(hang=True)
+    fresh = _FakeChild()
+    spawned: list[tuple] = []
+
+    def spawn(checkpoint, device, threads, started=None):  # noqa: ANN001, ANN202
+        spawned.append((checkpoint, device, threads))
+        started(fresh)
+        return fresh, fresh.parent, {"ok": True}
+
+    monkeypatch.setattr(ProcessLocaliser, "_spawn", staticmethod(spawn))
+    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 0.2)
+    remote = ProcessLocaliser(hung, hung.parent, "cpu", "fake", ("fake.pt", "cpu", 1))
+    with pytest.raises(lp.PatchrigError, match="did not answer"):
+        remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
+    assert hung.killed.is_set() and not spawned
+    for value in (2, 3):
+        assert [d.x_px for d in remote.locate(np.full((16, 16), value, np.uint16), 0.5)] == [float(value)]
+    assert spawned == [("fake.pt", "cpu", 1)]
+    remote.close()
+    assert not fresh.is_alive()
+
+
+def test_close_never_waits_behind_a_call_to_a_hung_child(monkeypatch) -> None:
+    """Shutdown must not hang on the localiser: ``close`` kills a child that keeps a call
+    longer than ``CLOSE_LOCK_WAIT_S``, and that call ends with an error."""
+    import time
 
     import rig.localiser_process as lp
 
-    parent, child = multiprocessing.Pipe(duplex=True)
-    first_may_answer = threading.Event()
+    hung = _FakeChild(hang=True)
+    remote = ProcessLocaliser(hung, hung.parent, "cpu", "fake")
+    errors: list[Exception] = []
 
-    def fake_child() -> None:  # answers x = the frame's first pixel; holds its first answer
-        n = 0
-        while True:
-            header = json.loads(child.recv_bytes())
-            if header.get("stop"):
-                return
-            pixels = np.frombuffer(child.recv_bytes(), dtype=header["dtype"]).reshape(header["shape"])
-            if n == 0:
-                first_may_answer.wait(10.0)
-            n += 1
-            child.send_bytes(json.dumps({"ok": True, "seq": header.get("seq"),
-                                         "tips": [[float(pixels[0, 0]), 0.0, 0.9]]}).encode())
+    def call() -> None:
+        try:
+            remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
+        except lp.PatchrigError as exc:
+            errors.append(exc)
 
-    class NoProcess:
-        def join(self, timeout=None) -> None:
-            pass
-
-        def is_alive(self) -> bool:
-            return False
-
-    threading.Thread(target=fake_child, daemon=True).start()
-    remote = ProcessLocaliser(NoProcess(), parent, "cpu", "fake")
-    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 0.2)
-    with pytest.raises(lp.PatchrigError, match="did not answer"):
-        remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
-    first_may_answer.set()  # frame 1's answer is now in the pipe, late
-    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 30.0)
-    for value in (2, 3, 4):
-        got = remote.locate(np.full((16, 16), value, np.uint16), 0.5)
-        assert [d.x_px for d in got] == [float(value)]
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.2)  # the call is waiting for its answer (CALL_TIMEOUT_S: 30 s)
+    t0 = time.monotonic()
     remote.close()
+    assert time.monotonic() - t0 < lp.CLOSE_LOCK_WAIT_S + 3.0
+    caller.join(5.0)
+    assert not caller.is_alive() and len(errors) == 1 and "died" in str(errors[0])
+    with pytest.raises(lp.PatchrigError, match="closed"):
+        remote.locate(np.full((16, 16), 1, np.uint16), 0.5)

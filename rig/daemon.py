@@ -505,13 +505,19 @@ class Daemon:
             result = self.localiser_worker.wait_for_frame_after(time.monotonic() - stale_s, stale_s)
         if result is None:
             raise NoFrame(f"no localised frame within the last {stale_s:.2f} s")
+        tips = result.tips_json()
         return {
             "frame_id": result.frame.frame_id,
             "t_frame": result.frame.t_s,
             "age_s": result.age_s,
             "um_per_px": result.frame.um_per_px,
             "shape": list(result.frame.shape),
-            "tips": result.tips_json(),
+            "tips": tips,
+            # as the assignment reports them; when nothing was assigned (no calibration service,
+            # a frame not for steering, an assignment that failed) every tip is unassigned and
+            # every calibrated channel missing
+            "unassigned": [{k: t[k] for k in ("x_px", "y_px", "score")} for t in tips if t["channel"] is None],
+            "missing": [n for n in self.controllers if n not in result.assigned and self.closed_loop.is_calibrated(n)],
             **{k: v for k, v in result.extra.items() if k in ("unassigned", "missing", "not_for_steering")},
         }
 

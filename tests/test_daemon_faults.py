@@ -243,6 +243,8 @@ def test_frames_outside_the_validated_pixel_sizes_are_shown_but_never_steer(tmp_
         c = rig.client()
         located = c.locate()
         assert located["tips"] and "not_for_steering" in located
+        # the documented keys are there although nothing was assigned: every tip unassigned
+        assert len(located["unassigned"]) == len(located["tips"]) and located["missing"] == []
         start = rig.world.manipulator_position_um("A")
         with pytest.raises(RpcError) as info:
             c.calibrate("A")

@@ -621,6 +621,7 @@ class ScientificaManipulator(Manipulator):
         self._active: _ActiveMove | None = None  # worker thread only
         self._failure: PatchrigError | None = None
         self._closed = False
+        self._closing_moves = False  # close() began: no new move is accepted
         self._serial = open_serial_port(port, baud, self.timeout_s, name)
         try:
             self._proto = ScientificaProtocol(self._serial, channel=name, port_name=port,
@@ -747,6 +748,8 @@ class ScientificaManipulator(Manipulator):
         done-callback (which runs on the port thread: the thread then closes the port itself)."""
         if self._closed:
             return
+        with self._move_lock:  # a move being queued now is queued before the STOP below, later ones refused
+            self._closing_moves = True
         try:
             self.stop("close")
         except PatchrigError as exc:
@@ -766,7 +769,7 @@ class ScientificaManipulator(Manipulator):
 
     # -- request plumbing -------------------------------------------------------------------------
     def _check_usable(self) -> None:
-        if self._closed:
+        if self._closed or self._closing_moves:
             raise DeviceError(f"closed (port {self.port_name})", channel=self.name)
         if self._failure is not None:
             raise self._failure
@@ -825,11 +828,20 @@ class ScientificaManipulator(Manipulator):
         except Exception as exc:  # a bug must not leave moves hanging: fail them, report it
             self.log.exception("scientifica port thread crashed")
             self._failure = DeviceError(f"port thread failed: {exc}", channel=self.name)
+            self._halt_if_moving()
             self._fail_pending(self._failure, f"port thread failed: {exc}")
         finally:
             self._release_stop_waiters(DeviceError(f"closed (port {self.port_name})", channel=self.name))
             if self._closing.is_set():
+                self._halt_if_moving()
                 self._release_port()
+
+    def _halt_if_moving(self) -> None:
+        """The port thread is ending: send STOP if a move may still be running (nothing else
+        could stop it once the port is closed). Errors are ignored: the port may be gone."""
+        if self._active is not None or self._cache.status != 0:
+            with contextlib.suppress(Exception):
+                self._proto.stop()
 
     def _handle_request(self, req: _Request) -> None:
         try:
@@ -884,16 +896,21 @@ class ScientificaManipulator(Manipulator):
         self._active = move
         if stepwise:
             self.log.info("stepwise move", speed_um_s=req.speed_um_s, device_min_um_s=info.min_speed_um_s)
-            self._step(move, now)
+            self._step(move, now, start)
         else:
             self._proto.send_move(move.ticks, move.top)
             move.issued_s = time.monotonic()
 
-    def _step(self, move: _ActiveMove, now: float) -> None:
+    def _step(self, move: _ActiveMove, now: float, position_um: np.ndarray) -> None:
         """Issue the next short ``ABS`` of a stepwise move: to where the requested speed says the
-        pipette should be by now, so that it is never ahead of that schedule."""
-        length = float(np.linalg.norm(move.target_um - move.start_um))
-        travelled = move.speed_um_s * (now - move.started_s)
+        pipette should be by now, so that it is never ahead of that schedule, and never more
+        than one step (speed x ``STEP_S``) beyond the read-back ``position_um``: each ``ABS``
+        runs at the device's minimum speed, so after a stall (a slow reply, a resync) catching
+        up with the schedule in one ``ABS`` would move the pipette faster than asked."""
+        path = move.target_um - move.start_um
+        length = float(np.linalg.norm(path))
+        reached_um = float(np.dot(position_um - move.start_um, path) / length) if length > 0 else 0.0
+        travelled = min(move.speed_um_s * (now - move.started_s), max(reached_um, 0.0) + move.speed_um_s * STEP_S)
         move.next_step_s = now + STEP_S
         if travelled >= length:
             ticks, move.final_issued = move.ticks, True
@@ -961,7 +978,7 @@ class ScientificaManipulator(Manipulator):
                 f"(at {np.round(position, 2).tolist()} µm)", channel=self.name)
         if move.stepwise and not move.final_issued:
             if now >= move.next_step_s:
-                self._step(move, now)
+                self._step(move, now, position)
             return
         if status != 0:
             move.idle_since_s = None
@@ -982,9 +999,15 @@ class ScientificaManipulator(Manipulator):
         if move.retries < self.max_retries:
             move.retries += 1
             self.log.warning("target missed, re-sending", error_um=round(error_um, 3), attempt=move.retries)
+            move.idle_since_s = None
+            if move.stepwise:  # paced again from here: one ABS would run at the device's minimum speed
+                move.start_um, move.started_s, move.final_issued = position.copy(), now, False
+                move.deadline_s = max(move.deadline_s, now + 2.0 * (error_um / move.speed_um_s + 1.0) + 2.0)
+                move.last_step_ticks = None
+                self._step(move, now, position)
+                return
             self._proto.send_move(move.ticks, move.top)
             move.issued_s = time.monotonic()
-            move.idle_since_s = None
             return
         raise DeviceError(
             f"stopped {error_um:.2f} µm from the target after {move.retries} retries "

@@ -415,6 +415,71 @@ def test_slow_move_below_the_controller_minimum_is_stepwise_at_the_requested_mea
         assert all(c.startswith("TOP 1000") for c in sim.heard() if c.startswith("TOP ") and c != "TOP 30000")
 
 
+def test_a_stepwise_move_that_stops_short_is_paced_again_not_resent_at_the_device_minimum(monkeypatch) -> None:
+    """A slow (stepwise) move whose final ABS stops short is paced again from where it stopped:
+    re-sending one ABS would cover the rest at the controller's minimum speed (78 µm/s on v2),
+    8 times the 10 µm/s asked for."""
+    import manipulators.scientifica as sc
+
+    with rig() as (sim, m):
+        target = [40.0, 0.0, 0.0]
+        final = m._proto.ticks_for(np.array(target), m.limits)
+        real_send = sc.ScientificaProtocol.send_move
+
+        def send_move(self, ticks, top):  # noqa: ANN001, ANN202
+            if ticks == final and not sim.faults.miss_next_moves and not getattr(send_move, "armed", False):
+                send_move.armed = True  # type: ignore[attr-defined]
+                sim.faults.miss_by_um, sim.faults.miss_next_moves = 30.0, 1  # the final ABS stops 30 µm short
+            return real_send(self, ticks, top)
+
+        monkeypatch.setattr(sc.ScientificaProtocol, "send_move", send_move)
+        handle = m.move_to(target, 10.0)
+        samples: list[tuple[float, float]] = []
+        while not handle.done:
+            samples.append((time.monotonic(), sim.physical_position_um()[0]))
+            time.sleep(0.02)
+        assert handle.state is MoveState.DONE and getattr(send_move, "armed", False)
+        t, x = np.array(samples).T
+        windows = [(x[j] - x[i]) / (t[j] - t[i]) for i in range(len(t)) for j in range(i + 1, len(t))
+                   if 0.5 <= t[j] - t[i] <= 0.6]
+        assert max(windows) < 15.0, max(windows)  # 10 µm/s asked; one ABS for the 30 µm gave 58
+
+
+def test_a_move_asked_for_while_close_runs_is_refused_and_nothing_moves_after_close(monkeypatch) -> None:
+    """close() stops first, then ends the port thread: a move from another thread in between
+    (here: while close's stop is being served) is refused, never sent to a port about to close."""
+    import manipulators.scientifica as sc
+
+    sim = ScientificaSimulator(version=2, baud=BAUD[2])
+    port = sim.start()
+    try:
+        m = ScientificaManipulator("C", LIMITS, 2000.0, 400.0, port=port, baud=BAUD[2], timeout_s=0.3)
+        start = m.position_um
+        outcome: list[object] = []
+        real_refresh = sc.ScientificaManipulator._refresh_after_stop
+
+        def refresh_then_move(self):  # noqa: ANN001, ANN202
+            real_refresh(self)
+            if not outcome:
+                def client() -> None:
+                    try:
+                        outcome.append(m.move_to(start + np.array([300.0, 0.0, 0.0]), 500.0))
+                    except DeviceError as exc:
+                        outcome.append(exc)
+                mover = threading.Thread(target=client)
+                mover.start()
+                mover.join(5.0)
+
+        monkeypatch.setattr(sc.ScientificaManipulator, "_refresh_after_stop", refresh_then_move)
+        m.close()
+        assert len(outcome) == 1 and isinstance(outcome[0], DeviceError) and "closed" in str(outcome[0])
+        time.sleep(0.3)
+        assert not sim.is_moving()
+        assert np.allclose(sim.physical_position_um(), start, atol=0.5)
+    finally:
+        sim.close()
+
+
 def test_acceleration_is_sent_in_device_units() -> None:
     with rig(acceleration_um_s2=10000.0) as (sim, m):
         assert "ACC 256" in sim.heard()

@@ -132,16 +132,24 @@ class MoveHandle:
             callbacks = list(self._callbacks)
             self._event.set()
         for cb in callbacks:
-            cb(self)
+            self._run_callback(cb)
         return True
 
     def add_done_callback(self, callback: Callable[[MoveHandle], None]) -> None:
-        """Call ``callback(handle)`` when finished (at once if already finished)."""
+        """Call ``callback(handle)`` when finished (at once if already finished). A callback
+        that raises is logged; it never reaches the backend thread that finished the move."""
         with self._lock:
             if not self._event.is_set():
                 self._callbacks.append(callback)
                 return
-        callback(self)
+        self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[MoveHandle], None]) -> None:
+        try:
+            callback(self)
+        except Exception as exc:  # a user's bug must not kill a backend's worker or port thread
+            get_logger("patchrig.manipulator", channel=self.channel).exception(
+                "a move's done-callback failed", error=str(exc))
 
     def wait(self, timeout_s: float | None = None, *, check: bool = True) -> MoveHandle:
         """Block until finished. With ``check``: raise ``Stopped`` if interrupted, the backend's

@@ -101,6 +101,22 @@ class ManipulatorContract:
         assert np.allclose(manipulator.position_um, target, atol=self.tolerance_um)
         assert not manipulator.is_busy()
 
+    def test_a_done_callback_that_raises_does_not_break_the_channel(self, manipulator: Manipulator) -> None:
+        """A caller's bug in a done-callback runs on the backend's own thread: it is logged, and
+        the next moves still finish (it used to end the simulated backend's worker)."""
+        first = manipulator.move_to(target_inside(manipulator, self.travel_um / 2), self.speed_um_s)
+
+        def broken(_handle: MoveHandle) -> None:
+            raise RuntimeError("a bug in the caller's callback")
+
+        first.add_done_callback(broken)
+        assert first.wait(self.move_timeout_s).state is MoveState.DONE
+        target = target_inside(manipulator, self.travel_um)
+        second = manipulator.move_to(target, self.speed_um_s)
+        second.add_done_callback(broken)
+        assert second.wait(self.move_timeout_s).state is MoveState.DONE
+        assert np.allclose(manipulator.position_um, target, atol=self.tolerance_um)
+
     def test_single_axis_move_leaves_other_axes_alone(self, manipulator: Manipulator) -> None:
         start = manipulator.position_um
         target = target_inside(manipulator, self.travel_um, axes=[manipulator.n_axes - 1])

@@ -58,6 +58,24 @@ from rig.logs import get_logger
 SDK_MIN_UM = -1000.0  # libum rejects GOTO targets outside this range (error -4)
 SDK_MAX_UM = 125000.0
 MIN_SPEED_UM_S = 1.0  # the SDK raises slower speeds to 1 µm/s ("speed < 1 crashes the uMp")
+MOVING_AXIS_UM = 0.1  # an axis this close to its target is treated as not moving
+
+
+def sdk_axis_speeds_um_s(diff_um: np.ndarray, speed_um_s: float) -> np.ndarray:
+    """The speeds (µm/s) the SDK sends to the axes that move, for a ``linear=True`` move by
+    ``diff_um`` (device µm) at ``speed_um_s`` along the path: each axis gets its share, raised
+    to ``MIN_SPEED_UM_S`` and truncated to whole µm/s. Empty when no axis moves."""
+    diff = np.abs(np.asarray(diff_um, float))
+    moving = diff >= MOVING_AXIS_UM
+    shares = float(speed_um_s) * diff[moving] / max(1.0, float(np.linalg.norm(diff[moving])))
+    return np.floor(np.maximum(shares, MIN_SPEED_UM_S))
+
+
+def sdk_duration_s(diff_um: np.ndarray, speed_um_s: float) -> float:
+    """How long that move takes at the SDK's axis speeds (s; acceleration left out)."""
+    diff = np.abs(np.asarray(diff_um, float))
+    speeds = sdk_axis_speeds_um_s(diff, speed_um_s)
+    return float(np.max(diff[diff >= MOVING_AXIS_UM] / speeds)) if speeds.size else 0.0
 WATCH_PERIOD_S = 0.005
 # how the SDK's ump.stop (and our _do_stop) word the interruption of a pending MoveRequest
 STOP_INTERRUPT_REASON = "stop requested before move finished"
@@ -419,8 +437,10 @@ class SensapexManipulator(Manipulator):
         if self.n_axes < 4:  # sensapex 1.504 compares n read-back axes with 4 thresholds and crashes
             request.retry_threshold = request.retry_threshold[: self.n_axes]
             request.fail_threshold = request.fail_threshold[: self.n_axes]
-        distance = float(np.linalg.norm(target_um - np.asarray(request.start_pos[: self.n_axes], float)))
-        deadline = start + 1.5 * distance / speed_um_s + self.completion_margin_s
+        # from the axis speeds the SDK sends (whole µm/s): at low speeds the move takes longer
+        # than distance / speed (1.9 µm/s runs at 1 µm/s)
+        deadline = start + 1.5 * sdk_duration_s(target_um - np.asarray(request.start_pos[: self.n_axes], float),
+                                                speed_um_s) + self.completion_margin_s
         self._sdk.watch(self.device_id, _PendingMove(self, request, handle, deadline))
 
     def _check_move(self, target_um: np.ndarray, speed_um_s: float) -> None:
@@ -431,11 +451,9 @@ class SensapexManipulator(Manipulator):
         (the norm of the axis speeds) can exceed the request: (1, 1, 1) at 1.5 µm/s for a
         diagonal move is 1.73 µm/s."""
         diff = np.asarray(target_um, float) - np.asarray(self._do_read_position_um(), float)
-        moving = np.abs(diff) >= 0.1
-        if not moving.any():
+        axis_speeds = sdk_axis_speeds_um_s(diff, speed_um_s)
+        if axis_speeds.size == 0:
             return
-        shares = float(speed_um_s) * np.abs(diff[moving]) / max(1.0, float(np.linalg.norm(diff[moving])))
-        axis_speeds = np.floor(np.maximum(shares, MIN_SPEED_UM_S))
         path_um_s = float(np.linalg.norm(axis_speeds))
         if path_um_s > float(speed_um_s) + 1e-9:
             raise InvalidParams(

@@ -114,6 +114,27 @@ def test_error_reply_to_position_query_is_a_clear_error_and_nothing_moves(rig: S
     assert np.allclose(rig.sim.position_um(2), start)
 
 
+def test_a_slow_move_gets_the_time_its_whole_um_per_s_axis_speed_takes(rig: SensapexRig) -> None:
+    """The SDK truncates axis speeds to whole µm/s: 3 µm at 1.9 µm/s runs at 1 µm/s and takes
+    3 s. The deadline counts that (it used to count 1.9 µm/s: 2.4 s plus the margin, and the
+    move was failed and stopped on its way)."""
+    m = rig.open(2)
+    m.completion_margin_s = 0.3
+    start = rig.sim.position_um(2)
+    h = m.move_to(start + np.array([3.0, 0.0, 0.0]), 1.9)
+    assert h.wait(10.0).state is MoveState.DONE
+    assert np.allclose(rig.sim.position_um(2), start + np.array([3.0, 0.0, 0.0]), atol=0.5)
+
+
+def test_the_sdk_axis_speeds_are_whole_um_per_s_shares_of_at_least_one() -> None:
+    from manipulators.sensapex import sdk_axis_speeds_um_s, sdk_duration_s
+
+    assert sdk_axis_speeds_um_s(np.array([100.0, 15.0, 0.0]), 20.0).tolist() == [19.0, 2.0]
+    assert sdk_duration_s(np.array([100.0, 15.0, 0.0]), 20.0) == pytest.approx(7.5)  # y: 15 µm at 2 µm/s
+    assert sdk_duration_s(np.array([40.0, 0.0, 0.0]), 1.9) == pytest.approx(40.0)
+    assert sdk_axis_speeds_um_s(np.array([0.05, 0.0, 0.0]), 20.0).size == 0 and sdk_duration_s(np.zeros(3), 5.0) == 0.0
+
+
 def test_error_reply_to_goto_fails_the_move_within_its_deadline(rig: SensapexRig) -> None:
     m = rig.open(2)
     m.completion_margin_s = 1.5

@@ -11,9 +11,11 @@ Units (the device's own, as the real controllers use them):
 - acceleration: ``ACC`` on v2 is n = accel_um_s2 * |UU| / 250 (range 10-1000); on v3 µm/s²
   (range 1-100000, an assumption);
 - user-unit scale ``UUX/UUY/UUZ`` (v2) or ``USTEP X|Y|Z`` (v3): the device reports
-  ``physical * UU_nominal / UU`` per axis, so a negative value reverses an axis and a wrong
-  magnitude rescales it. ``UU_nominal`` is the value the stage was built for (6.4 on v2, 1600
-  on v3 for a PatchStar), so with the default scale the read-back equals the physical position.
+  ``physical * UU_nominal / UU`` per axis on v2 and ``physical * USTEP / USTEP_nominal`` on v3
+  (v3's value is 10240 / v2's, so one setting means the same on both), so a negative value
+  reverses an axis and a wrong magnitude rescales it. The nominal value is the one the stage
+  was built for (6.4 on v2, 1600 on v3 for a PatchStar), so with the default scale the
+  read-back equals the physical position.
 
 The shared world (``SimWorld``) receives the *physical* stage position in µm, expressed in the
 frame of the read-back at start-up (so, until someone zeroes the device or changes its UU
@@ -389,7 +391,7 @@ class ScientificaSimulator:
 
     # positions
     def _readback_um(self, now: float) -> np.ndarray:
-        return self._motion.position_at(now) * self._uu_nominal / self._uu + self._offset_um
+        return self._motion.position_at(now) * self._readback_per_physical() + self._offset_um
 
     def _position_line(self, now: float) -> str:
         ticks = np.rint(self._readback_um(now) * self._ticks_per_um).astype(int)
@@ -436,7 +438,7 @@ class ScientificaSimulator:
 
     # motion
     def _to_physical_um(self, readback_um: np.ndarray) -> np.ndarray:
-        return (readback_um - self._offset_um) * self._uu / self._uu_nominal
+        return (readback_um - self._offset_um) / self._readback_per_physical()
 
     def _start_move(self, readback_target_um: np.ndarray, now: float) -> str:
         target = self._to_physical_um(readback_target_um)
@@ -473,7 +475,7 @@ class ScientificaSimulator:
 
     def _current_target_readback(self) -> np.ndarray:
         assert self._motion.move is not None
-        return self._motion.move.target_um * self._uu_nominal / self._uu + self._offset_um
+        return self._motion.move.target_um * self._readback_per_physical() + self._offset_um
 
     def _cmd_rel(self, args: list[str], now: float) -> str:
         if len(args) not in (2, 3):
@@ -525,9 +527,16 @@ class ScientificaSimulator:
         return f"{self._limits_hit:X}"
 
     # speed, acceleration, scale
+    def _readback_per_physical(self) -> np.ndarray:
+        """Per axis, read-back µm per physical µm (1 with the nominal scale; negative: reversed).
+        v2's UU divides (UU_nominal / UU); v3's USTEP, which is 10240 / UU, multiplies."""
+        if self.version == 2:
+            return self._uu_nominal / self._uu
+        return self._uu / self._uu_nominal
+
     def _speed_scale(self) -> float:
         """Largest |read-back / physical| ratio over the axes (1 with the nominal UU)."""
-        return float(np.max(np.abs(self._uu_nominal / self._uu)))
+        return float(np.max(np.abs(self._readback_per_physical())))
 
     def _physical_speed(self) -> float:
         """Path speed in physical µm/s from ``TOP`` (v2: motor units; v3: user µm/s)."""

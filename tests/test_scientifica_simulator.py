@@ -215,6 +215,12 @@ def test_user_units_v3_use_ustep() -> None:
             line.wait_idle()
             assert sim.physical_position_um()[1] == pytest.approx(-5.0)
             assert line.ask("USTEP Q") == "E,1"
+            # USTEP is 10240 / UU: USTEP 3200 is v2's UU 3.2, which doubles the read-back
+            line.ask("ABS 0 500 1000")
+            line.wait_idle()
+            assert line.position()[2] == 1000
+            assert line.ask("USTEP Z 3200") == "A"
+            assert line.position()[2] == 2000
         finally:
             line.close()
 

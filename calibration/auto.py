@@ -663,9 +663,25 @@ class AutoCalibrator:
             return None, look
         return min(confirmed, key=lambda t: float(np.linalg.norm(t - predicted))), look
 
-    def _distinct_positions(self, axis: int) -> int:
-        """How many distinct positions (to 1 nm) along ``axis`` the tip was recorded at."""
-        return len(np.unique(np.round([smp.position_um[axis] for smp in self.samples], 3)))
+    def _distinct_positions(self, axis: int, kept: np.ndarray | None = None) -> int:
+        """How many distinct positions (to 1 nm) along ``axis`` the tip was recorded at (only
+        the samples where ``kept`` is True, when given)."""
+        samples = self.samples if kept is None else [smp for smp, k in zip(self.samples, kept, strict=True) if k]
+        return len(np.unique(np.round([smp.position_um[axis] for smp in samples], 3)))
+
+    def _check_axes_seen(self, kept: np.ndarray | None = None) -> None:
+        """NotCalibrated unless every in-plane axis has the tip at >= 3 distinct positions along
+        it (among the samples ``kept``): so that one wrong detection cannot define an axis on its
+        own (it would fit with no residual)."""
+        for axis in [0, 1] + ([3] if self.m.n_axes == 4 else []):
+            distinct = self._distinct_positions(axis, kept)
+            if distinct < 3:
+                among = "" if kept is None else " that agree with the fit"
+                raise NotCalibrated(
+                    f"the tip was seen at only {distinct} positions along axis {axis}{among} (3 needed); "
+                    "check that it is visible and apart from other tips",
+                    channel=self.channel,
+                )
 
     def _fit_samples(self) -> tuple[ChannelCalibration, XYFit]:
         """The robust fit of every recorded stop (``build_calibration``)."""
@@ -679,18 +695,12 @@ class AutoCalibrator:
         )
 
     def _fit(self) -> AutoCalibrationResult:
-        # every in-plane axis needs the tip seen at >= 3 distinct positions along it, so that
-        # one wrong detection cannot define an axis on its own (it would fit with no residual)
-        for axis in [0, 1] + ([3] if self.m.n_axes == 4 else []):
-            distinct = self._distinct_positions(axis)
-            if distinct < 3:
-                raise NotCalibrated(
-                    f"the tip was seen at only {distinct} positions along axis {axis} (3 needed); "
-                    "check that it is visible and apart from other tips",
-                    channel=self.channel,
-                )
+        self._check_axes_seen()
         # the stops with z compensation are not "along one axis", but the fit is global
         calibration, fit = self._fit_samples()
+        # again among the inliers: the robust fit may have rejected a good stop and kept a
+        # wrong one, leaving an axis defined by two points, one of them wrong
+        self._check_axes_seen(fit.inliers)
         n_in = int(fit.inliers.sum())
         if fit.residual_um > self.s.max_residual_um:
             raise NotCalibrated(

@@ -122,7 +122,7 @@ class CalibrationStore:
             return None
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, huge ints
             raise DataError(f"calibration file {path} is unreadable: {exc}") from None
         if not isinstance(document, dict):
             raise DataError(f"calibration file {path} is not a JSON object")
@@ -145,7 +145,7 @@ class CalibrationStore:
         try:
             calibration = ChannelCalibration.from_dict(document["calibration"])
             history = _offset_history(document.get("offset_history", []))
-        except (KeyError, InvalidParams) as exc:
+        except (KeyError, InvalidParams, TypeError, ValueError, OverflowError) as exc:  # numbers out of range
             raise DataError(f"calibration file {path}: {exc}") from None
         if calibration.channel != channel:
             raise DataError(f"calibration file {path} holds the calibration of channel {calibration.channel!r}, not {channel!r}")

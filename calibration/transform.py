@@ -57,11 +57,27 @@ def _is_number(value: Any) -> bool:
 
 def json_number(value: Any, name: str, *, minimum: float | None = None) -> float:
     """A finite JSON number (not a string, not a boolean), at least ``minimum``; else InvalidParams."""
-    if not _is_number(value) or not math.isfinite(value):
-        raise InvalidParams(f"calibration {name} must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
+    number = _finite_float(value) if _is_number(value) else None
+    if number is None:
+        raise InvalidParams(f"calibration {name} must be a finite number, got {_short(value)}")
+    if minimum is not None and number < minimum:
         raise InvalidParams(f"calibration {name} must be at least {minimum:g}, got {value!r}")
-    return float(value)
+    return number
+
+
+def _finite_float(value: int | float) -> float | None:
+    """``value`` as a finite float, or None (NaN, infinite, or an integer too large for one)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters (a damaged file may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def json_count(value: Any, name: str) -> int:
@@ -82,10 +98,10 @@ def json_numbers(value: Any, name: str, shape: tuple[int, ...] | None = None) ->
     flat = array.reshape(-1)
     if not all(_is_number(v) for v in flat):
         raise InvalidParams(f"calibration {name} must hold numbers only (no strings, booleans or ragged lists)")
-    out = flat.astype(float).reshape(array.shape)
-    if not np.all(np.isfinite(out)):
+    numbers = [_finite_float(v) for v in flat]
+    if any(v is None for v in numbers):
         raise InvalidParams(f"calibration {name} is not finite")
-    return out
+    return np.array(numbers, dtype=float).reshape(array.shape)
 
 
 @dataclass(frozen=True)
@@ -252,11 +268,17 @@ class ChannelCalibration:
             z_model = data.get("z_model", "assumed")
             if not isinstance(z_model, str):
                 raise InvalidParams("calibration z_model must be a string")
+            matrix_cov = json_numbers(data["matrix_cov_um2_per_um2"], "matrix_cov_um2_per_um2", (2, n, n))
+            for row in matrix_cov:  # a covariance is symmetric with no negative variance
+                if not np.allclose(row, row.T, rtol=1e-6, atol=1e-12) or np.linalg.eigvalsh(row).min() < -1e-9 * max(
+                    1.0, float(np.abs(row).max())
+                ):
+                    raise InvalidParams("calibration matrix_cov_um2_per_um2 must be symmetric positive semi-definite")
             return cls(
                 channel=channel,
                 matrix=matrix,
                 offset_um=json_numbers(data["offset_um"], "offset_um", (3,)),
-                matrix_cov=json_numbers(data["matrix_cov_um2_per_um2"], "matrix_cov_um2_per_um2", (2, n, n)),
+                matrix_cov=matrix_cov,
                 anchor_position_um=json_numbers(data["anchor_position_um"], "anchor_position_um", (n,)),
                 anchor_var_um2=json_number(data["anchor_var_um2"], "anchor_var_um2", minimum=0.0),
                 residual_um=json_number(data["residual_um"], "residual_um", minimum=0.0),

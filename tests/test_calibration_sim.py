@@ -644,3 +644,29 @@ def test_an_operation_waits_for_a_correction_in_progress_but_not_for_another_ope
             assert time.monotonic() - t0 >= 0.4
         finally:
             lock.release()
+
+
+def test_an_axis_left_with_two_agreeing_stops_is_refused_after_the_robust_fit():
+    """y was seen at 3 positions (0, +15, -60; the +60 stop was lost) and the +15 one is 3.9 µm
+    off. The robust fit then often rejects a good stop and keeps the wrong one: y is defined by
+    two points, one wrong, with no residual (15 µm wrong at y = ±60 while the calibration
+    reported 0.6 µm). The axis count is checked again among the stops the fit kept."""
+    from calibration.auto import AutoCalibrator, Sample
+    from manipulators.base import Limits
+    from manipulators.simulated import SimulatedManipulator
+
+    truth = np.array([[0.9, -0.3, 0.05], [0.35, 0.95, 0.02]])
+    positions = np.array([[0, 0, 0], [15, 0, 0], [-60, 0, 0], [60, 0, 0], [0, 0, 4], [0, 0, -4],
+                          [0, 15, 0], [0, -60, 0], [0, 0, 0]], float)
+    tips = positions @ truth.T + np.random.default_rng(1).normal(0.0, 0.15, (len(positions), 2))
+    tips[6] += [3.0, -2.5]
+    m = SimulatedManipulator("A", Limits([-1000.0] * 3, [1000.0] * 3), 1000.0, initial_position_um=[0.0] * 3)
+    try:
+        calibrator = AutoCalibrator(m, None)
+        calibrator.samples = [Sample(p, t, 0.0, 0.9) for p, t in zip(positions, tips, strict=True)]
+        with pytest.raises(NotCalibrated, match="only 2 positions along axis 1 that agree with the fit"):
+            calibrator._fit()
+        calibrator.samples[6] = Sample(positions[6], positions[6] @ truth.T, 0.0, 0.9)  # seen where it was
+        assert calibrator._fit().fit.inliers.sum() >= 8
+    finally:
+        m.close()

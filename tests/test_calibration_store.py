@@ -159,6 +159,12 @@ NAN = float("nan")
         (_edit_history("offset_um", [NAN, 0.0, 0.0]), r"offset_history\[0\]"),
         (_edit_history("t_s", "yesterday"), r"offset_history\[0\]"),
         (_edit("", "offset_history", {"a": 1}), "offset_history"),
+        (_edit("calibration", "anchor_var_um2", 10**400), "anchor_var_um2"),  # too large for a float
+        (_edit("calibration", "offset_um", [10**400, 0, 0]), "offset_um"),
+        (_edit("calibration", "matrix_cov_um2_per_um2", [[[-1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]] * 2),
+         "positive semi-definite"),  # negative variances: the uncertainty would read 0 µm
+        (_edit("calibration", "matrix_cov_um2_per_um2", [[[1.0, 2.0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0],
+                                                          [0, 0, 0, 1.0]]] * 2), "positive semi-definite"),
     ],
 )
 def test_a_hand_edited_or_damaged_file_is_refused_and_left_alone(tmp_path, edit, words):
@@ -172,6 +178,18 @@ def test_a_hand_edited_or_damaged_file_is_refused_and_left_alone(tmp_path, edit,
     text = json.dumps(document)  # NaN is written as NaN, as a hand edit could
     path.write_text(text)
     with pytest.raises(DataError, match=words):
+        store.load("A")
+    assert path.read_text() == text
+
+
+def test_a_number_too_long_for_json_is_refused_naming_the_file(tmp_path):
+    """Python refuses integers of more than 4,300 digits: that, too, is a damaged file (it
+    stopped the daemon from starting), not a crash."""
+    store = CalibrationStore(tmp_path, RIG)
+    path = store.save("A", _stored())
+    text = path.read_text().replace('"residual_um": ', '"residual_um": 1' + "0" * 5000 + ", \"x\": ", 1)
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"calibration file {path} is unreadable"):
         store.load("A")
     assert path.read_text() == text
 

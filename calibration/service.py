@@ -243,11 +243,18 @@ class CalibrationService:
         self._save(channel, force=True)
 
     def close(self) -> None:
-        """Persist corrections not yet written."""
+        """Persist corrections not yet written: every channel is tried; DataError naming those
+        that could not be written."""
         with self._lock:
             dirty = list(self._dirty)
-        for channel in dirty:
-            self._save(channel, force=True)
+        failed = []
+        for channel in sorted(dirty):
+            try:
+                self._save(channel, force=True)
+            except DataError as exc:
+                failed.append(str(exc))
+        if failed:
+            raise DataError("; ".join(failed))
 
     # -- helpers ----------------------------------------------------------------------------
     def _manipulator(self, channel: str) -> Manipulator:
@@ -385,7 +392,18 @@ class CalibrationService:
             finally:
                 lock.release()
         out["corrections"] = corrections
+        self._save_due_corrections()
         return out
+
+    def _save_due_corrections(self) -> None:
+        """Write the corrections held back by ``CORRECTION_SAVE_INTERVAL_S`` once it has passed
+        (on every observed frame: a converged offset gets no more corrections, and would
+        otherwise stay unsaved until shutdown)."""
+        with self._lock:
+            now = time.monotonic()
+            due = [c for c in self._dirty if now - self._saved_s.get(c, -math.inf) >= CORRECTION_SAVE_INTERVAL_S]
+        for channel in due:
+            self._save(channel, force=False)
 
     def _correct(self, channel: str, detection: TipDetection, frame: Frame, age_s: float) -> dict[str, Any]:
         m = self.manipulators[channel]
@@ -430,9 +448,10 @@ class CalibrationService:
 
     def set_tip(self, channel: str, px: list[float] | tuple[float, float] | None = None) -> dict[str, Any]:
         m = self._manipulator(channel)
-        cal = self._calibration(channel)
+        self._calibration(channel)  # NotCalibrated before waiting for the lock
         lock = self._operation(channel)
         try:
+            cal = self._calibration(channel)  # under the lock: after a calibration that just ended
             if px is not None:
                 xy = _pixel(px)
                 frame = self.frames.latest()
@@ -449,12 +468,13 @@ class CalibrationService:
                 source = "detection"
             # the tip's pixel and the read-back position must describe the same instant: a
             # pipette that moved during or after the frame would give a wrong offset
+            move_before = m.current_move
             if self._moving_during(m, frame):
                 raise Busy("the pipette is moving (or was, during the frame): set_tip needs it still; "
                            "wait for the move to end or stop it", channel=channel)
             position = m.position_um
-            if m.is_busy():
-                raise Busy("the pipette started moving during set_tip; nothing was changed", channel=channel)
+            if m.is_busy() or m.current_move is not move_before:  # a move, even one that ended during the read
+                raise Busy("the pipette moved during set_tip; nothing was changed", channel=channel)
             tip_xy_um = px_to_um(xy, frame.um_per_px, frame.shape)
             new = set_tip_offset(cal, position, tip_xy_um, focal)
             self._install(channel, new, "set_tip")

@@ -670,3 +670,147 @@ def test_an_axis_left_with_two_agreeing_stops_is_refused_after_the_robust_fit():
         assert calibrator._fit().fit.inliers.sum() >= 8
     finally:
         m.close()
+
+
+class _NewestFrame:
+    """A frame source holding one frame (no new frames arrive)."""
+
+    def __init__(self, frame) -> None:  # noqa: ANN001
+        self.frame = frame
+
+    def latest(self):  # noqa: ANN201
+        return self.frame
+
+    def wait_for_frame(self, last_id, timeout_s):  # noqa: ANN001, ANN201
+        time.sleep(min(timeout_s, 0.01))
+        return None
+
+
+def _identity_calibration(matrix_xx: float = 1.0, matrix_yx: float = 0.0):  # noqa: ANN202
+    from calibration.transform import ChannelCalibration
+
+    matrix = np.eye(3)
+    matrix[0, 0], matrix[1, 0] = matrix_xx, matrix_yx
+    return ChannelCalibration("A", matrix, np.zeros(3), np.zeros((2, 3, 3)), np.zeros(3), 0.1, 0.1, 10, 10)
+
+
+def _set_tip_service(tmp_path):  # noqa: ANN001, ANN202
+    from manipulators.base import Limits
+    from manipulators.simulated import SimulatedManipulator
+    from rig.frame import Frame
+
+    m = SimulatedManipulator("A", Limits([-1000.0] * 3, [1000.0] * 3), 1000.0, initial_position_um=[0.0] * 3)
+    frame = Frame(1, time.time(), np.zeros((512, 512), np.uint8), 1.0, None, time.monotonic())
+    service = CalibrationService(RigIdentity(), CalibrationConfig(), {"A": m}, _NewestFrame(frame), None,
+                                 store_dir=tmp_path)
+    service._install("A", _identity_calibration(), "calibrate")
+    return service, m
+
+
+def test_set_tip_asked_for_during_a_calibration_keeps_the_new_calibration(tmp_path):
+    """set_tip is a query: it can arrive while calibrate runs. It waits for the operation and
+    then corrects the calibration calibrate installed, never the one it read before waiting."""
+    service, m = _set_tip_service(tmp_path)
+    try:
+        lock = service._operation("A")  # a calibration is running
+
+        def calibration_ends() -> None:
+            time.sleep(0.2)
+            service._install("A", _identity_calibration(0.8, 0.3), "calibrate")
+            lock.release()
+
+        ender = threading.Thread(target=calibration_ends)
+        ender.start()
+        service.set_tip("A", px=[260.0, 250.0])
+        ender.join(5.0)
+        np.testing.assert_allclose(service._calibration("A").matrix[:2, 0], [0.8, 0.3])
+    finally:
+        service.close()
+        m.close()
+
+
+def test_set_tip_refuses_a_move_that_started_and_ended_during_its_position_read(tmp_path):
+    """A move that runs entirely inside a slow position read would pair a frame taken before
+    the move with the position after it: a wrong offset."""
+    service, m = _set_tip_service(tmp_path)
+    try:
+        time.sleep(0.1)  # the frame is older than the last move's end
+        real_read = type(m)._do_read_position_um
+        moved: list[bool] = []
+
+        def read_during_a_move(self):  # noqa: ANN001, ANN202
+            if not moved:
+                moved.append(True)
+                self.move_to([5.0, 0.0, 0.0], 1000.0).wait(2.0)
+            return real_read(self)
+
+        m._do_read_position_um = read_during_a_move.__get__(m)
+        before = service._calibration("A").offset_um.copy()
+        with pytest.raises(Busy, match="moved during set_tip"):
+            service.set_tip("A", px=[255.5, 255.5])
+        np.testing.assert_array_equal(service._calibration("A").offset_um, before)
+    finally:
+        service.close()
+        m.close()
+
+
+def test_a_held_back_correction_is_written_once_its_interval_has_passed(tmp_path, monkeypatch):
+    """Corrections are written at most every CORRECTION_SAVE_INTERVAL_S; one held back must
+    reach the disk when that time has passed, also when no further correction is applied (a
+    converged offset: later frames fall inside the deadband), not only at shutdown."""
+    import json
+
+    import calibration.service as service_module
+    from rig.frame import Frame
+
+    monkeypatch.setattr(service_module, "CORRECTION_SAVE_INTERVAL_S", 0.5)
+    service, m = _set_tip_service(tmp_path)
+    try:
+        time.sleep(0.1)
+
+        def observe(frame_id: int) -> dict:
+            frame = Frame(frame_id, time.time(), np.zeros((512, 512), np.uint8), 1.0, None, time.monotonic())
+            service.frames.frame = frame
+            return service.observe(frame, [TipDetection(255.5 + 2.0, 255.5, 0.95)])  # 2 µm right of the prediction
+
+        for frame_id in range(2, 8):
+            observe(frame_id)
+        in_memory = service._calibration("A").offset_um.copy()
+        assert in_memory[0] > 0.5  # corrected towards the tip
+        on_disk = lambda: json.loads((tmp_path / "A.json").read_text())["calibration"]["offset_um"]  # noqa: E731
+        assert on_disk()[0] < in_memory[0]  # held back: within the interval of the install's save
+        time.sleep(0.6)
+        observe(8)
+        assert on_disk() == pytest.approx(service._calibration("A").offset_um.tolist())
+    finally:
+        service.close()
+        m.close()
+
+
+def test_close_writes_every_channel_even_when_one_cannot_be_written(tmp_path):
+    from manipulators.base import Limits
+    from manipulators.simulated import SimulatedManipulator
+    from rig.errors import DataError
+
+    limits = Limits([-1000.0] * 3, [1000.0] * 3)
+    ms = {c: SimulatedManipulator(c, limits, 1000.0, initial_position_um=[0.0] * 3) for c in "AB"}
+    service = CalibrationService(RigIdentity(), CalibrationConfig(), ms, _NewestFrame(None), None, store_dir=tmp_path)
+    try:
+        for c in "AB":
+            calibration = _identity_calibration()
+            service._install(c, type(calibration)(**{**calibration.__dict__, "channel": c}), "calibrate")
+            with service._lock:  # a correction held back by the save interval
+                service._stored[c].calibration = service._stored[c].calibration.shifted_xy(np.array([2.0, 0.0]))
+            service._save(c, force=False)
+        assert service._dirty == {"A", "B"}
+        (tmp_path / "A.json").unlink()
+        (tmp_path / "A.json").mkdir()  # A's file cannot be written
+        with pytest.raises(DataError, match="'A'"):
+            service.close()
+        from calibration.store import CalibrationStore
+
+        stored_b = CalibrationStore(tmp_path, RigIdentity()).load("B")
+        assert stored_b is not None and stored_b.calibration.offset_um[0] == pytest.approx(2.0)
+    finally:
+        for m in ms.values():
+            m.close()

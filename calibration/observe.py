@@ -106,6 +106,7 @@ class Eye:
         focal_z_um: float | None = None,
         frames_averaged: int = 1,
         um_per_px_range: tuple[float, float] | None = None,
+        rig_um_per_px: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if int(frames_averaged) != frames_averaged or frames_averaged < 1:
@@ -119,6 +120,7 @@ class Eye:
         self.focal_z_um = focal_z_um
         self.frames_averaged = int(frames_averaged)
         self.um_per_px_range = um_per_px_range
+        self.rig_um_per_px = rig_um_per_px
         self.clock = clock
 
     def focal_z_of(self, frame: Frame) -> float:
@@ -170,9 +172,9 @@ class Eye:
         """Confident detections on ``frame`` (score >= min_score), best first. Raises NoFrame,
         before any model run, when the frame's pixel size lies outside ``um_per_px_range``: its
         detections must not steer a manipulator."""
-        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range)
+        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range, self.rig_um_per_px)
         if refusal is not None:
-            raise NoFrame(f"{refusal}; closed-loop operations need frames inside it (change the zoom)")
+            raise NoFrame(f"{refusal}; closed-loop operations need frames of that pixel size (change the zoom)")
         if self.localiser_lock is not None:
             with self.localiser_lock:
                 found = self.localiser.locate(frame.pixels, frame.um_per_px)

@@ -150,6 +150,7 @@ class CalibrationService:
             focal_z_um=focal_z_um,
             frames_averaged=cfg.frames_averaged,
             um_per_px_range=um_per_px_range,
+            rig_um_per_px=rig.um_per_px,  # the pixel size the stored calibrations are for
         )
         self.log = get_logger("patchrig.calibration")
         self.store = CalibrationStore(store_dir if store_dir is not None else cfg.directory, rig)

@@ -135,7 +135,7 @@ class FramesConfig(Strict):
     zmq_endpoint: str = "tcp://127.0.0.1:5560"
     replay_path: Path | None = None
     replay_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 30.0
-    stale_after_s: Annotated[float, Field(gt=0)] = 1.0
+    stale_after_s: Annotated[float, Field(gt=0, le=10)] = 1.0  # a frame older than 10 s is never fresh
     focal_z_um: float | None = None
 
     @model_validator(mode="after")
@@ -198,7 +198,7 @@ class ServerConfig(Strict):
 class SimulationConfig(Strict):
     """The simulated world (only used when devices or frames are simulated)."""
 
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     frame_rate_hz: Annotated[float, Field(gt=0, le=200)] = 30.0
     image_size_px: Annotated[int, Field(ge=64, le=4096)] = 512
     drift_um_per_min: Annotated[float, Field(ge=0)] = 0.5

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from localisation.dataset_format import read_dataset
+    from localisation.dataset_format import read_dataset, refuse_overwriting
     from localisation.evaluation import (
         evaluate,
         load_localiser,
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if path.is_dir():
             raise DataError(f"{path} is a directory: it cannot be written (choose another --out)")
     dataset = read_dataset(args.data)
+    refuse_overwriting([out, *figures], dataset)
     records = dataset.records[: args.limit] if args.limit else dataset.records
     if not records:
         raise DataError(f"{args.data}: the dataset has no images")

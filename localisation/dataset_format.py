@@ -86,6 +86,16 @@ class TipDataset:
         return self.records[index]
 
 
+def refuse_overwriting(outputs: list[Path], dataset: TipDataset, option: str = "--out") -> None:
+    """DataError if an output path is the dataset's labels.json or one of its images (a
+    command writing its results there would destroy its own input)."""
+    inputs = {(dataset.root / LABELS_NAME).resolve(), *(r.path.resolve() for r in dataset.records)}
+    for out in outputs:
+        if Path(out).resolve() in inputs:
+            raise DataError(f"{option} {out} is part of the dataset {dataset.root}: it would be overwritten; "
+                            "choose another file")
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
@@ -187,9 +197,30 @@ def load_image(record: TipRecord | str | Path) -> np.ndarray:
     16-bit pixels (as ScanImage saves them) become uint16 with negative values set to 0.
 
     Raises DataError naming the file if it is missing, unreadable, or not 8/16-bit, or is a
-    TIFF holding more than one image (several series, such as a thumbnail, or a page stack).
+    TIFF holding more than one image (several series, such as a thumbnail, or a page stack);
+    for a ``TipRecord``, also if a labelled tip lies outside the image (a wrong label would
+    count as a missed tip in every metric, or silently drop out of training).
     """
-    path = record.path if isinstance(record, TipRecord) else Path(record)
+    image = _load_pixels(record.path if isinstance(record, TipRecord) else Path(record))
+    if isinstance(record, TipRecord):
+        check_tips_inside(record.tips_px, image.shape, f"{record.file}")
+    return image
+
+
+def check_tips_inside(tips_px: np.ndarray, shape_hw: tuple[int, ...], what: str) -> None:
+    """DataError unless every tip (n, 2; x, y pixels, pixel-centre origin) lies inside an image
+    of ``shape_hw``: -0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5."""
+    tips = np.asarray(tips_px, float).reshape(-1, 2)
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    outside = (tips[:, 0] < -0.5) | (tips[:, 0] > w - 0.5) | (tips[:, 1] < -0.5) | (tips[:, 1] > h - 0.5)
+    if outside.any():
+        x, y = tips[int(np.argmax(outside))]
+        raise DataError(f"{what}: tip ({x:.6g}, {y:.6g}) lies outside the {w}x{h} image "
+                        "(pixel centres from (0, 0) to (w - 1, h - 1))")
+
+
+def _load_pixels(path: Path) -> np.ndarray:
+    """``load_image`` of a path."""
     if not path.is_file():
         raise DataError(f"{path}: image file is missing")
     suffix = path.suffix.lower()
@@ -431,10 +462,12 @@ def import_coco(
         category = ann.get("category_id")
         if category is not None and (not isinstance(category, int | str) or isinstance(category, bool)):
             raise DataError(f"{coco_path}: annotations[{i}]: 'category_id' must be an integer or a string")
-        k = tip_index.get(category, 0)
+        k = _tip_keypoint(coco_path, i, category, tip_index, keypoint_name)
         if 3 * k + 2 >= len(kps):
             raise DataError(f"{coco_path}: annotations[{i}]: no keypoint number {k}")
         x, y, v = kps[3 * k : 3 * k + 3]
+        if v not in (0, 1, 2):
+            raise DataError(f"{coco_path}: annotations[{i}]: keypoint visibility must be 0, 1 or 2, got {v!r}")
         if v == 2 or (v == 1 and include_occluded):
             tips[ann["image_id"]].append([float(x) - shift, float(y) - shift])
 
@@ -457,6 +490,7 @@ def import_coco(
             raise DataError(
                 f"{src}: size {w}x{h} does not match {coco_path} ({im.get('width')}x{im.get('height')})"
             )
+        check_tips_inside(np.asarray(tips[image_id], float), pixels.shape, f"{coco_path}: image {im['file_name']}")
         stem = Path(im["file_name"]).stem
         name = f"images/{stem}.png"
         n = 1
@@ -469,6 +503,22 @@ def import_coco(
     with new_dataset_directory(out) as tmp:
         write_dataset(tmp, loaded, meta={"imported_from": str(coco_path)})
     return read_dataset(out)
+
+
+def _tip_keypoint(coco_path: Path, i: int, category: Any, tip_index: dict[Any, int], keypoint_name: str | None) -> int:
+    """Which keypoint of annotation ``i`` is its tip. An unknown category is refused, and a
+    missing one is allowed only when there is one category: guessing would take another
+    keypoint (a shank point, say) for the tip."""
+    if category is None:
+        if len(tip_index) == 1:
+            return next(iter(tip_index.values()))
+        if not tip_index and keypoint_name is None:
+            return 0  # no categories at all: the first keypoint, as documented
+        raise DataError(f"{coco_path}: annotations[{i}] has no 'category_id', and the file has "
+                        f"{len(tip_index)} categories: which keypoint is the tip is unknown")
+    if category not in tip_index:
+        raise DataError(f"{coco_path}: annotations[{i}]: category_id {category!r} is not among the file's categories")
+    return tip_index[category]
 
 
 def _coco_tip_indices(

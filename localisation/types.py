@@ -35,14 +35,22 @@ class Localiser(Protocol):
 VALIDATED_UM_PER_PX = (0.2, 1.0)
 
 
-def pixel_size_refusal(um_per_px: float, um_per_px_range: tuple[float, float] | None) -> str | None:
+RIG_PIXEL_SIZE_TOLERANCE = 0.01  # relative: a frame within 1 % of the rig's pixel size is the rig's
+
+
+def pixel_size_refusal(
+    um_per_px: float, um_per_px_range: tuple[float, float] | None, rig_um_per_px: float | None = None
+) -> str | None:
     """Why detections on a frame of ``um_per_px`` (µm per pixel) may not steer a manipulator:
-    a one-line reason when it lies outside ``um_per_px_range`` (inclusive), else None (also
-    when the range is None: no limit)."""
-    if um_per_px_range is None:
-        return None
-    lo, hi = um_per_px_range
-    if lo <= um_per_px <= hi:
-        return None
-    return (f"frame pixel size {um_per_px:g} µm is outside the localiser's validated range "
-            f"{lo:g}-{hi:g} µm per pixel ([localiser] um_per_px_range)")
+    a one-line reason when it lies outside ``um_per_px_range`` (inclusive), or differs by more
+    than ``RIG_PIXEL_SIZE_TOLERANCE`` from ``rig_um_per_px``, the pixel size the calibrations
+    were made for (another zoom or objective); else None (a None range or rig size: no limit)."""
+    if um_per_px_range is not None:
+        lo, hi = um_per_px_range
+        if not lo <= um_per_px <= hi:
+            return (f"frame pixel size {um_per_px:g} µm is outside the localiser's validated range "
+                    f"{lo:g}-{hi:g} µm per pixel ([localiser] um_per_px_range)")
+    if rig_um_per_px is not None and abs(um_per_px - rig_um_per_px) > RIG_PIXEL_SIZE_TOLERANCE * rig_um_per_px:
+        return (f"frame pixel size {um_per_px:g} µm differs from the rig's {rig_um_per_px:g} µm ([rig] um_per_px), "
+                "the pixel size its calibrations are for")
+    return None

@@ -142,6 +142,7 @@ class Daemon:
                     localiser,
                     min_score=cfg.localiser.min_score,
                     um_per_px_range=cfg.localiser.um_per_px_range,
+                    rig_um_per_px=cfg.rig.um_per_px,
                     on_detections=self.closed_loop.on_detections,
                     publish=publish,
                     device=localiser_device,

@@ -32,6 +32,9 @@ import zmq
 
 SCHEMA = "patchrig-frame/1"
 TOPIC = b"frame"
+MAX_FRAME_ID = 2**53  # the receiver's limits (rig/frame_sources.py), repeated: this file stands alone
+MIN_SIDE_PX = 8
+MAX_SIDE_PX = 16384
 
 
 def encode_frame(
@@ -42,14 +45,22 @@ def encode_frame(
     z_um: float | None = None,
     t: float | None = None,
 ) -> list[bytes]:
-    """The three message parts of one frame. ``pixels``: (h, w) uint8 or uint16."""
+    """The three message parts of one frame. ``pixels``: (h, w) uint8 or uint16, each side
+    ``MIN_SIDE_PX``-``MAX_SIDE_PX``; ``frame_id``: an integer 0..``MAX_FRAME_ID``; ``t``: finite
+    seconds since the epoch (default now). ValueError for anything the daemon would reject."""
     image = np.asarray(pixels)
     if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"frames must be 2D uint8 or uint16, got {image.dtype} {image.shape}")
+    if not all(MIN_SIDE_PX <= side <= MAX_SIDE_PX for side in image.shape):
+        raise ValueError(f"frame sides must be {MIN_SIDE_PX}-{MAX_SIDE_PX} pixels, got {image.shape}")
+    if isinstance(frame_id, bool) or not isinstance(frame_id, int | np.integer) or not 0 <= frame_id <= MAX_FRAME_ID:
+        raise ValueError(f"frame_id must be an integer from 0 to 2**53, got {frame_id!r}")
     if not 0 < um_per_px < float("inf"):
         raise ValueError(f"um_per_px must be positive and finite, got {um_per_px}")
     if z_um is not None and not abs(z_um) < float("inf"):
         raise ValueError(f"z_um must be finite or None, got {z_um}")
+    if t is not None and not abs(t) < float("inf"):
+        raise ValueError(f"t must be finite, got {t}")
     image = np.ascontiguousarray(image.astype(image.dtype.newbyteorder("<"), copy=False))
     header = {
         "schema": SCHEMA,

@@ -5,7 +5,8 @@ newest, so a slow localiser skips frames instead of building a backlog: skipped 
 counted as ``dropped``), run the localiser (GPU when the localiser was loaded on one, else
 CPU), keep detections scoring at least ``min_score``, hand them to ``on_detections`` (the
 calibration service: assignment to channels and offset correction) and publish the ``tips``
-topic. A frame whose pixel size lies outside ``um_per_px_range`` is localised and published,
+topic. A frame whose pixel size lies outside ``um_per_px_range``, or differs from the rig's
+(``rig_um_per_px``: the calibrations' pixel size), is localised and published,
 but never handed to ``on_detections`` (its tips must not steer a manipulator); its message
 says why under ``"not_for_steering"``. The newest result is kept for ``locate`` and for closed-loop operations
 (``wait_for_result``).
@@ -76,6 +77,7 @@ class LocaliserWorker:
         *,
         min_score: float = 0.5,
         um_per_px_range: tuple[float, float] | None = None,
+        rig_um_per_px: float | None = None,
         on_detections: OnDetections | None = None,
         publish: Callable[[str, dict[str, Any]], Any] | None = None,
         device: str = "cpu",
@@ -88,6 +90,7 @@ class LocaliserWorker:
         self._in_progress: Any = None
         self.min_score = float(min_score)
         self.um_per_px_range = um_per_px_range
+        self.rig_um_per_px = rig_um_per_px
         self._refusing: str | None = None  # the last refusal logged (logged once per change)
         self._on_detections = on_detections
         self._publish = publish
@@ -184,7 +187,7 @@ class LocaliserWorker:
         detections = [d for d in raw if d.score >= self.min_score]
         extra: dict[str, Any] = {}
         assigned: dict[str, int] = {}
-        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range)
+        refusal = pixel_size_refusal(frame.um_per_px, self.um_per_px_range, self.rig_um_per_px)
         self._log_refusal(refusal, frame)
         if refusal is not None:
             extra["not_for_steering"] = refusal

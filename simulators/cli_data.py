@@ -142,18 +142,19 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from localisation.dataset_format import load_image, read_dataset
+    from localisation.dataset_format import load_image, read_dataset, refuse_overwriting
 
     _check_sheet_layout(args.tile, max_images=args.max, cols=args.cols)
     _check_picture_path(args.out)
     ds = read_dataset(args.dataset)
+    refuse_overwriting([args.out], ds)
     if len(ds) == 0:
         raise DataError(f"{args.dataset}: dataset has no images")
     items = []
     for record in ds.records[: args.max]:
-        hidden = [
+        hidden = [  # hand-edited entries without both coordinates are left out
             (t["x"], t["y"]) for t in record.extra.get("all_tips", [])
-            if isinstance(t, dict) and not t.get("visible", True)
+            if isinstance(t, dict) and not t.get("visible", True) and _is_number(t.get("x")) and _is_number(t.get("y"))
         ]
         caption = f"{Path(record.file).name}  {len(record.tips_px)} tips  {record.um_per_px:.2f} um/px"
         items.append((load_image(record), record.tips_px, hidden, caption))
@@ -182,6 +183,10 @@ def _run_figure(args: argparse.Namespace) -> int:
     write_picture(args.out, sheet)
     print(f"wrote {args.out}")
     return 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _check_sheet_layout(tile_px: int, *, max_images: int = 1, cols: int = 1) -> None:

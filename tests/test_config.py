@@ -153,6 +153,17 @@ def test_an_infinite_staleness_limit_from_the_environment_is_refused() -> None:
         load_config(environ={"PATCHRIG__FRAMES__STALE_AFTER_S": "inf"})
 
 
+@pytest.mark.parametrize(("variable", "value", "key"), [
+    ("PATCHRIG__FRAMES__STALE_AFTER_S", "1e300", r"frames\.stale_after_s"),  # frames would never be stale
+    ("PATCHRIG__FRAMES__STALE_AFTER_S", "10.5", r"frames\.stale_after_s"),
+    ("PATCHRIG__SIMULATION__SEED", "-1", r"simulation\.seed"),  # check-config said OK, sim then failed
+])
+def test_values_that_would_fail_later_are_refused_by_the_config(variable: str, value: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(environ={variable: value})
+    assert load_config(environ={"PATCHRIG__FRAMES__STALE_AFTER_S": "10", "PATCHRIG__SIMULATION__SEED": "0"})
+
+
 def test_two_channels_on_one_manipulator_and_one_endpoint_for_both_servers_are_refused() -> None:
     base = load_config(environ={})
     data = base.model_dump(mode="json")

@@ -120,6 +120,8 @@ def test_a_lapsed_lease_stops_all_motion() -> None:
         assert alarm is not None and alarm[1]["level"] == "alarm" and alarm[1]["holder"] == "rita"
         assert time.monotonic() - t_silent < 2.5  # lease 0.3 s; generous for a loaded machine
         assert wait_until(lambda: all(ctl.current is None for ctl in rig.daemon.controllers.values()), 1.0)
+        # the alarm goes out as the stops are asked for; the e-stop event once every device answered
+        assert sub.wait_for(lambda t, m: m.get("kind") == "e-stop", 3.0) is not None
         frozen = rig.positions()
         time.sleep(0.2)
         for name, pos in rig.positions().items():
@@ -249,6 +251,24 @@ def test_frames_outside_the_validated_pixel_sizes_are_shown_but_never_steer(tmp_
         with pytest.raises(RpcError) as info:
             c.calibrate("A")
         assert info.value.code == "no_frame" and "validated range" in str(info.value)
+        assert rig.world.manipulator_position_um("A") == pytest.approx(start)  # nothing moved
+
+
+def test_frames_at_another_pixel_size_than_the_rigs_never_steer(tmp_path: Path) -> None:
+    """Calibrations are made for ``[rig] um_per_px``; frames at another pixel size (another
+    zoom sent by the acquisition software) are shown but never steer, and closed-loop
+    operations refuse them before anything moves."""
+    with running_daemon(["A"], calibration_dir=tmp_path / "cal", rig={"um_per_px": 0.5}) as rig:
+        sub = rig.subscriber(("tips",))
+        message = sub.wait_for(lambda t, m: t == "tips" and m["tips"], 5.0)
+        assert message is not None
+        assert "0.62 µm differs from the rig's 0.5 µm ([rig] um_per_px)" in message[1]["not_for_steering"]
+        assert all(t["channel"] is None for t in message[1]["tips"])
+        c = rig.client()
+        start = rig.world.manipulator_position_um("A")
+        with pytest.raises(RpcError) as info:
+            c.calibrate("A")
+        assert info.value.code == "no_frame" and "[rig] um_per_px" in str(info.value)
         assert rig.world.manipulator_position_um("A") == pytest.approx(start)  # nothing moved
 
 

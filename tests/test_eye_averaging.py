@@ -154,3 +154,13 @@ def test_the_validated_pixel_size_range_is_checked_and_reaches_the_calibration_s
         assert (service.eye.min_score, service.eye.um_per_px_range) == (0.7, (0.3, 0.9))
     finally:
         service.close()
+
+
+def test_pixel_size_refusal_names_the_range_and_the_rigs_pixel_size() -> None:
+    from localisation.types import pixel_size_refusal
+
+    assert pixel_size_refusal(0.62, (0.2, 1.0), 0.62) is None
+    assert pixel_size_refusal(0.626, (0.2, 1.0), 0.62) is None  # within 1 %: the same zoom, rounded
+    assert "differs from the rig's 0.62 µm" in pixel_size_refusal(0.31, (0.2, 1.0), 0.62)
+    assert "validated range" in pixel_size_refusal(1.5, (0.2, 1.0), 1.5)
+    assert pixel_size_refusal(0.31, None, None) is None

@@ -368,8 +368,39 @@ def test_the_sender_script_and_encoder_refuse_bad_input(capsys: pytest.CaptureFi
     assert "cannot bind nonsense://x" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         frame_sender.main(["--rate", "0"])
-    pixels = np.zeros((4, 4), np.uint16)
+    pixels = np.zeros((16, 16), np.uint16)
     with pytest.raises(ValueError, match="um_per_px"):
         frame_sender.encode_frame(pixels, frame_id=0, um_per_px=float("inf"))
     with pytest.raises(ValueError, match="z_um"):
         frame_sender.encode_frame(pixels, frame_id=0, um_per_px=0.5, z_um=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fields"),
+    [
+        (np.zeros((16, 16), np.uint16), {"frame_id": -1}),
+        (np.zeros((16, 16), np.uint16), {"frame_id": 2**53 + 1}),
+        (np.zeros((16, 16), np.uint16), {"frame_id": True}),
+        (np.zeros((16, 16), np.uint16), {"frame_id": 1.5}),
+        (np.zeros((16, 16), np.uint16), {"t": float("nan")}),
+        (np.zeros((16, 16), np.uint16), {"t": float("inf")}),
+        (np.zeros((4, 4), np.uint16), {}),
+        (np.zeros((16, 16385), np.uint8), {}),
+    ],
+)
+def test_encode_frame_refuses_what_the_daemon_would_reject(pixels: np.ndarray, fields: dict) -> None:
+    """The sender's own check: an acquisition program hears of a bad frame at once, instead of
+    the daemon's frames silently stopping. Every such frame is one the receiver rejects too."""
+    kwargs = {"frame_id": 1, "um_per_px": 0.6, "t": 1.0, **fields}
+    with pytest.raises(ValueError):
+        encode_frame(pixels, **kwargs)
+    header = {"schema": "patchrig-frame/1", "frame_id": kwargs["frame_id"], "t": kwargs["t"],
+              "shape": list(pixels.shape), "dtype": pixels.dtype.name, "order": "C", "um_per_px": 0.6, "z_um": None}
+    with pytest.raises(FrameRejected):
+        decode_frame([b"frame", json.dumps(header).encode(), pixels.tobytes()])
+
+
+def test_encode_frame_takes_the_receivers_extremes() -> None:
+    for pixels, frame_id in ((np.zeros((8, 8), np.uint8), 0), (np.zeros((8, 16384), np.uint16), 2**53)):
+        frame = decode_frame(encode_frame(pixels, frame_id=frame_id, um_per_px=0.6, t=1.0))
+        assert frame.frame_id == frame_id and frame.shape == pixels.shape

@@ -162,3 +162,91 @@ def test_bench_refuses_counts_below_one_and_writes_nothing(
     assert cli_main([*BENCH, "--devices", "cpu", *option, "--out", str(out)]) == 1
     assert message in one_line_error(capsys)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# outputs that would overwrite the dataset they read
+
+
+def _small_dataset(root: Path) -> Path:
+    from simulators.synth import sample_example
+
+    ex = sample_example(7, n_tips=(1, 2), size_px=64)
+    write_dataset(root, [("images/000000.png", ex.pixels, ex.um_per_px, ex.tips_px)])
+    return root
+
+
+@pytest.mark.parametrize("target", ["labels.json", "images/000000.png"])
+def test_evaluate_and_show_refuse_to_write_over_their_dataset(tmp_path: Path, target: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate --out D/labels.json` replaced the labels with its results and `data show
+    --out D/images/x.png` replaced an image with the contact sheet."""
+    data = _small_dataset(tmp_path / "ds")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    out = data / target
+    if target.endswith(".json"):
+        args = ["evaluate", "--data", str(data), "--out", str(out), "--no-figures", "--no-progress"]
+    else:
+        args = ["data", "show", str(data), "--out", str(out)]
+    assert cli_main(args) == 1
+    assert "part of the dataset" in one_line_error(capsys)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_data_show_skips_hand_edited_hidden_tips_without_coordinates(tmp_path: Path) -> None:
+    data = _small_dataset(tmp_path / "ds")
+    labels = json.loads((data / "labels.json").read_text())
+    labels["images"][0]["all_tips"] = [{"visible": False}, {"visible": False, "x": 3.0, "y": "4"}]
+    (data / "labels.json").write_text(json.dumps(labels))
+    assert cli_main(["data", "show", str(data), "--out", str(tmp_path / "sheet.png")]) == 0
+    assert (tmp_path / "sheet.png").is_file()
+
+
+def _coco(tmp_path: Path, annotation: dict, categories: list[dict]) -> tuple[Path, Path]:
+    images = tmp_path / "imgs"
+    images.mkdir(exist_ok=True)
+    cv2.imwrite(str(images / "a.png"), np.zeros((128, 128), np.uint8))
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                "annotations": [{"image_id": 1, **annotation}], "categories": categories}))
+    return coco, images
+
+
+SHANK_TIP = [{"id": 1, "name": "pipette", "keypoints": ["shank", "tip"]}]
+TWO_KINDS = [*SHANK_TIP, {"id": 5, "name": "other", "keypoints": ["tip"]}]
+
+
+@pytest.mark.parametrize(("annotation", "categories", "message"), [
+    ({"category_id": 2, "keypoints": [110, 110, 2, 20, 20, 2]}, SHANK_TIP, "category_id 2 is not among"),
+    ({"keypoints": [110, 110, 2, 20, 20, 2]}, TWO_KINDS, "no 'category_id'"),
+    ({"category_id": 1, "keypoints": [110, 110, 2, 20, 20, 5]}, SHANK_TIP, "visibility must be 0, 1 or 2"),
+    ({"category_id": 1, "keypoints": [110, 110, 2, 500, -30, 2]}, SHANK_TIP, r"tip \(499.5, -30.5\) lies outside"),
+])
+def test_coco_annotations_that_cannot_be_read_safely_are_refused(tmp_path: Path, annotation: dict,
+                                                                 categories: list, message: str) -> None:
+    """An unknown or missing category made the import take the first keypoint (a shank point)
+    for the tip, even with --keypoint tip; odd visibilities were dropped and tips outside the
+    image kept, silently."""
+    coco, images = _coco(tmp_path, annotation, categories)
+    with pytest.raises(DataError, match=message):
+        import_coco(coco, images, tmp_path / "out", um_per_px=0.5, keypoint_name="tip")
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco_without_a_category_id_uses_the_one_category(tmp_path: Path) -> None:
+    coco, images = _coco(tmp_path, {"keypoints": [110, 110, 2, 20, 20, 2]}, SHANK_TIP)
+    dataset = import_coco(coco, images, tmp_path / "out", um_per_px=0.5, keypoint_name="tip")
+    np.testing.assert_allclose(dataset.records[0].tips_px, [[19.5, 19.5]])
+
+
+def test_a_labelled_tip_outside_its_image_is_an_error_naming_the_file(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data = _small_dataset(tmp_path / "ds")
+    labels = json.loads((data / "labels.json").read_text())
+    labels["images"][0]["tips"].append([-500.0, 9999.0])
+    (data / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(DataError, match=r"images/000000.png: tip \(-500, 9999\) lies outside the 64x64 image"):
+        load_image(read_dataset(data).records[0])
+    assert cli_main(["evaluate", "--data", str(data), "--out", str(tmp_path / "e.json"), "--no-figures",
+                     "--no-progress"]) == 1
+    assert "lies outside" in one_line_error(capsys) and not (tmp_path / "e.json").exists()

@@ -428,6 +428,19 @@ class ZmqFrameSource(FrameSource):
 # replay
 
 
+def _check_replay_series(tif: Any) -> None:
+    """DataError for a TIFF whose pages are not one frame each: several series (a thumbnail
+    beside the stack), or a channel axis (an ImageJ/ScanImage stack of 2 channels would
+    replay channel 1, channel 2, channel 1, ... as if each were a new frame)."""
+    if len(tif.series) != 1:
+        raise DataError(f"{len(tif.series)} image series (a thumbnail or several stacks); replay needs one")
+    series = tif.series[0]
+    axes, shape = str(series.axes), tuple(series.shape)
+    if "C" in axes and shape[axes.index("C")] > 1:
+        raise DataError(f"{shape[axes.index('C')]} channels (axes {axes}, shape {list(shape)}); replay needs one "
+                        "channel: save each channel as its own stack")
+
+
 class ReplayFrameSource(FrameSource):
     """Replays a multi-page TIFF stack, or a folder of PNG/TIFF images (sorted by name), at
     ``rate_hz``, looping by default. Images are read lazily; colour is converted to grey;
@@ -473,6 +486,7 @@ class ReplayFrameSource(FrameSource):
                 self.n_frames = len(self._tiff.pages)
                 if self.n_frames == 0:
                     raise DataError("no readable pages")
+                _check_replay_series(self._tiff)
                 page_dtype = np.dtype(self._tiff.pages[0].dtype)
                 if page_dtype not in _REPLAY_DTYPES:
                     raise DataError(f"pixels are {page_dtype}; replay needs 8- or 16-bit integer frames")
@@ -488,14 +502,18 @@ class ReplayFrameSource(FrameSource):
         self.finished = threading.Event()
 
     def read(self, index: int) -> np.ndarray:
-        """Frame ``index`` as an (h, w) uint8/uint16 array; raises DataError if unreadable."""
+        """Frame ``index`` as an (h, w) uint8/uint16 array (colour converted to grey, contiguous
+        or planar); raises DataError if unreadable."""
         if self._files:
             from localisation.dataset_format import load_image
 
             return load_image(self._files[index])
         with self._tiff_lock:
             try:
-                image = np.asarray(self._tiff.pages[index].asarray())
+                page = self._tiff.pages[index]
+                image = np.asarray(page.asarray())
+                if getattr(page, "samplesperpixel", 1) > 1 and page.planarconfig == 2:  # separate planes
+                    image = np.moveaxis(image, 0, -1)  # (samples, h, w) -> (h, w, samples)
             except Exception as exc:
                 raise DataError(f"{self.path}: page {index} unreadable ({exc})") from exc
         if image.dtype == np.int16:  # ScanImage saves int16: negative values are noise around 0

@@ -404,3 +404,22 @@ def test_encode_frame_takes_the_receivers_extremes() -> None:
     for pixels, frame_id in ((np.zeros((8, 8), np.uint8), 0), (np.zeros((8, 16384), np.uint16), 2**53)):
         frame = decode_frame(encode_frame(pixels, frame_id=frame_id, um_per_px=0.6, t=1.0))
         assert frame.frame_id == frame_id and frame.shape == pixels.shape
+
+
+def test_replay_refuses_a_stack_with_channels_and_reads_planar_colour(tmp_path: Path) -> None:
+    """An ImageJ stack of 2 channels replayed channel 1, channel 2, ... as new frames; a planar
+    RGB stack passed the start check and then had every page rejected."""
+    two_channels = tmp_path / "tc.tif"
+    stack = np.zeros((4, 2, 32, 32), np.uint16)  # 4 time points of 2 channels
+    stack[:, 0], stack[:, 1] = 100, 5000
+    tifffile.imwrite(two_channels, stack, imagej=True, metadata={"axes": "TCYX"})
+    with pytest.raises(ConfigError, match="2 channels"):
+        ReplayFrameSource(two_channels, rate_hz=20.0, um_per_px=0.5)
+    planar = tmp_path / "rgb.tif"
+    colour = np.zeros((3, 3, 32, 32), np.uint8)  # 3 frames of (samples, h, w)
+    colour[:, 1] = 200  # green
+    tifffile.imwrite(planar, colour, photometric="rgb", planarconfig="separate")
+    with ReplayFrameSource(planar, rate_hz=20.0, um_per_px=0.5) as source:
+        assert source.n_frames == 3
+        frame = source.read(0)
+        assert frame.shape == (32, 32) and int(frame.mean()) == round(200 * 0.587)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,10 @@ import tifffile
 
 from rig.atomic import write_text_atomic
 from rig.errors import DataError
+
+# tifffile logs its own parse errors before it raises; load_image raises one DataError naming
+# the file, so those lines would only be a second, noisier report of the same fault
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 FORMAT = "patchrig-tips/1"
 LABELS_NAME = "labels.json"

@@ -25,6 +25,7 @@ randomness). Bad frames (not an array, empty, NaN, wrong dimensions) raise ``Dat
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from copy import deepcopy
@@ -64,9 +65,18 @@ class ModelPrediction:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N`` as named.
+    DataError for another name or a GPU this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    match = re.fullmatch(r"cuda(?::(\d+))?", str(device))
+    if device == "cpu":
+        return torch.device("cpu")
+    if match is None:
+        raise DataError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if int(match.group(1) or 0) >= n_gpus:
+        raise DataError(f"device {device}: no such CUDA GPU on this machine ({n_gpus} found)")
     return torch.device(device)
 
 

@@ -241,5 +241,6 @@ def load_verifier(entry: Any, where: str) -> tuple[TipVerifier, VerifierConfig]:
         model = TipVerifier(cfg)
         model.load_state_dict(flush_tiny(entry["model_state"]))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise DataError(f"checkpoint {where}: malformed verifier ({exc})") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"checkpoint {where}: malformed verifier ({first})") from exc
     return model.eval(), cfg

@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     return _run_import(args)
 
 
+MAX_SYNTH_UM_PER_PX = 10.0  # the rig configuration's largest pixel size
+
+
 def _run_synth(args: argparse.Namespace) -> int:
     from simulators.synth import synthesise_dataset
 
@@ -129,9 +132,11 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise InvalidParams(f"--workers must be at least 1, got {args.workers}")
     if args.frames_averaged < 1:
         raise InvalidParams(f"--frames-averaged must be at least 1, got {args.frames_averaged}")
+    if args.seed < 0:
+        raise InvalidParams(f"--seed must be a non-negative integer, got {args.seed}")
     lo_um, hi_um = args.um_per_px
-    if not (0 < lo_um <= hi_um):
-        raise InvalidParams(f"--um-per-px must be 0 < MIN <= MAX, got {lo_um}-{hi_um}")
+    if not (0 < lo_um <= hi_um <= MAX_SYNTH_UM_PER_PX):  # NaN fails too
+        raise InvalidParams(f"--um-per-px must be 0 < MIN <= MAX <= {MAX_SYNTH_UM_PER_PX:g} µm, got {lo_um}-{hi_um}")
     ds = synthesise_dataset(
         args.out, args.n, args.seed, args.domain, args.tips, args.workers,
         um_per_px=(lo_um, hi_um), size_px=args.size, frames_averaged=args.frames_averaged,
@@ -169,6 +174,8 @@ def _run_figure(args: argparse.Namespace) -> int:
 
     if args.rows < 2:
         raise InvalidParams(f"--rows must be at least 2 (the last row is ex vivo), got {args.rows}")
+    if args.seed < 0:
+        raise InvalidParams(f"--seed must be a non-negative integer, got {args.seed}")
     _check_sheet_layout(args.tile)
     _check_picture_path(args.out)
     rows = args.rows

@@ -250,3 +250,28 @@ def test_a_labelled_tip_outside_its_image_is_an_error_naming_the_file(tmp_path: 
     assert cli_main(["evaluate", "--data", str(data), "--out", str(tmp_path / "e.json"), "--no-figures",
                      "--no-progress"]) == 1
     assert "lies outside" in one_line_error(capsys) and not (tmp_path / "e.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# one clear line
+
+
+def test_bad_options_and_files_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of these printed several lines (tifffile's own log lines, torch's device list) or a
+    message that did not name the option."""
+    data = _small_dataset(tmp_path / "ds")
+    assert cli_main(["locate", str(data), "--out", str(tmp_path / "p.json"), "--device", "bogus"]) == 1
+    assert "device must be auto, cpu, cuda or cuda:N, got 'bogus'" in one_line_error(capsys)
+    assert cli_main(["locate", str(data), "--out", str(tmp_path / "p.json"), "--device", "cuda:7"]) == 1
+    assert "no such CUDA GPU" in one_line_error(capsys)
+    truncated = tmp_path / "cut.tif"
+    tifffile.imwrite(truncated, np.zeros((64, 64), np.uint16))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert cli_main(["locate", str(truncated), "--um-per-px", "0.5", "--out", str(tmp_path / "p.json"),
+                     "--no-progress"]) == 1
+    assert "cut.tif" in one_line_error(capsys)
+    for option, value, words in (("--seed", "-1", "--seed must be a non-negative integer"),
+                                 ("--um-per-px", "0.5-inf", "--um-per-px must be 0 < MIN <= MAX <= 10")):
+        assert cli_main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "1", option, value]) == 1
+        assert words in one_line_error(capsys)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p.json").exists()

@@ -54,6 +54,17 @@ class _BackgroundWriter:
         self._dropped = 0
         self._writing = False
         self._pid = -1  # the process whose thread runs; a forked child starts its own
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget_parent)
+
+    def _forget_parent(self) -> None:
+        """In a forked child: a fresh lock (the parent's writer may have held it at the fork,
+        which would leave it locked here for ever) and none of the parent's lines."""
+        self._cond = threading.Condition()
+        self._lines = collections.deque()
+        self._dropped = 0
+        self._writing = False
+        self._pid = -1
 
     def put(self, line: str) -> None:
         with self._cond:

@@ -217,3 +217,37 @@ def test_a_full_backlog_drops_lines_and_says_how_many(monkeypatch) -> None:
     assert writer.flush(5.0)
     assert stream.getvalue().splitlines() == ["first", "0", "1", "2",
                                               "patchrig: 7 log lines dropped: stderr was not being read"]
+
+
+def test_a_forked_child_logs_even_if_the_writer_held_its_lock_at_the_fork(monkeypatch, restore_logging) -> None:
+    """Training forks worker processes; a child must never inherit the writer's lock held."""
+    import multiprocessing
+
+    from rig import logs
+
+    configure_logging("INFO", json_lines=True)
+
+    def child() -> None:
+        get_logger("patchrig.child").info("from the child")
+        assert flush_logs(5.0)
+
+    holding, fork_done = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # as the writer thread does while it takes its lines
+        with logs._writer._cond:
+            holding.set()
+            fork_done.wait(10.0)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert holding.wait(5.0)
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    fork_done.set()
+    holder.join(5.0)
+    process.join(20.0)
+    alive = process.is_alive()
+    if alive:
+        process.kill()
+        process.join()
+    assert not alive and process.exitcode == 0

@@ -191,6 +191,10 @@ class Manipulator(ABC):
     - ``close()``: release the device (stopping motion first).
     """
 
+    check_reads_device = False
+    """Whether ``_check_move`` reads the device (it may then wait for it): the daemon runs such
+    checks off its server loop."""
+
     def __init__(
         self, name: str, limits: Limits, max_speed_um_s: float, default_speed_um_s: float | None = None
     ) -> None:
@@ -300,7 +304,7 @@ class Manipulator(ABC):
         finally:
             if current is not None and not current.done:
                 current.finish(MoveState.INTERRUPTED, reason=reason)
-            self.log.info("stop", reason=reason)
+        self.log.info("stop", reason=reason)  # only once it was sent: a failure raises instead
 
     @property
     def current_move(self) -> MoveHandle | None:

@@ -58,16 +58,18 @@ from rig.logs import get_logger
 SDK_MIN_UM = -1000.0  # libum rejects GOTO targets outside this range (error -4)
 SDK_MAX_UM = 125000.0
 MIN_SPEED_UM_S = 1.0  # the SDK raises slower speeds to 1 µm/s ("speed < 1 crashes the uMp")
-MOVING_AXIS_UM = 0.1  # an axis this close to its target is treated as not moving
+SDK_RETRY_THRESHOLD_UM = 0.5  # sensapex MoveRequest: an axis closer than this to its target does not move
 
 
 def sdk_axis_speeds_um_s(diff_um: np.ndarray, speed_um_s: float) -> np.ndarray:
     """The speeds (µm/s) the SDK sends to the axes that move, for a ``linear=True`` move by
-    ``diff_um`` (device µm) at ``speed_um_s`` along the path: each axis gets its share, raised
-    to ``MIN_SPEED_UM_S`` and truncated to whole µm/s. Empty when no axis moves."""
+    ``diff_um`` (device µm) at ``speed_um_s`` along the path, as sensapex ``MoveRequest``
+    computes them: each axis gets ``speed * |diff| / max(1, norm(diff over every axis))``,
+    raised to ``MIN_SPEED_UM_S`` and truncated to whole µm/s; an axis within
+    ``SDK_RETRY_THRESHOLD_UM`` of its target does not move. Empty when no axis moves."""
     diff = np.abs(np.asarray(diff_um, float))
-    moving = diff >= MOVING_AXIS_UM
-    shares = float(speed_um_s) * diff[moving] / max(1.0, float(np.linalg.norm(diff[moving])))
+    moving = diff >= SDK_RETRY_THRESHOLD_UM
+    shares = float(speed_um_s) * diff[moving] / max(1.0, float(np.linalg.norm(diff)))
     return np.floor(np.maximum(shares, MIN_SPEED_UM_S))
 
 
@@ -75,7 +77,7 @@ def sdk_duration_s(diff_um: np.ndarray, speed_um_s: float) -> float:
     """How long that move takes at the SDK's axis speeds (s; acceleration left out)."""
     diff = np.abs(np.asarray(diff_um, float))
     speeds = sdk_axis_speeds_um_s(diff, speed_um_s)
-    return float(np.max(diff[diff >= MOVING_AXIS_UM] / speeds)) if speeds.size else 0.0
+    return float(np.max(diff[diff >= SDK_RETRY_THRESHOLD_UM] / speeds)) if speeds.size else 0.0
 WATCH_PERIOD_S = 0.005
 # how the SDK's ump.stop (and our _do_stop) word the interruption of a pending MoveRequest
 STOP_INTERRUPT_REASON = "stop requested before move finished"
@@ -267,6 +269,7 @@ class SensapexManipulator(Manipulator):
     """
 
     driver_name = "sensapex"
+    check_reads_device = True  # its speed check reads the position (see _check_move)
     tolerance_um = 1.0
     completion_margin_s = 4.0
     position_max_age_ms = 20

@@ -262,7 +262,8 @@ class ChannelController:
         self._pending: Operation | None = None
         self._current: Operation | None = None
         self._closed = False
-        self._requests = 0  # requests and stops so far (see ``reserve``)
+        self._arrivals = 0  # requests and stops so far, numbered as they arrive (see ``reserve``)
+        self._effective = 0  # the number of the newest one that took effect (submitted, or a stop)
         self.last_position_um: np.ndarray | None = None
         self.last_position_s: float | None = None
         self.last_device_ok_s: float = time.monotonic()
@@ -279,12 +280,13 @@ class ChannelController:
     # -- submit / stop --------------------------------------------------------------------
     def reserve(self) -> int:
         """A place in this channel's order of requests, for a request whose checks run (and may
-        read devices) before it is submitted: ``submit(op, reserved=n)`` drops ``op`` if a stop
-        or another request came after it, so requests take effect in the order they arrived
-        and a stop always wins over a request that was still being checked."""
+        read devices) before it is submitted: ``submit(op, reserved=n)`` drops ``op`` if a stop,
+        or a request that arrived after it, has already taken effect. So requests take effect in
+        the order they arrived, a stop always wins over a request still being checked, and a
+        request its checks refuse (never submitted) changes nothing for the others."""
         with self._cond:
-            self._requests += 1
-            return self._requests
+            self._arrivals += 1
+            return self._arrivals
 
     def submit(self, op: Operation, *, reserved: int | None = None) -> Operation:
         """Queue ``op``; it supersedes the running and the pending operation of this channel.
@@ -301,11 +303,13 @@ class ChannelController:
             if self._closed:
                 op._drop("refused: controller closed")
                 return op
-            if reserved is not None and reserved != self._requests:
+            if reserved is None:
+                self._arrivals += 1
+                reserved = self._arrivals
+            if reserved < self._effective:
                 op._drop("superseded by a later request or stop while it was being checked")
                 return op
-            if reserved is None:
-                self._requests += 1
+            self._effective = reserved
             dropped, self._pending = self._pending, op
             running = self._current
             # every stop asked for before this request (a user's stop, the watchdog's, a
@@ -338,7 +342,8 @@ class ChannelController:
     def cancel_ops(self, reason: str, *, failure: PatchrigError | None = None) -> None:
         """Cancel the operations without commanding the device (stop_all halts devices itself)."""
         with self._cond:
-            self._requests += 1  # a request still being checked (``reserve``) is not submitted
+            self._arrivals += 1  # a request still being checked (``reserve``) is not submitted
+            self._effective = self._arrivals
             dropped, self._pending = self._pending, None
             running = self._current
         if running is not None:

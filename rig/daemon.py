@@ -40,6 +40,7 @@ from rig.telemetry import TelemetryPublisher
 from rig.watchdog import Lease, Watchdog
 
 MAX_QUERIES = 32
+MAX_CHECKS = 16  # motion requests whose checks read a device, in flight at once
 SWITCH_INTERVAL_S = 0.001
 MEMORY_POSITION_DRIVERS = frozenset({"simulated", "scientifica"})
 """Drivers whose position read-back is served from memory without waiting on the device (the
@@ -96,6 +97,7 @@ class Daemon:
         self._shutdown_requested = threading.Event()
         self._shutdown_thread: threading.Thread | None = None
         self._query_slots = threading.BoundedSemaphore(MAX_QUERIES)
+        self._check_slots = threading.BoundedSemaphore(MAX_CHECKS)
 
         command_endpoint = command_endpoint or cfg.server.command_endpoint
         telemetry_endpoint = telemetry_endpoint or cfg.server.telemetry_endpoint
@@ -177,6 +179,8 @@ class Daemon:
                 device_silent_s=device_silent_s,
             )
             self.queries = ThreadPoolExecutor(max_workers=4, thread_name_prefix="patchrig-query")
+            # motion requests' checks: never queued behind queries (a locate waiting for a frame)
+            self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="patchrig-check")
             self.server = CommandServer(
                 self.context,
                 command_endpoint,
@@ -192,8 +196,9 @@ class Daemon:
     def _abort_construction(self) -> None:
         for ctl in getattr(self, "controllers", {}).values():
             ctl.close()
-        if getattr(self, "queries", None) is not None:
-            self.queries.shutdown(wait=True)
+        for pool in (getattr(self, "queries", None), getattr(self, "checks", None)):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if self._pub is not None:
             self._pub.close(linger=0)
         if self._auth is not None:
@@ -270,6 +275,7 @@ class Daemon:
                 self.localiser_worker.close()
             self.poller.close()
             self.queries.shutdown(wait=True, cancel_futures=True)
+            self.checks.shutdown(wait=True, cancel_futures=True)
             try:
                 self.closed_loop.close()
             except Exception as exc:
@@ -462,14 +468,17 @@ class Daemon:
             except Exception as exc:
                 responder.error(exc)
 
-        self._in_query_slot(answer, responder)
+        self._in_pool(self.queries, self._query_slots, answer, responder)
 
-    def _in_query_slot(self, run_and_answer: Any, responder: Responder, *, accepted: Any = None) -> None:
-        """Run ``run_and_answer()`` (which answers ``responder`` itself) in the query pool;
-        Busy beyond ``MAX_QUERIES`` in flight. ``accepted()`` runs here (the server loop) once
-        the request has a slot, before the pool can start it."""
-        if not self._query_slots.acquire(blocking=False):
-            raise Busy(f"more than {MAX_QUERIES} queries in flight; try again")
+    def _in_pool(
+        self, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore, run_and_answer: Any,
+        responder: Responder, *, accepted: Any = None,
+    ) -> None:
+        """Run ``run_and_answer()`` (which answers ``responder`` itself) in ``pool``; Busy when
+        every one of ``slots`` is in flight. ``accepted()`` runs here (the server loop) once the
+        request has a slot, before the pool can start it."""
+        if not slots.acquire(blocking=False):
+            raise Busy("too many requests in flight; try again")
         if accepted is not None:
             accepted()
 
@@ -477,17 +486,17 @@ class Daemon:
             try:
                 run_and_answer()
             finally:
-                self._query_slots.release()
+                slots.release()
 
         try:
-            future = self.queries.submit(run)
+            future = pool.submit(run)
         except RuntimeError:  # pool shut down
-            self._query_slots.release()
+            slots.release()
             raise Busy("daemon is shutting down") from None
 
         def never_ran(done: Any) -> None:  # cancelled in the queue at shutdown: still answer
             if done.cancelled():
-                self._query_slots.release()
+                slots.release()
                 responder.error(Stopped("daemon is shutting down; the request was not run"))
 
         future.add_done_callback(never_ran)
@@ -533,7 +542,10 @@ class Daemon:
             target = ctl.manipulator.validate_target(p.position_um)  # type: ignore[attr-defined]
             speed = ctl.manipulator.validate_speed(p.speed_um_s)  # type: ignore[attr-defined]
             body = move_body(ctl, target, speed)
-            check = partial(ctl.manipulator.check_move, target, speed)
+            if ctl.manipulator.check_reads_device:
+                check = partial(ctl.manipulator.check_move, target, speed)
+            else:  # nothing to wait for: checked here, submitted at once
+                ctl.manipulator.check_move(target, speed)
         elif request.method == "move_tip":
             body = self.closed_loop.move_tip_body(ctl, p)
             check = self.closed_loop.move_tip_check(ctl, p)
@@ -564,7 +576,8 @@ class Daemon:
                 return
             submit(reserved[0])
 
-        self._in_query_slot(check_then_submit, responder, accepted=lambda: reserved.append(ctl.reserve()))
+        self._in_pool(self.checks, self._check_slots, check_then_submit, responder,
+                      accepted=lambda: reserved.append(ctl.reserve()))
 
     def _report_failure(self, op: Operation) -> None:
         """A failed operation (not a stop) also goes out as a warning ``event``."""

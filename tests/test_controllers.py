@@ -217,6 +217,7 @@ def test_a_request_still_being_checked_loses_to_a_later_stop_or_request() -> Non
         assert second.wait_finished(5.0) and second.state == "done"
         assert running.state == "stopped"  # superseded by the newer request only
         assert device.position_um[0] == 50.0
-        ctl.reserve()  # a request whose check failed is never submitted; a later one runs
-        kept = ctl.submit(_move(ctl, 20.0, 500.0))
+        still_checked = ctl.reserve()
+        ctl.reserve()  # a later request whose check failed: never submitted, it changes nothing
+        kept = ctl.submit(_move(ctl, 20.0, 500.0), reserved=still_checked)
         assert kept.wait_finished(5.0) and kept.state == "done"

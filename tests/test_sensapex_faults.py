@@ -133,6 +133,33 @@ def test_the_sdk_axis_speeds_are_whole_um_per_s_shares_of_at_least_one() -> None
     assert sdk_duration_s(np.array([100.0, 15.0, 0.0]), 20.0) == pytest.approx(7.5)  # y: 15 µm at 2 µm/s
     assert sdk_duration_s(np.array([40.0, 0.0, 0.0]), 1.9) == pytest.approx(40.0)
     assert sdk_axis_speeds_um_s(np.array([0.05, 0.0, 0.0]), 20.0).size == 0 and sdk_duration_s(np.zeros(3), 5.0) == 0.0
+    # as the SDK: the norm over every axis (a 1 nm read-back residual makes a 2 µm/s share
+    # 1.99999 -> 1 µm/s), and an axis within its 0.5 µm retry threshold does not move
+    assert sdk_axis_speeds_um_s(np.array([100.0, -0.001, 0.0]), 2.0).tolist() == [1.0]
+    assert sdk_duration_s(np.array([100.0, -0.001, 0.0]), 2.0) == pytest.approx(100.0)
+    assert sdk_axis_speeds_um_s(np.array([10.0, 0.3, 0.0]), 1.2).tolist() == [1.0]
+
+
+def test_the_axis_speeds_are_those_the_vendor_sdk_computes() -> None:
+    """Checked against sensapex's own MoveRequest (its position read and device stubbed)."""
+    from sensapex.sensapex import MoveRequest
+
+    from manipulators.sensapex import sdk_axis_speeds_um_s
+
+    class Ump:
+        default_max_accelerations = {1: None}
+
+    for start, target, speed in (([1000.0, 2000.001, 3000.0], [1100.0, 2000.0, 3000.0], 2.0),
+                                 ([0.0, 0.0, 0.0], [100.0, 15.0, 0.0], 20.0),
+                                 ([5.0, 5.0, 5.0], [17.0, 5.3, 9.0], 7.5)):
+        request = MoveRequest.__new__(MoveRequest)
+        request._read_position = lambda start=start: list(start)  # noqa: B023
+        request._movement_args = lambda acc, pos4, speeds, simultaneous: [int(x) for x in speeds]
+        MoveRequest.__init__(request, Ump(), 1, target, speed, simultaneous=True, linear=True)
+        sent = np.array(request._moves[0][: len(start)], float)
+        diff = np.subtract(target, start)
+        moving = np.abs(diff) >= 0.5
+        assert sent[moving].tolist() == sdk_axis_speeds_um_s(diff, speed).tolist()
 
 
 def test_error_reply_to_goto_fails_the_move_within_its_deadline(rig: SensapexRig) -> None:

@@ -202,12 +202,14 @@ def test_a_move_its_device_refuses_leaves_the_running_move_alone(rig) -> None:
 
     device._check_move = refuse_slow_moves
     c = rig.client()
-    running = c.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)["op"]
-    time.sleep(0.1)
-    assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0) == "invalid_params"
-    assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0, wait=False) == "invalid_params"
-    assert c.status()["channels"]["A"]["op"]["op"] == running  # still running, not superseded
-    c.stop("A")
+    for reads_device in (False, True):  # checked in the server loop, or in the check pool
+        device.check_reads_device = reads_device
+        running = c.move("A", [START_UM + 2000.0, START_UM, START_UM], 200.0, wait=False)["op"]
+        time.sleep(0.1)
+        assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0) == "invalid_params"
+        assert rpc_code(c.move, "A", [START_UM, START_UM + 30.0, START_UM], 2.0, wait=False) == "invalid_params"
+        assert c.status()["channels"]["A"]["op"]["op"] == running  # still running, not superseded
+        c.stop("A")
 
 
 def test_a_superseding_operation_that_fails_at_once_still_halts_the_old_move(tmp_path) -> None:

@@ -552,6 +552,7 @@ class _ActiveMove:
     idle_position_um: np.ndarray | None = None
     final_issued: bool = True
     next_step_s: float = 0.0
+    last_step_s: float | None = None  # when the previous stepwise ABS was paced
     last_step_ticks: tuple[int, int, int] | None = None
 
 
@@ -904,13 +905,16 @@ class ScientificaManipulator(Manipulator):
     def _step(self, move: _ActiveMove, now: float, position_um: np.ndarray) -> None:
         """Issue the next short ``ABS`` of a stepwise move: to where the requested speed says the
         pipette should be by now, so that it is never ahead of that schedule, and never more
-        than one step (speed x ``STEP_S``) beyond the read-back ``position_um``: each ``ABS``
-        runs at the device's minimum speed, so after a stall (a slow reply, a resync) catching
-        up with the schedule in one ``ABS`` would move the pipette faster than asked."""
+        than one step beyond the read-back ``position_um`` (the requested speed times the time
+        since the previous step, at least ``STEP_S``): each ``ABS`` runs at the device's
+        minimum speed, so after a stall (a slow reply, a resync) catching up with the schedule
+        in one ``ABS`` would move the pipette faster than asked."""
         path = move.target_um - move.start_um
         length = float(np.linalg.norm(path))
         reached_um = float(np.dot(position_um - move.start_um, path) / length) if length > 0 else 0.0
-        travelled = min(move.speed_um_s * (now - move.started_s), max(reached_um, 0.0) + move.speed_um_s * STEP_S)
+        since_s = STEP_S if move.last_step_s is None else max(STEP_S, now - move.last_step_s)
+        travelled = min(move.speed_um_s * (now - move.started_s), max(reached_um, 0.0) + move.speed_um_s * since_s)
+        move.last_step_s = now
         move.next_step_s = now + STEP_S
         if travelled >= length:
             ticks, move.final_issued = move.ticks, True
@@ -1002,8 +1006,9 @@ class ScientificaManipulator(Manipulator):
             move.idle_since_s = None
             if move.stepwise:  # paced again from here: one ABS would run at the device's minimum speed
                 move.start_um, move.started_s, move.final_issued = position.copy(), now, False
-                move.deadline_s = max(move.deadline_s, now + 2.0 * (error_um / move.speed_um_s + 1.0) + 2.0)
-                move.last_step_ticks = None
+                move.deadline_s = max(move.deadline_s,
+                                      now + 2.0 * (error_um / move.speed_um_s + 1.0) + 2.0 + self.lost_after_s)
+                move.last_step_ticks, move.last_step_s = None, None
                 self._step(move, now, position)
                 return
             self._proto.send_move(move.ticks, move.top)

@@ -97,8 +97,8 @@ def refuse_overwriting(outputs: list[Path], dataset: TipDataset, option: str = "
     inputs = {(dataset.root / LABELS_NAME).resolve(), *(r.path.resolve() for r in dataset.records)}
     for out in outputs:
         if Path(out).resolve() in inputs:
-            raise DataError(f"{option} {out} is part of the dataset {dataset.root}: it would be overwritten; "
-                            "choose another file")
+            raise DataError(f"output {out} (from {option}) is part of the dataset {dataset.root}: it would be "
+                            "overwritten; choose another file")
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from rig.errors import ConfigError, PatchrigError
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 30.0
 CLOSE_LOCK_WAIT_S = 1.0
+RESPAWN_BACKOFF_S = 30.0  # after a failed restart, frames are refused this long before the next try
 
 
 def _serve(conn: Any, checkpoint: str | None, device: str, threads: int | None) -> None:
@@ -94,6 +95,7 @@ class ProcessLocaliser:
         self._lock = threading.Lock()
         self._closed = False
         self._hung = False  # the child was killed after a call timed out; the next call restarts it
+        self._next_respawn_s = 0.0  # monotonic time before which no restart is tried
         self._seq = 0  # request number; a reply that arrives after its call timed out is skipped
 
     @classmethod
@@ -138,16 +140,26 @@ class ProcessLocaliser:
             self._process.join(timeout=5.0)
 
     def _replace_hung_child(self) -> None:
-        """Start a new child in place of one killed after a timeout (called under the lock)."""
+        """Start a new child in place of one killed after a timeout (called under the lock).
+        A restart that fails is tried again only after ``RESPAWN_BACKOFF_S``: not a model
+        load per frame."""
         if not self._start_args:
             raise PatchrigError("the localiser process hung and was stopped")
-        self._conn.close()
+        if time.monotonic() < self._next_respawn_s:
+            raise PatchrigError("the localiser process hung and could not be restarted; "
+                                f"the next try is at most {RESPAWN_BACKOFF_S:.0f} s after the last")
 
         def started(process: Any) -> None:  # ``close`` can kill it while it loads
             self._process = process
 
         checkpoint, device, threads = self._start_args
-        self._process, self._conn, _ = self._spawn(checkpoint, device, threads, started)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        try:
+            self._process, self._conn, _ = self._spawn(checkpoint, device, threads, started)
+        except Exception as exc:
+            self._next_respawn_s = time.monotonic() + RESPAWN_BACKOFF_S
+            raise PatchrigError(f"the localiser process hung and could not be restarted ({exc})") from None
         self._hung = False
 
     def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:

@@ -152,3 +152,33 @@ def test_close_never_waits_behind_a_call_to_a_hung_child(monkeypatch) -> None:
     assert not caller.is_alive() and len(errors) == 1 and "died" in str(errors[0])
     with pytest.raises(lp.PatchrigError, match="closed"):
         remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
+
+
+def test_a_restart_that_fails_is_not_tried_again_for_every_frame(monkeypatch) -> None:
+    import rig.localiser_process as lp
+
+    hung = _FakeChild(hang=True)
+    tries: list[int] = []
+
+    def spawn_fails(checkpoint, device, threads, started=None):  # noqa: ANN001, ANN202
+        tries.append(1)
+        raise ConfigError("cannot load the localiser: CUDA error")
+
+    monkeypatch.setattr(ProcessLocaliser, "_spawn", staticmethod(spawn_fails))
+    monkeypatch.setattr(lp, "CALL_TIMEOUT_S", 0.2)
+    remote = ProcessLocaliser(hung, hung.parent, "cpu", "fake", ("fake.pt", "cpu", 1))
+    frame = np.full((16, 16), 1, np.uint16)
+    with pytest.raises(lp.PatchrigError, match="did not answer"):
+        remote.locate(frame, 0.5)
+    with pytest.raises(lp.PatchrigError, match="could not be restarted.*CUDA error"):
+        remote.locate(frame, 0.5)
+    for _ in range(5):  # frames keep coming: refused at once, no model load for each
+        with pytest.raises(lp.PatchrigError, match="next try"):
+            remote.locate(frame, 0.5)
+    assert len(tries) == 1
+    fresh = _FakeChild()
+    monkeypatch.setattr(ProcessLocaliser, "_spawn",
+                        staticmethod(lambda c, d, t, started=None: (started(fresh), (fresh, fresh.parent, {}))[1]))
+    remote._next_respawn_s = 0.0  # the back-off has passed
+    assert [d.x_px for d in remote.locate(np.full((16, 16), 3, np.uint16), 0.5)] == [3.0]
+    remote.close()

@@ -212,17 +212,17 @@ def load_cache(path: str | Path) -> list[PreparedFrame]:
 
 
 def cached_synthetic(
-    cfg: LocaliserConfig, seed_start: int, n: int, cache_dir: str | Path | None, *, desc: str
+    cfg: LocaliserConfig, seed_start: int, n: int, cache_dir: str | Path | None, *, desc: str, progress: bool = True
 ) -> list[PreparedFrame]:
     """``render_synthetic`` with an on-disk cache keyed by everything that changes the frames."""
     if cache_dir is None:
-        return render_synthetic(cfg, seed_start, n, desc=desc)
+        return render_synthetic(cfg, seed_start, n, desc=desc, progress=progress)
     scale = cfg.model_um_per_px if cfg.input_mode == "fixed_scale" else cfg.input_size
     key = f"synth-{cfg.domain}-{cfg.input_mode}-{scale}-{seed_start}-{n}-faint.npz"
     path = Path(cache_dir) / key
     if path.exists():
         return load_cache(path)
-    frames = render_synthetic(cfg, seed_start, n, desc=desc)
+    frames = render_synthetic(cfg, seed_start, n, desc=desc, progress=progress)
     save_cache(frames, path)
     return frames
 

@@ -15,7 +15,10 @@ are really there but below the visibility threshold (``all_tips`` entries with r
 ``low_contrast``: in frame, in focus, too faint to require). They are neither required nor
 penalised: a prediction left unmatched by the true tips that lies within the gate of such a tip
 is dropped from the predictions (``ignored_predictions``) instead of counting as a false
-positive; missing them costs nothing.
+positive; missing them costs nothing. One prediction per faint tip (matched one to one, as
+required tips are): a second detection of the same faint tip is a duplicate and counts as
+false, as a second detection of a required tip does (stricter than PASCAL VOC, which ignores
+every detection of a difficult object; the daemon must not see one tip twice).
 
 Everything is also reported per number of true tips in the image (``by_n_tips``), and, where
 the dataset gives each true tip's contrast-to-noise ratio (``patchrig data synth`` does), the

@@ -231,17 +231,20 @@ def sweep_thresholds(
     """Validation metrics at ``SWEEP_THRESHOLDS``: on ``val_data`` (a dataset directory, whose
     faint tips are neither required nor false positives, as in ``evaluate``) or else on the
     configuration's synthetic validation seeds."""
-    from localisation.data import load_directory
+    from localisation.data import load_directory, load_frame_denoiser
 
     if val_data is not None:
         prepared = load_directory(cfg, val_data, progress=progress)
         faint = [faint_tips_px(r) for r in read_dataset(val_data).records]
     else:
-        prepared = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val")
-        faint = [np.zeros((0, 2)) for _ in prepared]
+        prepared = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, cache_dir, desc="render val", progress=progress)
+        faint = [f.resampling.to_input(f.faint_model_px) for f in prepared]  # as evaluate counts them
+    # the inference path exactly: the configuration's denoiser too
+    denoiser = load_frame_denoiser(cfg.denoiser) if cfg.denoiser else None
     frames = []
     for f, faint_px in zip(prepared, faint, strict=True):
-        pred = predict_prepared(model, cfg, f.image_float(), device=torch.device("cpu"), score_threshold=0.0)
+        pred = predict_prepared(model, cfg, f.image_float(), device=torch.device("cpu"), score_threshold=0.0,
+                                denoiser=denoiser)
         frames.append((f.resampling.to_input(pred.xy_model_px), pred.scores, f.resampling.to_input(f.tips_model_px),
                        f.um_per_px, faint_px))
     return threshold_sweep(frames, SWEEP_THRESHOLDS)

@@ -212,14 +212,16 @@ def load_frames(cfg: LocaliserConfig, opts: TrainOptions) -> tuple[list[Prepared
     if opts.data is not None:
         train_frames = load_directory(cfg, opts.data, progress=opts.progress)
     else:
-        train_frames = cached_synthetic(cfg, cfg.train_seed, cfg.train_examples, opts.cache_dir, desc="render train")
+        train_frames = cached_synthetic(cfg, cfg.train_seed, cfg.train_examples, opts.cache_dir, desc="render train",
+                                        progress=opts.progress)
     if opts.val_data is not None:
         val_frames = load_directory(cfg, opts.val_data, progress=opts.progress)
     elif opts.data is not None:
         n_val = max(1, min(cfg.val_examples, len(train_frames) // 10))
         val_frames, train_frames = train_frames[:n_val], train_frames[n_val:] or train_frames
     else:
-        val_frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, opts.cache_dir, desc="render val")
+        val_frames = cached_synthetic(cfg, cfg.val_seed, cfg.val_examples, opts.cache_dir, desc="render val",
+                                      progress=opts.progress)
     if cfg.denoiser:
         denoise_frames(train_frames, cfg.denoiser, progress=opts.progress)
         denoise_frames(val_frames, cfg.denoiser, progress=opts.progress)

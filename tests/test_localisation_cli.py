@@ -675,3 +675,22 @@ def test_damaged_checkpoints_are_one_clear_error(tmp_path: Path, tiny_dataset: P
         message = one_line_error(capsys)
         assert path.name in message and words in message and "weights_only" not in message, message
     assert not out.exists()
+
+
+def test_the_shipping_sweep_forgives_faint_tips_as_evaluate_does(monkeypatch) -> None:
+    """On synthetic validation frames the sweep that picks the shipped threshold passed no faint
+    tips, so it counted detections of real faint glass as false and picked too high."""
+    import localisation.ship as ship
+    from localisation.configs import build_model
+
+    cfg = get_config("fast-tiny").with_overrides(val_examples=12, val_seed=20_000_000)
+    seen: list[np.ndarray] = []
+    monkeypatch.setattr(ship, "threshold_sweep", lambda frames, thresholds: seen.extend(f[4] for f in frames) or [])
+    torch.manual_seed(0)
+    ship.sweep_thresholds(build_model(cfg).eval(), cfg, None, progress=False)
+    from localisation.data import render_synthetic
+
+    expected = [f.resampling.to_input(f.faint_model_px)
+                for f in render_synthetic(cfg, cfg.val_seed, cfg.val_examples, progress=False)]
+    assert sum(len(f) for f in expected) > 0  # these frames have faint tips
+    assert [np.asarray(f).tolist() for f in seen] == [f.tolist() for f in expected]

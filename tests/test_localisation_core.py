@@ -270,6 +270,11 @@ def test_a_detection_of_a_faint_real_tip_is_neither_required_nor_a_false_positiv
     acc2.add(np.array([[10.0, 10.0]]), true, 1.0, faint_px=np.array([[12.0, 10.0]]))
     o2 = acc2.summary()["overall"]
     assert o2["precision"] == 1.0 and o2["ignored_predictions"] == 0
+    # one faint tip forgives one detection: a second one on it is a duplicate, and false
+    acc3 = MetricsAccumulator(gate_um=10.0)
+    acc3.add(np.array([[53.0, 50.0], [50.0, 54.0]]), np.zeros((0, 2)), 1.0, faint_px=np.array([[50.0, 50.0]]))
+    o3 = acc3.summary()["overall"]
+    assert o3["ignored_predictions"] == 1 and o3["predicted_tips"] == 1 and o3["precision"] == 0.0
 
 
 def test_postprocess_thresholds_and_suppresses_duplicates() -> None:

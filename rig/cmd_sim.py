@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never open a window (the picture is always written to --out)")
     parser.add_argument("--report", type=Path, default=None, help="write the session's figures as JSON here")
     parser.add_argument("--out", type=Path, default=Path("patchrig-sim"),
-                        help="output folder for the picture and the session's calibrations (default: %(default)s)")
+                        help="output folder for the picture and the session's calibrations, in a new "
+                             "calibration-<UTC time>-* folder each run; nothing in it is deleted (default: %(default)s)")
     parser.add_argument("--serve", action="store_true",
                         help="no scripted session: keep the daemon serving on the config's endpoints until interrupted")
     parser.add_argument("--localiser", choices=["model", "classical", "oracle"], default="model",
@@ -360,10 +361,11 @@ def _run(args: argparse.Namespace) -> int:
                                   localiser_device=device)
             serve(daemon, log)
             return 0
-        calibration_dir = out / "calibration"
-        if calibration_dir.exists():
-            shutil.rmtree(calibration_dir)  # every session starts uncalibrated
         out.mkdir(parents=True, exist_ok=True)
+        # every session starts uncalibrated, in a folder of its own: nothing of the user's is
+        # ever deleted (this used to empty OUT/calibration, whatever it held)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        calibration_dir = Path(tempfile.mkdtemp(prefix=f"calibration-{stamp}-", dir=out))
         daemon = build_daemon(cfg, world=sim.world, microscope=sim.microscope, localiser=localiser,
                               localiser_device=device, calibration_dir=calibration_dir,
                               command_endpoint="tcp://127.0.0.1:0", telemetry_endpoint="tcp://127.0.0.1:0")

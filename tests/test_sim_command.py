@@ -23,6 +23,8 @@ KEYS = {"name", "driver", "calibration_residual_um", "calibration_true_error_um"
 
 def test_patchrig_sim_session_and_report(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
+    (tmp_path / "out" / "calibration").mkdir(parents=True)  # a folder of the user's, never deleted
+    (tmp_path / "out" / "calibration" / "notes.txt").write_text("precious")
     env = dict(os.environ)
     # a Sensapex group of its own (protocols/sensapex-smcp.md §7.1) so parallel runs do not
     # clash; another one if something on this machine holds its port
@@ -46,6 +48,9 @@ def test_patchrig_sim_session_and_report(tmp_path: Path) -> None:
         assert 1 <= ch["iterations"] <= 6 and ch["seconds"] > 0
     assert 0 < data["total_seconds"] < 120
     assert (tmp_path / "out" / "sim-session.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "calibration" / "notes.txt").read_text() == "precious"
+    (session,) = (tmp_path / "out").glob("calibration-*")  # the session's calibrations, a folder of their own
+    assert sorted(p.name for p in session.glob("*.json")) == ["A.json", "B.json", "C.json", "D.json"]
     assert "per-channel results" in proc.stdout and "final err" in proc.stdout
 
 

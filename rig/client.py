@@ -156,10 +156,20 @@ class PatchrigClient:
         except ValueError:
             raise RpcError("internal", f"{code}: {error.get('message', '')}") from None
 
-    def _motion(self, method: str, params: dict[str, Any], wait: bool, timeout_s: float | None) -> dict[str, Any]:
+    def motion(self, method: str, params: dict[str, Any], wait: bool, timeout_s: float | None = None) -> dict[str, Any]:
+        """A motion call. With ``wait``: a quick ``ping`` first, so that a daemon that is not
+        there is reported within ``timeout_s``, not after the operation's long timeout; and
+        never re-sent (a resent ``move`` would supersede, and so restart, the one running)."""
         params = {**params, "wait": wait}
-        timeout = timeout_s if timeout_s is not None else (self.op_timeout_s if wait else self.timeout_s)
-        return self.call(method, params, timeout_s=timeout)
+        if wait:
+            try:
+                self.call("ping", retries=0)
+            except RpcTimeout:
+                raise RpcTimeout(f"{method}: the daemon at {self.endpoint} does not answer (no reply to a ping "
+                                 f"within {self.timeout_s:.1f} s); nothing was sent") from None
+            return self.call(method, params, timeout_s=self.op_timeout_s if timeout_s is None else timeout_s,
+                             retries=0)
+        return self.call(method, params, timeout_s=self.timeout_s if timeout_s is None else timeout_s)
 
     # -- typed methods --------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -178,7 +188,7 @@ class PatchrigClient:
         params: dict[str, Any] = {"channel": channel, "position_um": [float(v) for v in position_um]}
         if speed_um_s is not None:
             params["speed_um_s"] = float(speed_um_s)
-        return self._motion("move", params, wait, timeout_s)
+        return self.motion("move", params, wait, timeout_s)
 
     def move_tip(self, channel: str, *, target_px: Sequence[float] | None = None,
                  target_um: Sequence[float] | None = None, tolerance_um: float | None = None,
@@ -196,14 +206,14 @@ class PatchrigClient:
             params["max_iterations"] = int(max_iterations)
         if speed_um_s is not None:
             params["speed_um_s"] = float(speed_um_s)
-        return self._motion("move_tip", params, wait, timeout_s)
+        return self.motion("move_tip", params, wait, timeout_s)
 
     def locate(self) -> dict[str, Any]:
         """Tips on the newest localised frame, each with its channel (or null)."""
         return self.call("locate")
 
     def calibrate(self, channel: str, *, wait: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
-        return self._motion("calibrate", {"channel": channel}, wait, timeout_s)
+        return self.motion("calibrate", {"channel": channel}, wait, timeout_s)
 
     def set_tip(self, channel: str, px: Sequence[float] | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"channel": channel}

@@ -67,9 +67,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParams(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {args.timeout}")
     waits = args.method in ("move", "move_tip", "calibrate") and params.get("wait", True)
     timeout = args.timeout if args.timeout is not None else (300.0 if waits else 5.0)
-    with PatchrigClient(args.endpoint, timeout_s=timeout, retries=args.retries, curve_dir=args.curve_dir) as client:
+    with PatchrigClient(args.endpoint, timeout_s=5.0 if waits else timeout, op_timeout_s=timeout,
+                        retries=args.retries, curve_dir=args.curve_dir) as client:
         try:
-            result = client.call(args.method, params)
+            if waits:  # a ping first (a dead daemon is reported in 5 s), never re-sent
+                motion = {k: v for k, v in params.items() if k != "wait"}
+                result = client.motion(args.method, motion, True)
+            else:
+                result = client.call(args.method, params)
         except RpcError as exc:
             print(f"patchrig client: error: {exc.code}: {exc}", file=sys.stderr)
             return 1

@@ -17,7 +17,8 @@ from rig.protocol import RpcError, ok_reply
 class DroppingServer:
     """A ROUTER that ignores the first ``drop`` requests, then answers ``ping`` (a real socket)."""
 
-    def __init__(self, drop: int) -> None:
+    def __init__(self, drop: int, *, only_pings: bool = False) -> None:
+        self.only_pings = only_pings  # answer pings only (a daemon busy or stuck on everything else)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
@@ -25,6 +26,7 @@ class DroppingServer:
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.drop = drop
         self.seen: list[str] = []
+        self.methods: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
         self._thread.start()
@@ -36,7 +38,8 @@ class DroppingServer:
             frames = self.sock.recv_multipart()
             request = json.loads(frames[-1])
             self.seen.append(request["id"])
-            if len(self.seen) <= self.drop:
+            self.methods.append(request["method"])
+            if len(self.seen) <= self.drop or (self.only_pings and request["method"] != "ping"):
                 continue
             self.sock.send_multipart([*frames[:-1], ok_reply(request["id"], {"pong": True})])
 
@@ -84,6 +87,33 @@ def test_routines_are_never_re_sent_after_a_timeout(method: str) -> None:
         assert len(server.seen) == 1
     finally:
         server.close()
+
+
+def test_a_waiting_motion_call_is_never_re_sent_and_a_dead_daemon_is_reported_at_once() -> None:
+    """A waiting move re-sent after its timeout superseded, and so restarted, the move still
+    running; and a daemon that was not there was reported only after the operation's timeout
+    (300 s in ``patchrig client``) times the attempts."""
+    import time
+
+    busy = DroppingServer(drop=0, only_pings=True)
+    try:
+        with PatchrigClient(busy.endpoint, timeout_s=0.2, op_timeout_s=0.3, retries=2) as client:
+            with pytest.raises(RpcError) as info:
+                client.move("A", [1.0, 2.0, 3.0], 100.0)
+            assert info.value.code == "timeout" and client.resends == 0
+        assert busy.methods == ["ping", "move"]
+    finally:
+        busy.close()
+    dead = DroppingServer(drop=100)
+    try:
+        with PatchrigClient(dead.endpoint, timeout_s=0.2, op_timeout_s=300.0, retries=2) as client:
+            t0 = time.monotonic()
+            with pytest.raises(RpcError, match="does not answer.*nothing was sent"):
+                client.calibrate("A")
+            assert time.monotonic() - t0 < 5.0
+        assert dead.methods == ["ping"]
+    finally:
+        dead.close()
 
 
 def test_typed_methods_and_error_codes_against_the_daemon() -> None:

@@ -2,8 +2,10 @@
 
 It answers ``locate(pixels, um_per_px)`` for frames of one ``SimMicroscope`` by looking up the
 truth recorded when that very pixel array was rendered (visible tips only, as the renderer
-labels them), adds Gaussian noise of ``noise_px`` and gives every tip ``score``. Frames it did
-not see rendered get no detections. It is for tests, development (``patchrig sim --localiser
+labels them), adds Gaussian noise of ``noise_px`` and gives every tip ``score``. A frame that
+is the mean of consecutive rendered frames (``[calibration] frames_averaged``, taken with
+the pipettes still) gets the truth of the newest of them. Frames it did not see rendered get
+no detections. It is for tests, development (``patchrig sim --localiser
 oracle``) and for separating control error from localisation error; it is never used on a
 real rig (it needs the simulator's truth).
 """
@@ -39,11 +41,31 @@ class OracleLocaliser:
 
     def locate(self, pixels: np.ndarray, um_per_px: float) -> list[TipDetection]:
         with self._lock:
-            tips = next((t for p, t in reversed(self._recent) if p is pixels), None)
-            if tips is None:
-                return []
+            recent = list(self._recent)
+        tips = next((t for p, t in reversed(recent) if p is pixels), None)
+        if tips is None:
+            tips = self._truth_of_an_average(pixels, recent)
+        if tips is None:
+            return []
+        with self._lock:
             noise = self._rng.normal(0.0, self.noise_px, size=(len(tips), 2))
         return [TipDetection(x + dx, y + dy, self.score) for (x, y), (dx, dy) in zip(tips, noise, strict=True)]
+
+    @staticmethod
+    def _truth_of_an_average(
+        pixels: np.ndarray, recent: list[tuple[Any, list[tuple[float, float]]]], max_frames: int = 8
+    ) -> list[tuple[float, float]] | None:
+        """The newest frame's truth if ``pixels`` is the rounded mean of 2..``max_frames``
+        consecutive recent frames (computed as ``calibration.observe`` averages), else None."""
+        for end in range(len(recent) - 1, max(len(recent) - 1 - max_frames, 0), -1):
+            for k in range(2, min(max_frames, end + 1) + 1):
+                window = [p for p, _ in recent[end - k + 1 : end + 1]]
+                if any(p.shape != pixels.shape or p.dtype != pixels.dtype for p in window):
+                    break
+                mean = np.rint(np.mean(np.stack(window), axis=0)).astype(pixels.dtype)
+                if np.array_equal(mean, pixels):
+                    return recent[end][1]
+        return None
 
     def close(self) -> None:
         self._unsubscribe()

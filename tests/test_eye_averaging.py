@@ -164,3 +164,28 @@ def test_pixel_size_refusal_names_the_range_and_the_rigs_pixel_size() -> None:
     assert "differs from the rig's 0.62 µm" in pixel_size_refusal(0.31, (0.2, 1.0), 0.62)
     assert "validated range" in pixel_size_refusal(1.5, (0.2, 1.0), 1.5)
     assert pixel_size_refusal(0.31, None, None) is None
+
+
+def test_the_simulations_oracle_localises_an_averaged_frame() -> None:
+    """``patchrig sim --localiser oracle`` with ``frames_averaged = 2`` found no tip: the oracle
+    knew only the rendered arrays, and an average is a new one."""
+    from rig.sim_oracle import OracleLocaliser
+    from simulators.microscope import SimMicroscope
+    from simulators.world import SimWorld
+
+    world = SimWorld(seed=0, um_per_px=0.62, image_size_px=(128, 128))
+    world.add_channel("A", n_axes=3, position_um=np.full(3, 10_000.0))
+    microscope = SimMicroscope(world, rate_hz=20, seed=1)
+    oracle = OracleLocaliser(microscope, noise_px=0.0)
+    try:
+        frames = [microscope.render_frame() for _ in range(3)]
+        for frame in frames:
+            oracle._on_frame(frame)
+        truth = [(t.x_px, t.y_px) for t in microscope.last_truth.values() if t.visible]
+        assert truth
+        mean = np.rint(np.mean(np.stack([f.pixels for f in frames[1:]]), axis=0)).astype(frames[0].pixels.dtype)
+        assert [(d.x_px, d.y_px) for d in oracle.locate(mean, 0.62)] == truth
+        assert oracle.locate(np.zeros_like(mean), 0.62) == []  # a frame it never saw: nothing
+    finally:
+        oracle.close()
+        microscope.close()

@@ -93,9 +93,12 @@ class SimulatedRig:
             for ch in self.cfg.channels:
                 if ch.driver == "sensapex" and ch.sensapex is not None:
                     address = ch.sensapex.address
-                    if not address.startswith("127."):
+                    if not address.startswith("127.") or address.endswith(".255"):
+                        # after discovery the SDK sends its requests unicast, which a simulator
+                        # bound to a broadcast address never receives
                         raise ConfigError(
-                            f"simulated Sensapex needs a loopback address (127.x), got {address!r}", channel=ch.name
+                            f"simulated Sensapex needs a unicast loopback address (127.x, such as 127.0.0.1), "
+                            f"got {address!r}", channel=ch.name
                         )
                     groups.setdefault((address, ch.sensapex.group), {})[ch.sensapex.device_id] = ch
             if groups:

@@ -242,3 +242,13 @@ def test_a_channel_override_on_a_file_without_channel_tables_is_a_clear_error(tm
     odd = _write(tmp_path, 'channels = [1, 2]\n')
     with pytest.raises(ConfigError, match="not a list of \\[\\[channels\\]\\] tables"):
         load_config(odd, environ={"PATCHRIG__CHANNELS__A__MAX_SPEED_UM_S": "5"})
+
+
+def test_a_simulated_sensapex_on_a_broadcast_address_is_refused_up_front() -> None:
+    """After discovery the SDK sends its requests unicast, which a simulator bound to a
+    broadcast address never receives: every read then timed out, after pages of SDK tracebacks."""
+    from rig.simrig import SimulatedRig
+
+    cfg = load_config(environ={"PATCHRIG__CHANNELS__A__SENSAPEX__ADDRESS": "127.255.255.255"})
+    with pytest.raises(ConfigError, match="unicast loopback address"):
+        SimulatedRig(cfg).start()

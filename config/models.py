@@ -201,8 +201,9 @@ class SimulationConfig(Strict):
     seed: Annotated[int, Field(ge=0)] = 0
     frame_rate_hz: Annotated[float, Field(gt=0, le=200)] = 30.0
     image_size_px: Annotated[int, Field(ge=64, le=4096)] = 512
+    # random-walk drift of each hidden transform: RMS displacement = this x sqrt(minutes)
     drift_um_per_min: Annotated[float, Field(ge=0)] = 0.5
-    jump_probability_per_min: Annotated[float, Field(ge=0)] = 0.0
+    jump_probability_per_min: Annotated[float, Field(ge=0)] = 0.0  # 0: no spontaneous jumps
 
 
 class RigConfig(Strict):

@@ -23,7 +23,7 @@ device within 20 ms.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import tempfile
 import threading
 import time
@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rig.atomic import write_json_atomic
+from rig.errors import InvalidParams
 from rig.logs import get_logger
 
 log = get_logger("patchrig.bench.daemon")
@@ -322,7 +324,21 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """InvalidParams for an option the bench cannot use, before anything starts."""
+    for name in ("seconds", "rate"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidParams(f"--{name} must be a positive number, got {value}")
+    for name in ("clients", "requests", "stops", "threads"):
+        if getattr(args, name) < 1:
+            raise InvalidParams(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.json is not None and args.json.is_dir():
+        raise InvalidParams(f"--json {args.json} is a directory; name the file to write")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_options(args)
     t0 = time.monotonic()
     results = bench_frames_and_commands(args)
     results["stop_all"] = bench_stop_all(args)
@@ -346,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     for n, d in st["per_device_ms"].items():
         print(f"  {n} ({d['driver']}): median {_fmt(d['median'])} ms   max {_fmt(d['max'])} ms")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.json, results, indent=2, allow_nan=True)
         print(f"results: {args.json}")
     return 0
 

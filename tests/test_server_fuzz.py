@@ -153,3 +153,16 @@ def test_binary_garbage_from_many_sockets_then_normal_service(rig) -> None:
         assert reply is not None and reply["ok"] is False
     c = rig.client()
     assert c.move("A", [START_UM + 5.0, START_UM, START_UM], 1000.0)["position_um"] == pytest.approx([START_UM + 5.0, START_UM, START_UM])
+
+
+@pytest.mark.parametrize(("option", "value"), [("--stops", "0"), ("--rate", "0"), ("--clients", "0"),
+                                               ("--seconds", "nan"), ("--requests", "-1")])
+def test_bench_daemon_refuses_unusable_options_before_it_starts(option: str, value: str, capsys) -> None:
+    """`--stops 0` crashed with a TypeError after the whole bench had run; `--rate 0` would
+    divide by zero once the daemon was up."""
+    from support_cli import one_line_error
+
+    from rig.cli import main
+
+    assert main(["bench", "daemon", "--localiser", "oracle", option, value]) == 1
+    assert option in one_line_error(capsys)

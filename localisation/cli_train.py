@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from localisation.configs import CONFIGS, Stage, get_config
@@ -49,8 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """ValueError (one line) for an option no run can use, before anything is written."""
+    for name, least in (("epochs", 1), ("batch_size", 1), ("train_examples", 1), ("val_examples", 1),
+                        ("threads", 1), ("workers", 0), ("seed", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes >= 0):
+        raise ValueError(f"--max-minutes must be 0 (one step, then stop) or more, got {args.max_minutes}")
+
+
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - LocaliserConfig
     """The named configuration with the command-line overrides applied."""
+    check_options(args)
     cfg = get_config(args.config)
     changes: dict[str, object] = {}
     if args.epochs is not None or args.lr is not None:
@@ -89,5 +104,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
     )
     result = train(cfg, opts)
+    if not math.isfinite(result.get("best_score", 0.0)):  # no epoch finished: no best score yet
+        result["best_score"] = None
     print(json.dumps(result))
     return 0

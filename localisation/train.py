@@ -18,6 +18,7 @@ rank 0 validates, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from localisation.matching import paper_total_loss
 from localisation.metrics import MetricsAccumulator
 from localisation.models.fast import centernet_loss
 from localisation.progress import bar
+from rig.atomic import write_text_atomic
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -231,6 +233,60 @@ def load_frames(cfg: LocaliserConfig, opts: TrainOptions) -> tuple[list[Prepared
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run directory holds
 
 
+def _dataset_identity(path: Path | None) -> dict[str, str] | None:
+    """A dataset directory as a resumed run must find it again: its path and the SHA-256 of its
+    labels.json (None for synthetic frames, which the configuration's seeds define)."""
+    if path is None:
+        return None
+    labels = Path(path) / "labels.json"
+    digest = hashlib.sha256(labels.read_bytes()).hexdigest() if labels.is_file() else "missing"
+    return {"path": str(Path(path).resolve()), "labels_sha256": digest}
+
+
+def run_identity(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
+    """What a run is trained on and with: the whole configuration (stages with their epochs
+    and learning rates, batch size, scale, ...), the seed and the datasets. Stored in
+    ``last.pt``; a resume with any of it changed is refused (it would silently train another
+    run: other frames, fewer epochs, a learning rate the restored optimiser ignores)."""
+    return json.loads(json.dumps({
+        "config": cfg.to_dict(), "seed": opts.seed,
+        "data": _dataset_identity(opts.data), "val_data": _dataset_identity(opts.val_data),
+    }))
+
+
+def _identity_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields (dotted names) whose values differ, with both values."""
+    changes = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "data" and key != "val_data":
+            changes += [f"{key}.{c}" for c in _identity_changes(a, b)]
+        elif a != b:
+            changes.append(f"{key} (was {json.dumps(a)[:80]}, now {json.dumps(b)[:80]})")
+    return changes
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the lines of epochs the resumed run will not train again (a stop between the
+    metrics line and ``last.pt`` left a line of an epoch that is then trained again) and drop
+    a torn last line; rewritten atomically, and only if something changes."""
+    if not path.exists():
+        return
+    kept, changed = [], False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            changed = True
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epochs_done:
+            kept.append(line)
+        else:
+            changed = True
+    if changed:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
 def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
     """Train ``cfg``; returns the final state summary (best score, epochs done, stopped_early)."""
     rank, world, device, created_group = _setup_distributed(opts.device)
@@ -277,6 +333,11 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
                             f"resume with the run's own --denoiser")
         load_weights(model, payload, last)
         ts = payload.get("trainer_state") or {}
+        if "run" in ts:  # checkpoints from before stop 23 carry no identity
+            changes = _identity_changes(ts["run"], run_identity(cfg, opts))
+            if changes:
+                raise DataError(f"{last}: --resume needs the run's own options and data; changed: "
+                                f"{'; '.join(changes[:4])} (start a new run with --init-from {last} instead)")
         state.update({k: ts[k] for k in state if k in ts})
         opt_state, sched_state = ts.get("optimizer"), ts.get("scheduler")
         if is_main:
@@ -300,13 +361,16 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
             find_unused_parameters=cfg.model != "fast",
         )
     metrics_path = out / "metrics.jsonl"
+    if opts.resume and is_main:
+        _trim_metrics(metrics_path, state["epochs_done"])
+    identity = run_identity(cfg, opts)
     stopped_early = False
 
     def save_last(opt: torch.optim.Optimizer | None, sched: Any) -> None:
         """``last.pt`` with the trainer state; ``opt`` None at a stage boundary (the next stage
         builds a new optimiser for other parameters, which the old state does not fit)."""
         if is_main:
-            ts = dict(state)
+            ts = {**state, "run": identity}
             if opt is not None:
                 ts.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
             save_checkpoint(out / "last.pt", model, cfg, trainer_state=ts)

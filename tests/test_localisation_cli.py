@@ -70,7 +70,8 @@ def test_the_paper_study_resumes_a_model_stopped_mid_run(tmp_path: Path, tiny_da
 
     cfg = get_config("fast-tiny").with_overrides(stages=(Stage("all", 2, 2e-3, None),))
     run = tmp_path / "runs" / "model"
-    train(cfg, TrainOptions(out_dir=run, data=tiny_dataset, progress=False, threads=1, max_minutes=0))
+    train(cfg, TrainOptions(out_dir=run, data=tiny_dataset, val_data=tiny_dataset, progress=False, threads=1,
+                            max_minutes=0))
     assert read_checkpoint(run / "last.pt")["trainer_state"]["global_step"] == 1  # stopped after one step
     _, summary = train_study_model(cfg, "model", (tiny_dataset, tiny_dataset), tmp_path, StudyPlan(), progress=False)
     assert summary["epochs_done"] == 2
@@ -694,3 +695,56 @@ def test_the_shipping_sweep_forgives_faint_tips_as_evaluate_does(monkeypatch) ->
                 for f in render_synthetic(cfg, cfg.val_seed, cfg.val_examples, progress=False)]
     assert sum(len(f) for f in expected) > 0  # these frames have faint tips
     assert [np.asarray(f).tolist() for f in seen] == [f.tolist() for f in expected]
+
+
+def test_resume_refuses_other_data_or_options_and_the_metrics_keep_one_line_per_epoch(
+        tmp_path: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed run silently trained on other frames, for other epochs, at a learning rate its
+    restored optimiser then ignored; and a stop between an epoch's metrics line and last.pt
+    wrote that epoch twice."""
+    import shutil
+
+    from support_cli import one_line_error
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "fast-tiny", "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+            "--no-progress", "--epochs", "2"]
+    assert main([*args, "--max-minutes", "0"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    labels = json.loads((other / "labels.json").read_text())
+    labels["images"] = labels["images"][:4]
+    (other / "labels.json").write_text(json.dumps(labels))
+    last = (out / "last.pt").read_bytes()
+    for change in (["--data", str(other)], ["--epochs", "3"], ["--lr", "0.5"], ["--seed", "9"]):
+        swapped = [*args, "--resume"]
+        if change[0] in swapped:
+            swapped[swapped.index(change[0]) + 1] = change[1]
+        else:
+            swapped += change
+        assert main(swapped) == 1
+        assert "--resume needs the run's own options and data" in one_line_error(capsys)
+        assert (out / "last.pt").read_bytes() == last
+    assert main([*args, "--resume"]) == 0  # the same options: it goes on
+    capsys.readouterr()
+    # a torn line and a line of an epoch last.pt does not count yet: both dropped at resume
+    state = read_checkpoint(out / "last.pt")["trainer_state"]
+    assert state["epochs_done"] == 2
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3, "tr')
+    assert main([*args, "--resume"]) == 0  # nothing left to train; the log is cleaned
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize(("option", "value"), [("--epochs", "0"), ("--batch-size", "0"), ("--lr", "-1"),
+                                               ("--max-minutes", "-5"), ("--workers", "-1"), ("--seed", "-1")])
+def test_train_refuses_unusable_options_and_writes_nothing(tmp_path: Path, tiny_dataset: Path, option: str, value: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from support_cli import one_line_error
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fast-tiny", "--out", str(out), "--data", str(tiny_dataset), "--threads", "1",
+                 "--no-progress", option, value]) == 1
+    assert option in one_line_error(capsys)
+    assert not out.exists()

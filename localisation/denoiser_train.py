@@ -1,7 +1,6 @@
 """Train a ``PhotonDenoiser`` on pairs of single frames and averaged frames of the same scenes.
 
-``patchrig train-denoiser --single DIR --averaged DIR --out FILE`` (or ``python -m
-localisation.denoiser_train``). The two datasets must hold the same scenes: ``patchrig data
+``python -m localisation.denoiser_train --single DIR --averaged DIR --out FILE``. The two datasets must hold the same scenes: ``patchrig data
 synth`` with the same ``--seed``, the second with ``--frames-averaged K`` (K > 1); the first
 N scenes of a seed are the same whatever ``--n``, so the averaged set may be shorter. Each pair
 is checked (same seed, pixel size and shape) and refused with a clear error otherwise.
@@ -221,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise DataError(f"--threads must be at least 1, got {args.threads}")
+    if args.um_per_px is not None and not (math.isfinite(args.um_per_px) and args.um_per_px > 0):
+        raise DataError(f"--um-per-px must be a positive number of µm per model pixel, got {args.um_per_px}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise DataError(f"--max-minutes must be a positive number, got {args.max_minutes}")
     torch.set_num_threads(args.threads)
     um = args.um_per_px
     if um is None:

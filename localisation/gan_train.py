@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from localisation.models.cyclegan import (
     atomic_torch_save,
 )
 from localisation.progress import bar
+from rig.atomic import write_text_atomic
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -244,6 +247,7 @@ class CycleGanTrainer:
             "opt_d": self.opt_d.state_dict(),
             "pool_ex": self.pool_ex.images,
             "pool_in": self.pool_in.images,
+            "pool_rngs": [list(self.pool_ex._rng.getstate()[1]), list(self.pool_in._rng.getstate()[1])],
             "step": self.step_count,
         }
 
@@ -255,6 +259,9 @@ class CycleGanTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.pool_ex.images = list(state["pool_ex"])
         self.pool_in.images = list(state["pool_in"])
+        if "pool_rngs" in state:  # states from before stop 23 lack them (their resume is not exact)
+            for pool, words in zip((self.pool_ex, self.pool_in), state["pool_rngs"], strict=True):
+                pool._rng.setstate((3, tuple(int(w) for w in words), None))
         self.step_count = int(state["step"])
         self._set_lr()
 
@@ -263,6 +270,21 @@ class CycleGanTrainer:
         gen = ResnetGenerator(ngf=self.cfg.ngf, n_blocks=self.cfg.n_blocks)
         gen.load_state_dict(self.nets.g.state_dict())
         return Denoiser(gen, spec)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the log records of steps up to ``step`` (the checkpoint resumed from): the steps
+    after it are trained again and logged again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def train_cyclegan(
@@ -278,19 +300,25 @@ def train_cyclegan(
     ``crops`` = (in vivo, ex vivo) arrays (M, crop, crop) in [0, 1] to skip the synthesis.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if crops is None:
         crops = (
             make_crops("in_vivo", cfg.n_in_vivo_frames, seed=cfg.seed, crop=cfg.crop, image_size=cfg.image_size, progress=progress),
             make_crops("ex_vivo", cfg.n_ex_vivo_frames, seed=cfg.seed + 1_000_000, crop=cfg.crop, image_size=cfg.image_size, progress=progress),
         )
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
     trainer = CycleGanTrainer(cfg)
     state_path = out / "cyclegan-train.pt"
+    saved: dict[str, Any] = {}
     if resume and state_path.is_file():
-        trainer.load_state(torch.load(state_path, map_location="cpu", weights_only=True))
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        trainer.load_state(saved)
         log.info("cyclegan_resumed", step=trainer.step_count)
+        _trim_log(out / "cyclegan-log.jsonl", trainer.step_count)
     sampler_in = CropSampler(crops[0], cfg.batch_size, cfg.seed + trainer.step_count)
     sampler_ex = CropSampler(crops[1], cfg.batch_size, cfg.seed + 7 + trainer.step_count)
+    if "samplers" in saved:  # a resumed run draws the batches an uninterrupted one would have
+        sampler_in.gen.set_state(saved["samplers"][0])
+        sampler_ex.gen.set_state(saved["samplers"][1])
     total = cfg.steps_constant + cfg.steps_decay
     log.info("cyclegan_start", crops_in_vivo=len(crops[0]), crops_ex_vivo=len(crops[1]), steps=total)
     t0 = time.perf_counter()
@@ -309,7 +337,8 @@ def train_cyclegan(
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
             if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == total:
-                atomic_torch_save(trainer.state(), state_path)
+                atomic_torch_save({**trainer.state(), "samplers": [sampler_in.gen.get_state(), sampler_ex.gen.get_state()]},
+                                  state_path)
     if pbar is not None:
         pbar.close()
     denoiser = trainer.denoiser()
@@ -341,16 +370,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--copy-to", type=Path, help="also copy the denoiser file here when done")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    cfg = GanConfig(
-        ngf=a.ngf, n_blocks=a.blocks, ndf=a.ndf, batch_size=a.batch, steps_constant=a.steps[0],
-        steps_decay=a.steps[1], n_in_vivo_frames=a.frames[0], n_ex_vivo_frames=a.frames[1], seed=a.seed,
-        checkpoint_every=200,
-    )
-    train_cyclegan(cfg, a.out)
-    if a.copy_to is not None:
-        shutil.copyfile(a.out / "denoiser.pt", a.copy_to)
+    try:
+        for name, value in (("--ngf", a.ngf), ("--blocks", a.blocks), ("--ndf", a.ndf), ("--batch", a.batch),
+                            ("--frames", min(a.frames)), ("--threads", a.threads or 1)):
+            if value < 1:
+                raise DataError(f"{name} must be at least 1, got {value}")
+        if min(a.steps) < 0 or sum(a.steps) < 1:
+            raise DataError(f"--steps must be 0 or more and not both 0, got {list(a.steps)}")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        cfg = GanConfig(
+            ngf=a.ngf, n_blocks=a.blocks, ndf=a.ndf, batch_size=a.batch, steps_constant=a.steps[0],
+            steps_decay=a.steps[1], n_in_vivo_frames=a.frames[0], n_ex_vivo_frames=a.frames[1], seed=a.seed,
+            checkpoint_every=200,
+        )
+        train_cyclegan(cfg, a.out)
+        if a.copy_to is not None:
+            shutil.copyfile(a.out / "denoiser.pt", a.copy_to)
+    except (DataError, OSError, ValueError) as exc:  # one line, no traceback
+        print(f"gan_train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

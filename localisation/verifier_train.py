@@ -263,6 +263,10 @@ def train_verifier(
     cfg = cfg or VerifierConfig()
     if epochs < 1:
         raise DataError("--epochs must be at least 1")
+    earlier = [name for name in ("best.pt", "metrics.jsonl", "last.pt") if (Path(out_dir) / name).exists()]
+    if earlier:  # as train: a run directory is never overwritten (nor mixed with another run)
+        raise DataError(f"{out_dir} already holds a run ({', '.join(earlier)}); choose another --out "
+                        "(nothing was overwritten)")
     if not 0 < positive_um < negative_um:
         raise DataError(f"need 0 < --positive-um < --negative-um, got {positive_um} and {negative_um}")
     radii_um = (float(positive_um), float(negative_um))
@@ -278,6 +282,8 @@ def train_verifier(
     val_records = read_dataset(val_data).records
     if not train_records or not val_records:
         raise DataError("the training and validation sets must not be empty")
+    if not any(len(r.tips_px) for r in val_records):
+        raise DataError(f"{val_data}: the validation set has no labelled tip: nothing to pick a threshold on")
     first_threshold = first_stage_threshold(payload, first_cfg)
     t_start = time.monotonic()
     train = collect_candidates(first_stage, train_records, cfg, workers=workers, progress=progress,

@@ -73,6 +73,26 @@ def test_train_verifier_refuses_crossed_label_radii(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_train_verifier_never_overwrites_a_run_and_needs_validation_tips(tmp_path: Path) -> None:
+    """It used to truncate another run's metrics.jsonl and replace its best.pt; and a
+    validation set without tips crashed after writing them."""
+    from localisation.dataset_format import write_dataset
+    from simulators.synth import sample_example
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(DataError, match="already holds a run"):
+        train_verifier(DEFAULT_CHECKPOINT, tmp_path, tmp_path, run)
+    assert (run / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+    no_tips = tmp_path / "no-tips"
+    ex = sample_example(3, n_tips=(0, 0), size_px=64)
+    write_dataset(no_tips, [("images/0.png", ex.pixels, ex.um_per_px, ex.tips_px)])
+    with pytest.raises(DataError, match="no labelled tip"):
+        train_verifier(DEFAULT_CHECKPOINT, no_tips, no_tips, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_augmentation_moves_offsets_with_the_pixels(seed: int) -> None:
     """A dot drawn at centre + offset is, after any rotation and flip, at centre + the

@@ -74,6 +74,7 @@ POLL_MOVING_S = 0.05
 POLL_IDLE_S = 0.1  # keeps the idle read-back within 100 ms (~30 % of a 9600-baud line)
 RECHECK_S = 0.1
 STEP_S = 0.1  # pacing of stepwise (slow) moves
+MAX_STEP_S = 0.25  # a stepwise ABS covers at most this long of the schedule (no catch-up bursts)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -905,16 +906,17 @@ class ScientificaManipulator(Manipulator):
     def _step(self, move: _ActiveMove, now: float, position_um: np.ndarray) -> None:
         """Issue the next short ``ABS`` of a stepwise move: to where the requested speed says the
         pipette should be by now, so that it is never ahead of that schedule, and never more
-        than one step beyond the read-back ``position_um`` (the requested speed times the time
-        since the previous step, at least ``STEP_S``): each ``ABS`` runs at the device's
-        minimum speed, so after a stall (a slow reply, a resync) catching up with the schedule
-        in one ``ABS`` would move the pipette faster than asked."""
+        than one step beyond the read-back ``position_um``: the requested speed times the time
+        since the previous ``ABS`` (at least ``STEP_S``, at most ``MAX_STEP_S``), or one tick if
+        that is more (a very slow move advances a tick at a time). Each ``ABS`` runs at the
+        device's minimum speed, so after a stall (a slow reply, a resync) catching up with the
+        schedule in one ``ABS`` would move the pipette faster than asked."""
         path = move.target_um - move.start_um
         length = float(np.linalg.norm(path))
         reached_um = float(np.dot(position_um - move.start_um, path) / length) if length > 0 else 0.0
-        since_s = STEP_S if move.last_step_s is None else max(STEP_S, now - move.last_step_s)
-        travelled = min(move.speed_um_s * (now - move.started_s), max(reached_um, 0.0) + move.speed_um_s * since_s)
-        move.last_step_s = now
+        since_s = STEP_S if move.last_step_s is None else min(max(STEP_S, now - move.last_step_s), MAX_STEP_S)
+        allowance_um = max(move.speed_um_s * since_s, 1.0 / self.info.ticks_per_um)
+        travelled = min(move.speed_um_s * (now - move.started_s), max(reached_um, 0.0) + allowance_um)
         move.next_step_s = now + STEP_S
         if travelled >= length:
             ticks, move.final_issued = move.ticks, True
@@ -925,7 +927,7 @@ class ScientificaManipulator(Manipulator):
                 return
         move.last_step_ticks = ticks
         self._proto.send_move(ticks, move.top)
-        move.issued_s = time.monotonic()
+        move.issued_s = move.last_step_s = time.monotonic()
 
     def _poll(self) -> None:
         try:

@@ -480,6 +480,17 @@ def test_a_move_asked_for_while_close_runs_is_refused_and_nothing_moves_after_cl
         sim.close()
 
 
+def test_a_very_slow_stepwise_move_advances_a_tick_at_a_time() -> None:
+    """At 0.3 µm/s one pacing step (0.03 µm) is less than a tick: the move never started and
+    timed out. It now advances one tick whenever the schedule has reached it."""
+    with rig() as (sim, m):
+        t0 = time.monotonic()
+        handle = m.move_to([1.0, 0.0, 0.0], 0.3)
+        assert handle.wait(BOUND_S + 10.0).state is MoveState.DONE
+        assert time.monotonic() - t0 >= 1.0 / 0.3 - 0.2  # at the requested mean speed, not faster
+        assert sim.physical_position_um()[0] == pytest.approx(1.0, abs=0.05)
+
+
 def test_acceleration_is_sent_in_device_units() -> None:
     with rig(acceleration_um_s2=10000.0) as (sim, m):
         assert "ACC 256" in sim.heard()

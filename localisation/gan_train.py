@@ -84,8 +84,8 @@ class ImagePool:
         self._rng = random.Random(seed)
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
-        if self.size == 0:
-            return images
+        if self.size == 0:  # no history: the new fakes, detached as the pooled ones are
+            return images.detach()
         out = []
         for img in images.detach():
             img = img.unsqueeze(0)
@@ -313,7 +313,7 @@ def train_cyclegan(
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         trainer.load_state(saved)
         log.info("cyclegan_resumed", step=trainer.step_count)
-        _trim_log(out / "cyclegan-log.jsonl", trainer.step_count)
+    _trim_log(out / "cyclegan-log.jsonl", trainer.step_count)  # 0: a run stopped before its first checkpoint
     sampler_in = CropSampler(crops[0], cfg.batch_size, cfg.seed + trainer.step_count)
     sampler_ex = CropSampler(crops[1], cfg.batch_size, cfg.seed + 7 + trainer.step_count)
     if "samplers" in saved:  # a resumed run draws the batches an uninterrupted one would have

@@ -234,13 +234,12 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run directory hold
 
 
 def _dataset_identity(path: Path | None) -> dict[str, str] | None:
-    """A dataset directory as a resumed run must find it again: its path and the SHA-256 of its
-    labels.json (None for synthetic frames, which the configuration's seeds define)."""
+    """A dataset directory as a resumed run must find it again: the SHA-256 of its labels.json,
+    wherever it now lies (None for synthetic frames, which the configuration's seeds define)."""
     if path is None:
         return None
     labels = Path(path) / "labels.json"
-    digest = hashlib.sha256(labels.read_bytes()).hexdigest() if labels.is_file() else "missing"
-    return {"path": str(Path(path).resolve()), "labels_sha256": digest}
+    return {"labels_sha256": hashlib.sha256(labels.read_bytes()).hexdigest() if labels.is_file() else "missing"}
 
 
 def run_identity(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:

@@ -157,9 +157,10 @@ class PatchrigClient:
             raise RpcError("internal", f"{code}: {error.get('message', '')}") from None
 
     def motion(self, method: str, params: dict[str, Any], wait: bool, timeout_s: float | None = None) -> dict[str, Any]:
-        """A motion call. With ``wait``: a quick ``ping`` first, so that a daemon that is not
-        there is reported within ``timeout_s``, not after the operation's long timeout; and
-        never re-sent (a resent ``move`` would supersede, and so restart, the one running)."""
+        """A motion call (``move``, ``move_tip``, ``calibrate``), never re-sent: a resent
+        ``move`` would supersede, and so restart, the one running. With ``wait``: a quick
+        ``ping`` first, so that a daemon that is not there is reported within ``timeout_s``,
+        not after the operation's long timeout."""
         params = {**params, "wait": wait}
         if wait:
             try:
@@ -169,7 +170,8 @@ class PatchrigClient:
                                  f"within {self.timeout_s:.1f} s); nothing was sent") from None
             return self.call(method, params, timeout_s=self.op_timeout_s if timeout_s is None else timeout_s,
                              retries=0)
-        return self.call(method, params, timeout_s=self.timeout_s if timeout_s is None else timeout_s)
+        # not re-sent either: a second move would supersede (stop, then restart) the first
+        return self.call(method, params, timeout_s=self.timeout_s if timeout_s is None else timeout_s, retries=0)
 
     # -- typed methods --------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

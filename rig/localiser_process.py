@@ -188,8 +188,10 @@ class ProcessLocaliser:
                     reply = json.loads(self._conn.recv_bytes())
                     if reply.get("seq") == self._seq:
                         break  # older replies belong to calls that already timed out
-            except (EOFError, OSError) as exc:
-                raise PatchrigError(f"the localiser process died ({exc})") from None
+            except (EOFError, OSError) as exc:  # the child crashed (out of memory, a fault): restart it too
+                self._hung = True
+                self._kill_child()
+                raise PatchrigError(f"the localiser process died ({exc}); it is restarted for the next frame") from None
         if not reply.get("ok"):
             raise PatchrigError(f"localiser failed: {reply.get('error')}")
         return [TipDetection(float(x), float(y), float(s)) for x, y, s in reply["tips"]]

@@ -59,9 +59,10 @@ def test_image_pool_fills_then_mixes_history() -> None:
         seen_old |= bool((out < 100 + k).any())
         assert len(pool.images) == 3
     assert seen_old and seen_new
-    passthrough = ImagePool(0)
-    x = torch.rand(2, 1, 4, 4)
-    assert passthrough.query(x) is x
+    passthrough = ImagePool(0)  # no history: the same images, detached from the generator's graph
+    x = torch.rand(2, 1, 4, 4, requires_grad=True)
+    out = passthrough.query(x)
+    assert torch.equal(out, x) and not out.requires_grad
 
 
 def test_learning_rate_is_constant_then_linear_to_zero() -> None:
@@ -179,6 +180,29 @@ def test_an_interrupted_cyclegan_run_resumes_exactly(tmp_path, monkeypatch) -> N
     steps = [int(line.split('"step": ')[1].split(",")[0])
              for line in (tmp_path / "parts" / "cyclegan-log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_a_cyclegan_run_stopped_before_its_first_checkpoint_starts_its_log_again(tmp_path, monkeypatch) -> None:
+    from localisation.gan_train import train_cyclegan
+
+    rng = np.random.default_rng(0)
+    crops = (rng.random((8, 32, 32), dtype=np.float32), rng.random((8, 32, 32), dtype=np.float32))
+    cfg = GanConfig(ngf=2, n_blocks=1, ndf=2, crop=32, batch_size=1, steps_constant=30, steps_decay=0, pool_size=0,
+                    checkpoint_every=50)
+    real_step = CycleGanTrainer.step
+
+    def stopped_at_27(self, *args):  # noqa: ANN001, ANN202
+        if self.step_count == 27:  # logged step 25, no checkpoint yet
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(CycleGanTrainer, "step", stopped_at_27)
+    with pytest.raises(KeyboardInterrupt):
+        train_cyclegan(cfg, tmp_path, crops=crops, progress=False)
+    monkeypatch.setattr(CycleGanTrainer, "step", real_step)
+    train_cyclegan(cfg, tmp_path, crops=crops, progress=False)
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "cyclegan-log.jsonl").read_text().splitlines()]
+    assert steps == [25, 30]
 
 
 def test_gan_train_refuses_unusable_options_in_one_line(tmp_path, capsys) -> None:

@@ -58,11 +58,12 @@ class _FakeChild:
     x = the frame's first pixel, or never answers (``hang``). ``kill`` closes its pipe end, as
     the death of a real child does."""
 
-    def __init__(self, *, hang: bool = False) -> None:
+    def __init__(self, *, hang: bool = False, crash: bool = False) -> None:
         import multiprocessing
 
         self.parent, self._child = multiprocessing.Pipe(duplex=True)
         self.hang = hang
+        self.crash = crash  # ends (closing its pipe) on its first frame, as a child that crashed
         self.killed = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -78,6 +79,8 @@ class _FakeChild:
                 pixels = np.frombuffer(self._child.recv_bytes(), dtype=header["dtype"]).reshape(header["shape"])
                 if self.hang:
                     self.killed.wait()
+                    return
+                if self.crash:
                     return
                 self._child.send_bytes(json.dumps({"ok": True, "seq": header.get("seq"),
                                                    "tips": [[float(pixels[0, 0]), 0.0, 0.9]]}).encode())
@@ -181,4 +184,18 @@ def test_a_restart_that_fails_is_not_tried_again_for_every_frame(monkeypatch) ->
                         staticmethod(lambda c, d, t, started=None: (started(fresh), (fresh, fresh.parent, {}))[1]))
     remote._next_respawn_s = 0.0  # the back-off has passed
     assert [d.x_px for d in remote.locate(np.full((16, 16), 3, np.uint16), 0.5)] == [3.0]
+    remote.close()
+
+
+def test_a_child_that_crashed_is_replaced_on_the_next_frame(monkeypatch) -> None:
+    """A child that dies (out of memory, a fault) used to leave every later frame failing."""
+    import rig.localiser_process as lp
+
+    crashed, fresh = _FakeChild(crash=True), _FakeChild()
+    monkeypatch.setattr(ProcessLocaliser, "_spawn",
+                        staticmethod(lambda c, d, t, started=None: (started(fresh), (fresh, fresh.parent, {}))[1]))
+    remote = ProcessLocaliser(crashed, crashed.parent, "cpu", "fake", ("fake.pt", "cpu", 1))
+    with pytest.raises(lp.PatchrigError, match="died"):
+        remote.locate(np.full((16, 16), 1, np.uint16), 0.5)
+    assert [d.x_px for d in remote.locate(np.full((16, 16), 2, np.uint16), 0.5)] == [2.0]
     remote.close()

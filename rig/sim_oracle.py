@@ -23,7 +23,7 @@ from localisation.types import TipDetection
 class OracleLocaliser:
     """Truth-reading localiser of ``microscope`` frames (see the module docstring)."""
 
-    def __init__(self, microscope: Any, *, noise_px: float = 0.3, score: float = 0.95, seed: int = 0, keep: int = 16) -> None:
+    def __init__(self, microscope: Any, *, noise_px: float = 0.3, score: float = 0.95, seed: int = 0, keep: int = 40) -> None:
         self._microscope = microscope
         self.noise_px = float(noise_px)
         self.score = float(score)
@@ -53,15 +53,22 @@ class OracleLocaliser:
 
     @staticmethod
     def _truth_of_an_average(
-        pixels: np.ndarray, recent: list[tuple[Any, list[tuple[float, float]]]], max_frames: int = 8
+        pixels: np.ndarray, recent: list[tuple[Any, list[tuple[float, float]]]], max_frames: int = 32
     ) -> list[tuple[float, float]] | None:
-        """The newest frame's truth if ``pixels`` is the rounded mean of 2..``max_frames``
-        consecutive recent frames (computed as ``calibration.observe`` averages), else None."""
-        for end in range(len(recent) - 1, max(len(recent) - 1 - max_frames, 0), -1):
+        """The newest frame's truth if ``pixels`` is the rounded mean of 2..``max_frames`` (the
+        config's largest ``frames_averaged``) consecutive recent frames, computed as
+        ``calibration.observe`` averages; else None. Each window is first compared on one row
+        (cheap), in full only where that row matches. An average over frames that are not
+        consecutive (frames skipped under load) is not recognised."""
+        row = pixels.shape[0] // 2
+        for end in range(len(recent) - 1, max(len(recent) - 1 - max_frames, -1), -1):
             for k in range(2, min(max_frames, end + 1) + 1):
                 window = [p for p, _ in recent[end - k + 1 : end + 1]]
                 if any(p.shape != pixels.shape or p.dtype != pixels.dtype for p in window):
                     break
+                row_mean = np.rint(np.mean(np.stack([p[row] for p in window]), axis=0)).astype(pixels.dtype)
+                if not np.array_equal(row_mean, pixels[row]):
+                    continue
                 mean = np.rint(np.mean(np.stack(window), axis=0)).astype(pixels.dtype)
                 if np.array_equal(mean, pixels):
                     return recent[end][1]

@@ -65,6 +65,9 @@ class Assignment:
         }
 
 
+AMBIGUITY_FRACTION = 1.0 / 3.0  # of the gate: a partner this much closer makes a pair ambiguous
+
+
 def assign_detections(
     predicted_px: Mapping[str, tuple[float, float] | np.ndarray],
     detections: list[TipDetection],
@@ -75,7 +78,9 @@ def assign_detections(
     """Match ``detections`` to channels whose tip is predicted at ``predicted_px`` (pixels).
 
     Distances are in µm (pixel distance times ``um_per_px``); pairs further than ``gate_um``
-    are never matched.
+    are never matched. A matched pair is kept only if neither its channel nor its detection
+    has another partner closer by more than ``AMBIGUITY_FRACTION`` of the gate (5 µm of a
+    15 µm gate): the channel is then missing and the detection unassigned.
     """
     if not gate_um > 0:
         raise ValueError("gate_um must be positive")
@@ -91,13 +96,22 @@ def assign_detections(
     cost = np.zeros((size, size))
     cost[:n_c, :n_d] = np.where(dist_um <= gate_um, dist_um, _FORBIDDEN)
     cost[:n_c, n_d:] = _FORBIDDEN
-    cost[np.arange(n_c), n_d + np.arange(n_c)] = gate_um
+    # a channel and a detection left unmatched cost one gate together (half each), as much as
+    # the farthest allowed pair: chains of far pairs (A takes B's tip, B takes clutter) cost
+    # more than the near pair they would displace
+    cost[np.arange(n_c), n_d + np.arange(n_c)] = gate_um / 2
     cost[n_c:, :n_d] = _FORBIDDEN
-    cost[n_c + np.arange(n_d), np.arange(n_d)] = gate_um
+    cost[n_c + np.arange(n_d), np.arange(n_d)] = gate_um / 2
     rows, cols = linear_sum_assignment(cost)
     assigned: dict[str, AssignedTip] = {}
+    margin_um = gate_um * AMBIGUITY_FRACTION
     for r, c in zip(rows, cols, strict=True):
         if r < n_c and c < n_d and dist_um[r, c] <= gate_um:
+            # the optimum may chain far pairs (A takes B's tip, B takes clutter) to avoid two
+            # unmatched costs; a pair whose channel or detection has a clearly closer partner
+            # is ambiguous: left unassigned, so that it never corrects anything
+            if dist_um[r, c] > dist_um[r].min() + margin_um or dist_um[r, c] > dist_um[:, c].min() + margin_um:
+                continue
             ch = channels[r]
             assigned[ch] = AssignedTip(ch, int(c), detections[c], float(dist_um[r, c]), (float(pred[r, 0]), float(pred[r, 1])))
     used = {a.index for a in assigned.values()}

@@ -81,6 +81,7 @@ class MoveTipResult:
     focus_searches: int = 0
     verified: bool = True  # False: the last ``unverified_um`` were moved open loop (tip not detected there)
     unverified_um: float = 0.0
+    requested_z_um: float | None = None  # the Z asked for, when a focus search replaced it (``target_um``)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +95,9 @@ class MoveTipResult:
             "focus_searches": self.focus_searches,
             "verified": self.verified,
             "unverified_um": float(self.unverified_um),
+            # a focus search found the tip out of the asked plane: the loop can only check a tip
+            # in focus, so the target's Z became the focal plane; the Z asked for is given here
+            "requested_z_um": None if self.requested_z_um is None else float(self.requested_z_um),
         }
 
 
@@ -144,13 +148,16 @@ def move_tip(
     channel = manipulator.name
     log = get_logger("patchrig.calibration.move_tip", channel=channel)
     target = np.asarray(target_um, float).reshape(3)
+    requested_z_um = float(target[2])
     start = manipulator.position_um.copy()
     check_move_tip_goal(manipulator, calibration, target, start, speed_um_s)
     cal = calibration
     errors: list[float] = []
     focus_searches = 0
 
-    def fail(reason: str) -> MoveTipFailed:
+    def fail(reason: str, code: str | None = None) -> MoveTipFailed:
+        """Return the pipette to its start; the error to raise (``code``: keep another
+        error's patchrig-rpc/1 code, such as ``no_frame``)."""
         log.warning("move_tip failed, returning to start", reason=reason)
         try:
             move_and_settle(manipulator, start, speed_um_s=speed_um_s, cancel=cancel)
@@ -159,92 +166,131 @@ def move_tip(
             raise
         except PatchrigError as exc:
             back = f"could NOT return to the start position: {exc}"
-        return MoveTipFailed(f"{reason}; {back}, calibration unchanged", channel=channel)
+        error = MoveTipFailed(f"{reason}; {back}, calibration unchanged", channel=channel)
+        if code is not None:
+            error.code = code
+        return error
 
-    # look before moving: re-pin the offset to the tip seen now (if it is seen, and near where
-    # the calibration expects it), and keep it as the reference of the follow check
-    pinned_at: np.ndarray | None = None
-    detection, look, position = _observe(
-        manipulator, eye, cal, find_tip, eye.first_look_after_s(manipulator), cancel, looks_per_stop, max_looks
-    )
-    if detection is not None:
-        seen = _seen_um(detection, look)
-        if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
-            cal = _pinned(cal, position, seen)
-            pinned_at = position
 
-    not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
+    moved = False  # nothing to return from before the first move (a Busy first look, say)
+    try:
+        # look before moving: re-pin the offset to the tip seen now (if it is seen, and near where
+        # the calibration expects it), and keep the sighting, pinned or not, as the reference of
+        # the follow check: where the tip was seen, and the position it was seen at
+        pinned_at: np.ndarray | None = None
+        reference: tuple[np.ndarray, np.ndarray] | None = None  # (position µm, seen X, Y µm)
+        detection, look, position = _observe(
+            manipulator, eye, cal, find_tip, eye.first_look_after_s(manipulator), cancel, looks_per_stop, max_looks
+        )
+        if detection is not None:
+            seen = _seen_um(detection, look)
+            reference = (position.copy(), seen)
+            if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
+                cal = _pinned(cal, position, seen)
+                pinned_at = position
 
-    def find_following(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
-        """``find_tip``, less a detection that fails the follow check (noted, never used)."""
-        detection = find_tip(look, trial, position)
-        if detection is None or pinned_at is None:
+        not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
+
+        def find_following(look: Look, trial: ChannelCalibration, position: np.ndarray) -> TipDetection | None:
+            """``find_tip``, less a detection that fails the follow check (noted, never used): it
+            must lie where the reference sighting, moved by the calibration's matrix with the
+            pipette, puts the tip."""
+            detection = find_tip(look, trial, position)
+            if detection is None or reference is None:
+                return detection
+            seen = _seen_um(detection, look)
+            ref_position, ref_seen = reference
+            moved = trial.matrix[:2] @ (position - ref_position)
+            moved_um = float(np.linalg.norm(moved))
+            off_um = float(np.linalg.norm(seen - (ref_seen + moved)))
+            if off_um > follow_tolerance_um + follow_fraction * moved_um:
+                not_following.append((off_um, moved_um))
+                return None
             return detection
-        seen = _seen_um(detection, look)
-        moved_um = float(np.linalg.norm(trial.matrix[:2] @ (position - pinned_at)))
-        off_um = float(np.linalg.norm(seen - trial.to_microscope_um(position)[:2]))
-        if off_um > follow_tolerance_um + follow_fraction * moved_um:
-            not_following.append((off_um, moved_um))
-            return None
-        return detection
 
-    for iteration in range(1, max_iterations + 1):
-        position = manipulator.position_um
-        goal = cal.to_manipulator_um(target, position)
-        if not manipulator.limits.contains(goal.tolist()):
-            raise fail(f"iteration {iteration}: the corrected target {np.round(goal, 1).tolist()} µm is outside the limits")
-        end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
-        not_following.clear()
-        detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel, looks_per_stop, max_looks)
-        if detection is None and not not_following:
-            found = _focus_search(manipulator, eye, cal, target, find_following, focus_steps_um, speed_um_s, cancel)
-            if found is not None:
-                detection, look, position, cal = found
-                target = np.array([target[0], target[1], look.focal_z_um])
-                focus_searches += 1
-                log.info("tip found again by a focus search", iteration=iteration)
-        if detection is None:
-            if not_following:
-                off_um, moved_um = not_following[0]
-                reason = (
-                    f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
-                    f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
-                )
-            else:
-                reason = f"iteration {iteration}: tip not found near its predicted position, nor above or below it"
-            if unverified_final_um > 0 and pinned_at is not None:
-                approached = _approach_unseen(
-                    manipulator, eye, cal, target, start, pinned_at, find_following, unverified_final_um, speed_um_s,
-                    cancel, looks_per_stop, max_looks,
-                )
-                if approached is not None:
-                    cal, position, step_um = approached
-                    predicted = cal.to_microscope_um(position)[:2]
-                    error = float(np.linalg.norm(target[:2] - predicted))
-                    log.warning("move_tip: final step open loop, the tip is not detected at the target",
-                                reason=reason, unverified_um=round(step_um, 1))
-                    return MoveTipResult(channel, target, cal, iteration + 1, error, position, predicted,
-                                         [*errors, error], focus_searches, verified=False, unverified_um=step_um)
-                reason += f"; nor seen {unverified_final_um:.0f} µm back toward the start"
-            raise fail(reason)
-        seen = _seen_um(detection, look)
-        pinned_at = position
-        error = float(np.linalg.norm(target[:2] - seen))
-        errors.append(error)
-        cal = _pinned(cal, position, seen)
-        if progress is not None:
-            progress(stage="iteration", iteration=iteration, error_um=error)
-        log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
-        # aim for the inner part of the tolerance: a first landing in its outer part gets one
-        # more (small) correction, so that the localiser's own error on one look does not
-        # carry the true error past the tolerance; any later landing within it is accepted
-        refine = iteration == 1 and max_iterations > 1
-        if error <= tolerance_um * (refine_above_fraction if refine else 1.0):
-            return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors, focus_searches)
-    raise fail(
-        f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "
-        f"(errors {', '.join(f'{e:.2f}' for e in errors)} µm)"
-    )
+        moved = True
+        for iteration in range(1, max_iterations + 1):
+            position = manipulator.position_um
+            goal = cal.to_manipulator_um(target, position)
+            if not manipulator.limits.contains(goal.tolist()):
+                raise fail(f"iteration {iteration}: the corrected target {np.round(goal, 1).tolist()} µm is outside the limits")
+            end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
+            not_following.clear()
+            detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel, looks_per_stop, max_looks)
+            if detection is None and not not_following:
+                found = _focus_search(manipulator, eye, cal, target, find_following, focus_steps_um, speed_um_s, cancel)
+                if found is not None:
+                    detection, look, position, cal = found
+                    target = np.array([target[0], target[1], look.focal_z_um])
+                    focus_searches += 1
+                    log.info("tip found again by a focus search", iteration=iteration)
+            if detection is None:
+                if not_following:
+                    off_um, moved_um = not_following[0]
+                    reason = (
+                        f"iteration {iteration}: the detection did not follow the pipette ({off_um:.1f} µm off "
+                        f"after a {moved_um:.1f} µm move); it may not be this channel's tip"
+                    )
+                else:
+                    reason = f"iteration {iteration}: tip not found near its predicted position, nor above or below it"
+                if unverified_final_um > 0 and pinned_at is not None:
+                    approached = _approach_unseen(
+                        manipulator, eye, cal, target, start, pinned_at, find_following, unverified_final_um, speed_um_s,
+                        cancel, looks_per_stop, max_looks,
+                    )
+                    if approached is not None:
+                        cal, position, step_um = approached
+                        predicted = cal.to_microscope_um(position)[:2]
+                        error = float(np.linalg.norm(target[:2] - predicted))
+                        log.warning("move_tip: final step open loop, the tip is not detected at the target",
+                                    reason=reason, unverified_um=round(step_um, 1))
+                        return MoveTipResult(channel, target, cal, iteration + 1, error, position, predicted,
+                                             [*errors, error], focus_searches, verified=False, unverified_um=step_um,
+                                             requested_z_um=_replaced(requested_z_um, target))
+                    reason += f"; nor seen {unverified_final_um:.0f} µm back toward the start"
+                raise fail(reason)
+            seen = _seen_um(detection, look)
+            checked = reference is not None  # else nothing showed that this detection moves with the pipette
+            pinned_at = position
+            reference = (position.copy(), seen)
+            error = float(np.linalg.norm(target[:2] - seen))
+            errors.append(error)
+            unchecked_cal = cal
+            cal = _pinned(cal, position, seen)
+            if progress is not None:
+                progress(stage="iteration", iteration=iteration, error_um=error)
+            log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
+            # aim for the inner part of the tolerance: a first landing in its outer part gets one
+            # more (small) correction, so that the localiser's own error on one look does not
+            # carry the true error past the tolerance; any later landing within it is accepted
+            refine = iteration == 1 and max_iterations > 1
+            if error <= tolerance_um * (refine_above_fraction if refine else 1.0):
+                if not checked:
+                    # the tip was not seen before this move, so nothing showed that this detection
+                    # follows the pipette (static clutter on the target would pass): reported
+                    # unverified, and the calibration is not re-pinned on it
+                    log.warning("move_tip: the detection at the target was not checked against the pipette's "
+                                "motion (the tip was not seen before the move); calibration unchanged")
+                    return MoveTipResult(channel, target, unchecked_cal, iteration, error, position, seen, errors,
+                                         focus_searches, verified=False,
+                                         requested_z_um=_replaced(requested_z_um, target))
+                return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors, focus_searches,
+                                     requested_z_um=_replaced(requested_z_um, target))
+        raise fail(
+            f"not within {tolerance_um:.2f} µm after {max_iterations} iterations "
+            f"(errors {', '.join(f'{e:.2f}' for e in errors)} µm)"
+        )
+    except (Stopped, MoveTipFailed):
+        raise
+    except PatchrigError as exc:  # a lost frame stream, a device error: back to the start too
+        if not moved:
+            raise
+        message = str(exc).removeprefix(f"channel {channel!r}: ")
+        raise fail(message, exc.code) from exc
+
+def _replaced(requested_z_um: float, target: np.ndarray) -> float | None:
+    """The Z asked for if the target's Z is no longer it (a focus search), else None."""
+    return None if float(target[2]) == requested_z_um else requested_z_um
 
 
 def _seen_um(detection: TipDetection, look: Look) -> np.ndarray:

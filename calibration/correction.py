@@ -22,6 +22,7 @@ length sets how quickly drift and jumps are followed. Rejections are logged with
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections import deque
@@ -79,7 +80,8 @@ class OffsetCorrector:
         self.jump_votes = int(jump_votes)
         self.deadband_um = float(deadband_um)
         self._history: deque[np.ndarray] = deque(maxlen=int(window))
-        self._pending: list[np.ndarray] = []
+        # outliers since the last inlier: a jump is confirmed by ``jump_votes`` that agree
+        self._pending: collections.deque[np.ndarray] = collections.deque(maxlen=self.jump_votes)
         self.log = get_logger("patchrig.calibration.correction", channel=channel)
         self.counts: dict[str, int] = {}
         self.log_interval_s = 1.0
@@ -130,7 +132,7 @@ class OffsetCorrector:
             median = np.median(np.array(self._history), axis=0)
             if np.linalg.norm(e - median) > self.outlier_um:
                 self._pending.append(e)
-                recent = np.array(self._pending[-self.jump_votes :])
+                recent = np.array(self._pending)
                 spread = float(np.max(np.linalg.norm(recent - np.median(recent, axis=0), axis=1)))
                 if len(recent) < self.jump_votes or spread > self.outlier_um:
                     return self._reject(

@@ -71,3 +71,18 @@ def test_swapped_predictions_are_resolved_by_total_distance():
 def test_empty_inputs():
     assert assign_detections({}, [_det(1, 1)], um_per_px=1.0, gate_um=5.0).unassigned == [0]
     assert assign_detections({"A": (1.0, 1.0)}, [], um_per_px=1.0, gate_um=5.0).missing == ["A"]
+
+
+def test_a_chain_of_far_pairs_never_takes_another_channels_tip():
+    """Leaving one channel and one detection unmatched costs two gates, so the optimum chained
+    A to B's tip and B to clutter (9 + 9 µm < 0 + 30): both were then corrected by 9 µm. Such
+    pairs, whose channel or detection has a clearly closer partner, are left unassigned."""
+    predicted = {"A": (100.0, 100.0), "B": (109.0, 100.0)}
+    detections = [_det(109, 100), _det(118, 100)]  # B's tip, and clutter
+    result = assign_detections(predicted, detections, um_per_px=1.0, gate_um=15.0)
+    assert set(result.assigned) == {"B"} and result.assigned["B"].index == 0  # B keeps its own tip
+    assert result.missing == ["A"] and result.unassigned == [1]
+    # a closer chain (7 + 7 µm against 0 + one gate) still never takes B's tip for A
+    result = assign_detections({"A": (100.0, 100.0), "B": (107.0, 100.0)}, [_det(107, 100), _det(114, 100)],
+                               um_per_px=1.0, gate_um=15.0)
+    assert "A" not in result.assigned and result.assigned["B"].index == 0

@@ -283,3 +283,13 @@ def test_a_calibration_file_for_another_number_of_axes_is_refused():
         assert not service.is_calibrated("A")
         assert "axes" in service.get_calibration("A")["refused"]
         service.close()
+
+
+def test_outliers_waiting_for_a_jump_confirmation_are_bounded() -> None:
+    """Alternating ±5 µm innovations never confirm a jump; they used to pile up without limit."""
+    corrector = OffsetCorrector("A", min_confidence=0.5, max_jump_um=20.0, stale_after_s=1.0)
+    for _ in range(10):
+        corrector.update(np.array([0.1, 0.0]), score=0.9, frame_age_s=0.0, moving=False)
+    for i in range(2000):
+        corrector.update(np.array([5.0 if i % 2 else -5.0, 0.0]), score=0.9, frame_age_s=0.0, moving=False)
+    assert len(corrector._pending) <= corrector.jump_votes

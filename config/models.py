@@ -101,6 +101,9 @@ class ChannelConfig(Strict):
     limits: LimitsConfig
     max_speed_um_s: Annotated[float, Field(gt=0, le=5000)] = 1000.0
     default_speed_um_s: Annotated[float, Field(gt=0)] = 200.0
+    # whether +z moves the tip up (1) or down (-1); the calibration assumes it for a 3-axis
+    # device and measures it on a 4-axis one
+    z_up_sign: Literal[-1, 1] = 1
     sensapex: SensapexConfig | None = None
     scientifica: ScientificaConfig | None = None
     simulated: SimulatedDriverConfig | None = None

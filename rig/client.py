@@ -9,10 +9,10 @@
 Reliability: the "lazy pirate" pattern. Each call sends on a REQ socket and polls for the reply
 for ``timeout_s``; when none comes, the socket is closed (linger 0) and re-created, and the
 request is sent again, up to ``retries`` more times, then ``RpcTimeout`` is raised. Replies are
-matched by ``id``. Queries, ``move`` (a repeat supersedes the first and drives to the same
-target), ``stop`` and ``stop_all`` are re-sent; ``calibrate``, ``move_tip``, ``set_tip`` and
-``shutdown`` never are (``NEVER_RESENT``): a repeat would start the routine again from wherever
-the first one had got to, while the first may still be running. Long operations called with
+matched by ``id``. Queries, ``stop`` and ``stop_all`` are re-sent; ``calibrate``, ``move_tip``,
+``set_tip`` and ``shutdown`` never are (``NEVER_RESENT``), nor is ``move`` sent through the typed
+methods or ``motion`` (waiting or not): a repeat would supersede, and start again from wherever
+it had got to, an operation that may still be running. Long operations called with
 ``wait=True`` get a per-call timeout (``op_timeout_s``) instead of the short default.
 
 Errors: a reply with ``ok: false`` raises ``RpcError`` carrying the wire ``code``.

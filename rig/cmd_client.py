@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None,
                         help="reply timeout in s (default: 5, or 300 for motion methods that wait)")
     parser.add_argument("--retries", type=int, default=2,
-                        help="resends after a timeout (lazy pirate); calibrate, move_tip and set_tip are never re-sent")
+                        help="resends of a query after a timeout (lazy pirate); move, move_tip, calibrate, set_tip "
+                        "and shutdown are never re-sent")
     parser.add_argument("--curve-dir", type=Path, default=None, help="CURVE keys (client.key_secret, server.key)")
     parser.add_argument("--watch", metavar="TOPIC", nargs="*", default=None,
                         help="instead of a command, print telemetry (all topics if none named)")
@@ -70,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     with PatchrigClient(args.endpoint, timeout_s=5.0 if waits else timeout, op_timeout_s=timeout,
                         retries=args.retries, curve_dir=args.curve_dir) as client:
         try:
-            if waits:  # a ping first (a dead daemon is reported in 5 s), never re-sent
+            if args.method in ("move", "move_tip", "calibrate"):  # never re-sent; waiting: a ping first
                 motion = {k: v for k, v in params.items() if k != "wait"}
-                result = client.motion(args.method, motion, True)
+                result = client.motion(args.method, motion, params.get("wait", True))
             else:
                 result = client.call(args.method, params)
         except RpcError as exc:

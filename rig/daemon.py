@@ -165,6 +165,7 @@ class Daemon:
                         stale_after_s=cfg.frames.stale_after_s,
                         min_score=cfg.localiser.min_score,
                         um_per_px_range=cfg.localiser.um_per_px_range,
+                        z_up_signs={c.name: float(c.z_up_sign) for c in cfg.channels},
                     )
             self.calibration = calibration
             self.closed_loop.service = calibration

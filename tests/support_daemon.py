@@ -30,7 +30,8 @@ START_UM = 2500.0
 
 
 def make_config(names: list[str], *, server: dict[str, Any] | None = None, frames: dict[str, Any] | None = None,
-                **sections: Any) -> RigConfig:
+                channel_keys: dict[str, dict[str, Any]] | None = None, **sections: Any) -> RigConfig:
+    """A config of simulated channels ``names``; ``channel_keys``: more keys per channel name."""
     channels = [
         {
             "name": n,
@@ -39,6 +40,7 @@ def make_config(names: list[str], *, server: dict[str, Any] | None = None, frame
             "max_speed_um_s": 2000.0,
             "default_speed_um_s": 500.0,
             "limits": {"min_um": [0.0] * 3, "max_um": [LIMIT_UM] * 3},
+            **(channel_keys or {}).get(n, {}),
         }
         for n in names
     ]

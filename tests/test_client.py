@@ -159,3 +159,14 @@ def test_a_malformed_endpoint_is_one_clear_line_not_a_hang(capsys) -> None:
         assert "--timeout must be a number of seconds" in one_line_error(capsys)
     assert main(["client", "--watch", "hearbeat"]) == 1  # a typo used to wait for ever in silence
     assert "unknown telemetry topic(s) ['hearbeat']" in one_line_error(capsys)
+
+
+def test_patchrig_client_never_resends_a_move_that_does_not_wait(capsys) -> None:
+    server = DroppingServer(drop=100)
+    try:
+        assert main(["client", "--endpoint", server.endpoint, "--timeout", "0.2", "--retries", "2", "move",
+                     '{"channel": "A", "position_um": [1, 2, 3], "wait": false}']) == 1
+        assert "timeout" in capsys.readouterr().err
+        assert server.methods == ["move"]  # sent once
+    finally:
+        server.close()

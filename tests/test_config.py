@@ -252,3 +252,17 @@ def test_a_simulated_sensapex_on_a_broadcast_address_is_refused_up_front() -> No
     cfg = load_config(environ={"PATCHRIG__CHANNELS__A__SENSAPEX__ADDRESS": "127.255.255.255"})
     with pytest.raises(ConfigError, match="unicast loopback address"):
         SimulatedRig(cfg).start()
+
+
+def test_the_z_sign_of_a_channel_is_configurable_and_reaches_the_calibration(tmp_path: Path) -> None:
+    """The calibration assumes whether +z moves a 3-axis tip up; the daemon had no way to say."""
+    text = (CONFIG_DIR / "example-rig.toml").read_text()
+    cfg = load_config(_write(tmp_path, text.replace("z_up_sign = 1 ", "z_up_sign = -1 ")), environ={})
+    assert [c.z_up_sign for c in cfg.channels] == [1, -1]
+    with pytest.raises(ConfigError, match="z_up_sign"):
+        load_config(_write(tmp_path, text.replace("z_up_sign = 1 ", "z_up_sign = 0 ")), environ={})
+    from support_daemon import running_daemon
+
+    with running_daemon(["A", "B"], calibration_dir=tmp_path / "cal",
+                        channel_keys={"B": {"z_up_sign": -1}}) as rig:
+        assert rig.daemon.calibration.z_up_signs == {"A": 1.0, "B": -1.0}

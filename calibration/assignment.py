@@ -4,7 +4,8 @@ Each calibrated channel predicts where its tip should be (its read-back position
 calibration, in pixels of the frame at hand). Detections are matched one-to-one to channels
 by minimum total distance (µm) with a gate: a pair further apart than ``gate_um`` is never
 matched. The gate is built into the optimisation (each channel and each detection may stay
-unmatched at a cost of ``gate_um``), so a far pair never displaces a near one. Detections that
+unmatched at a cost of ``gate_um / 2``: one gate for the two), so a far pair never displaces a
+near one, and a pair with a clearly closer partner is left unmatched (``AMBIGUITY_FRACTION``). Detections that
 match no channel are reported as unassigned; channels with no detection within the gate are
 reported as missing.
 """

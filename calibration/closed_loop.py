@@ -60,6 +60,8 @@ FindTip = Callable[[Look, ChannelCalibration, np.ndarray], TipDetection | None]
 Progress = Callable[..., None]
 
 
+MIN_FOLLOW_MOTION_UM = 6.0  # a move this long shows a tip following the pipette, not static clutter
+
 class MoveTipFailed(PatchrigError):
     """move_tip did not reach the tolerance; the tip was returned to its start position."""
 
@@ -179,6 +181,13 @@ def move_tip(
         # the follow check: where the tip was seen, and the position it was seen at
         pinned_at: np.ndarray | None = None
         reference: tuple[np.ndarray, np.ndarray] | None = None  # (position µm, seen X, Y µm)
+        # whether a detection that follows the reference is trusted: the reference is a sighting
+        # where the calibration expected the tip (pinned on), or a detection that was itself
+        # trusted; a sighting too far to pin on only after a move of at least
+        # ``MIN_FOLLOW_MOTION_UM``, which static clutter cannot follow
+        reference_trusted = False
+        reference_before_moving = False  # the provisional first sighting
+        provisional = False  # the first sighting was too far to pin on: dropped if nothing follows it
         detection, look, position = _observe(
             manipulator, eye, cal, find_tip, eye.first_look_after_s(manipulator), cancel, looks_per_stop, max_looks
         )
@@ -188,6 +197,9 @@ def move_tip(
             if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
                 cal = _pinned(cal, position, seen)
                 pinned_at = position
+                reference_trusted = True
+            else:
+                provisional = reference_before_moving = True
 
         not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
 
@@ -209,6 +221,7 @@ def move_tip(
             return detection
 
         moved = True
+        cal_trusted = cal  # the calibration as last pinned on a trusted sighting: what an unchecked landing leaves
         for iteration in range(1, max_iterations + 1):
             position = manipulator.position_um
             goal = cal.to_manipulator_um(target, position)
@@ -217,6 +230,15 @@ def move_tip(
             end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
             not_following.clear()
             detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel, looks_per_stop, max_looks)
+            if detection is None and not_following and provisional:
+                # the sighting too far to pin on was not this tip (clutter, a neighbour): forget it;
+                # what is seen now is unchecked (and the call can only end unverified)
+                log.info("move_tip: the first sighting was not followed; it is dropped", iteration=iteration)
+                reference, provisional, reference_before_moving = None, False, False
+                not_following.clear()
+                detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel,
+                                                     looks_per_stop, max_looks)
+            provisional = False
             if detection is None and not not_following:
                 found = _focus_search(manipulator, eye, cal, target, find_following, focus_steps_um, speed_um_s, cancel)
                 if found is not None:
@@ -250,13 +272,19 @@ def move_tip(
                     reason += f"; nor seen {unverified_final_um:.0f} µm back toward the start"
                 raise fail(reason)
             seen = _seen_um(detection, look)
-            checked = reference is not None  # else nothing showed that this detection moves with the pipette
+            if reference is None:
+                checked = False  # nothing showed that this detection moves with the pipette
+            elif reference_before_moving:
+                checked = float(np.linalg.norm(cal.matrix[:2] @ (position - reference[0]))) >= MIN_FOLLOW_MOTION_UM
+            else:
+                checked = reference_trusted
             pinned_at = position
-            reference = (position.copy(), seen)
+            reference, reference_trusted, reference_before_moving = (position.copy(), seen), checked, False
             error = float(np.linalg.norm(target[:2] - seen))
             errors.append(error)
-            unchecked_cal = cal
             cal = _pinned(cal, position, seen)
+            if checked:
+                cal_trusted = cal
             if progress is not None:
                 progress(stage="iteration", iteration=iteration, error_um=error)
             log.info("move_tip iteration", iteration=iteration, error_um=round(error, 3))
@@ -271,7 +299,7 @@ def move_tip(
                     # unverified, and the calibration is not re-pinned on it
                     log.warning("move_tip: the detection at the target was not checked against the pipette's "
                                 "motion (the tip was not seen before the move); calibration unchanged")
-                    return MoveTipResult(channel, target, unchecked_cal, iteration, error, position, seen, errors,
+                    return MoveTipResult(channel, target, cal_trusted, iteration, error, position, seen, errors,
                                          focus_searches, verified=False,
                                          requested_z_um=_replaced(requested_z_um, target))
                 return MoveTipResult(channel, target, cal, iteration, error, position, seen, errors, focus_searches,

@@ -51,10 +51,12 @@ Methods (every returned dict is JSON-able; units are in the key names):
   plane (a pixel target is where the user sees it: in focus).
   ``verified`` is False when the tip could not be detected at the target and the last
   ``unverified_um`` (at most ``[calibration] unverified_final_um``) were moved open loop
-  from where it was seen (see ``calibration.closed_loop``).
+  from where it was seen, or when nothing showed that the detection at the target moves with
+  the pipette (the calibration is then not re-pinned on it; see ``calibration.closed_loop``).
   Raises OutOfBounds (target outside the limits, or closer than ``min_tip_separation_um``
-  to another channel's tip; nothing moved), MoveTipFailed (code "timeout"; returned to the
-  start), NotCalibrated, Stopped.
+  to another channel's tip; nothing moved), MoveTipFailed (returned to the start; code
+  "timeout", or the code of the error that ended it after the first move, such as
+  "no_frame" or "device_error"), NotCalibrated, Stopped.
 - ``check_separation(channel, target_um) -> None``: the collision guard of move_tip alone.
   Raises OutOfBounds when the target (microscope X, Y, Z µm) lies within
   ``[calibration] min_tip_separation_um`` (3-D distance) of another calibrated channel's tip,

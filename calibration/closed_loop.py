@@ -294,11 +294,11 @@ def move_tip(
             refine = iteration == 1 and max_iterations > 1
             if error <= tolerance_um * (refine_above_fraction if refine else 1.0):
                 if not checked:
-                    # the tip was not seen before this move, so nothing showed that this detection
-                    # follows the pipette (static clutter on the target would pass): reported
-                    # unverified, and the calibration is not re-pinned on it
+                    # nothing showed that this detection follows the pipette (no trusted sighting
+                    # before it: static clutter on the target would pass): reported unverified,
+                    # with the calibration last pinned on a trusted sighting
                     log.warning("move_tip: the detection at the target was not checked against the pipette's "
-                                "motion (the tip was not seen before the move); calibration unchanged")
+                                "motion (no trusted sighting before it); calibration not re-pinned on it")
                     return MoveTipResult(channel, target, cal_trusted, iteration, error, position, seen, errors,
                                          focus_searches, verified=False,
                                          requested_z_um=_replaced(requested_z_um, target))
@@ -315,6 +315,7 @@ def move_tip(
             raise
         message = str(exc).removeprefix(f"channel {channel!r}: ")
         raise fail(message, exc.code) from exc
+
 
 def _replaced(requested_z_um: float, target: np.ndarray) -> float | None:
     """The Z asked for if the target's Z is no longer it (a focus search), else None."""

@@ -179,15 +179,14 @@ def move_tip(
         # look before moving: re-pin the offset to the tip seen now (if it is seen, and near where
         # the calibration expects it), and keep the sighting, pinned or not, as the reference of
         # the follow check: where the tip was seen, and the position it was seen at
-        pinned_at: np.ndarray | None = None
         reference: tuple[np.ndarray, np.ndarray] | None = None  # (position µm, seen X, Y µm)
         # whether a detection that follows the reference is trusted: the reference is a sighting
         # where the calibration expected the tip (pinned on), or a detection that was itself
         # trusted; a sighting too far to pin on only after a move of at least
         # ``MIN_FOLLOW_MOTION_UM``, which static clutter cannot follow
         reference_trusted = False
-        reference_before_moving = False  # the provisional first sighting
-        provisional = False  # the first sighting was too far to pin on: dropped if nothing follows it
+        # the first sighting was too far to pin on: provisional, dropped if nothing follows it
+        reference_before_moving = False
         detection, look, position = _observe(
             manipulator, eye, cal, find_tip, eye.first_look_after_s(manipulator), cancel, looks_per_stop, max_looks
         )
@@ -196,10 +195,9 @@ def move_tip(
             reference = (position.copy(), seen)
             if np.linalg.norm(seen - cal.to_microscope_um(position)[:2]) <= max_pin_um:
                 cal = _pinned(cal, position, seen)
-                pinned_at = position
                 reference_trusted = True
             else:
-                provisional = reference_before_moving = True
+                reference_before_moving = True
 
         not_following: list[tuple[float, float]] = []  # (off_um, moved_um) of rejected detections
 
@@ -230,15 +228,14 @@ def move_tip(
             end_s = move_and_settle(manipulator, goal, speed_um_s=speed_um_s, cancel=cancel)
             not_following.clear()
             detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel, looks_per_stop, max_looks)
-            if detection is None and not_following and provisional:
+            if detection is None and not_following and reference_before_moving:
                 # the sighting too far to pin on was not this tip (clutter, a neighbour): forget it;
                 # what is seen now is unchecked (and the call can only end unverified)
                 log.info("move_tip: the first sighting was not followed; it is dropped", iteration=iteration)
-                reference, provisional, reference_before_moving = None, False, False
+                reference, reference_before_moving = None, False
                 not_following.clear()
                 detection, look, position = _observe(manipulator, eye, cal, find_following, end_s, cancel,
                                                      looks_per_stop, max_looks)
-            provisional = False
             if detection is None and not not_following:
                 found = _focus_search(manipulator, eye, cal, target, find_following, focus_steps_um, speed_um_s, cancel)
                 if found is not None:
@@ -255,6 +252,8 @@ def move_tip(
                     )
                 else:
                     reason = f"iteration {iteration}: tip not found near its predicted position, nor above or below it"
+                # where the offset was last pinned on a sighting (none: nothing to back off to)
+                pinned_at = None if reference is None or reference_before_moving else reference[0]
                 if unverified_final_um > 0 and pinned_at is not None:
                     approached = _approach_unseen(
                         manipulator, eye, cal, target, start, pinned_at, find_following, unverified_final_um, speed_um_s,
@@ -278,7 +277,6 @@ def move_tip(
                 checked = float(np.linalg.norm(cal.matrix[:2] @ (position - reference[0]))) >= MIN_FOLLOW_MOTION_UM
             else:
                 checked = reference_trusted
-            pinned_at = position
             reference, reference_trusted, reference_before_moving = (position.copy(), seen), checked, False
             error = float(np.linalg.norm(target[:2] - seen))
             errors.append(error)

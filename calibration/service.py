@@ -586,7 +586,6 @@ class CalibrationService:
         finally:
             lock.release()
 
-
     def check_move_tip(
         self,
         channel: str,

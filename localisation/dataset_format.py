@@ -145,7 +145,7 @@ def read_dataset(directory: str | Path, *, check_images: bool = True) -> TipData
     return TipDataset(root=root, records=records, meta=meta)
 
 
-def _finite_number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is finite as a float64; an integer too large for a
     float (a JSON 1 followed by 400 zeros) is not."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -179,13 +179,13 @@ def _parse_entry(labels_path: Path, index: int, entry: Any) -> TipRecord:
         raise DataError(f"{where} ({file}): images must be PNG or TIFF")
     where = f"{where} ({file})"
     um_per_px: Any = entry.get("um_per_px")
-    if not _finite_number(um_per_px) or um_per_px <= 0:
+    if not finite_number(um_per_px) or um_per_px <= 0:
         raise DataError(f"{where}: 'um_per_px' must be a positive number, got {_show(um_per_px)}")
     tips = entry.get("tips")
     if not isinstance(tips, list):
         raise DataError(f"{where}: 'tips' must be a list of [x, y]")
     for j, tip in enumerate(tips):
-        if not (isinstance(tip, list) and len(tip) == 2 and all(_finite_number(c) for c in tip)):
+        if not (isinstance(tip, list) and len(tip) == 2 and all(finite_number(c) for c in tip)):
             raise DataError(f"{where}: tips[{j}] must be [x, y] with finite numbers, got {_show(tip)}")
     extra = {k: v for k, v in entry.items() if k not in ("file", "um_per_px", "tips")}
     return TipRecord(
@@ -424,7 +424,7 @@ def import_coco(
     """
     coco_path = Path(coco_json)
     out = Path(out_dir)
-    if not _finite_number(um_per_px) or um_per_px <= 0:
+    if not finite_number(um_per_px) or um_per_px <= 0:
         raise DataError(f"um_per_px must be a positive number, got {_show(um_per_px)}")
     refuse_existing_dataset(out)
     try:
@@ -451,7 +451,7 @@ def import_coco(
             raise DataError(f"{coco_path}: images[{i}] repeats the id {im['id']!r}: its tips would be merged")
         for key in ("width", "height"):
             value: Any = im.get(key)
-            if key in im and not (_finite_number(value) and float(value).is_integer() and value >= 1):
+            if key in im and not (finite_number(value) and float(value).is_integer() and value >= 1):
                 raise DataError(f"{coco_path}: images[{i}] '{key}' must be a positive integer, got {value!r}")
         images[im["id"]] = im
     tips: dict[Any, list[list[float]]] = {k: [] for k in images}
@@ -462,7 +462,7 @@ def import_coco(
         kps = ann.get("keypoints")
         if kps is None:
             continue
-        if not isinstance(kps, list) or len(kps) % 3 or not all(_finite_number(v) for v in kps):
+        if not isinstance(kps, list) or len(kps) % 3 or not all(finite_number(v) for v in kps):
             raise DataError(f"{coco_path}: annotations[{i}]: 'keypoints' must be [x, y, v, ...]")
         category = ann.get("category_id")
         if category is not None and (not isinstance(category, int | str) or isinstance(category, bool)):

@@ -40,7 +40,7 @@ from localisation.models.cyclegan import (
     atomic_torch_save,
 )
 from localisation.progress import bar
-from rig.atomic import write_text_atomic
+from rig.atomic import keep_jsonl_records
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -275,16 +275,7 @@ class CycleGanTrainer:
 def _trim_log(path: Path, step: int) -> None:
     """Keep the log records of steps up to ``step`` (the checkpoint resumed from): the steps
     after it are trained again and logged again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    keep_jsonl_records(path, lambda r: int(r["step"]) <= step)
 
 
 def train_cyclegan(

@@ -55,7 +55,7 @@ from localisation.matching import paper_total_loss
 from localisation.metrics import MetricsAccumulator
 from localisation.models.fast import centernet_loss
 from localisation.progress import bar
-from rig.atomic import write_text_atomic
+from rig.atomic import keep_jsonl_records
 from rig.errors import DataError
 from rig.logs import get_logger
 
@@ -258,7 +258,7 @@ def _identity_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     changes = []
     for key in sorted(set(stored) | set(now)):
         a, b = stored.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "data" and key != "val_data":
+        if isinstance(a, dict) and isinstance(b, dict):
             changes += [f"{key}.{c}" for c in _identity_changes(a, b)]
         elif a != b:
             changes.append(f"{key} (was {json.dumps(a)[:80]}, now {json.dumps(b)[:80]})")
@@ -268,22 +268,8 @@ def _identity_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _trim_metrics(path: Path, epochs_done: int) -> None:
     """Keep only the lines of epochs the resumed run will not train again (a stop between the
     metrics line and ``last.pt`` left a line of an epoch that is then trained again) and drop
-    a torn last line; rewritten atomically, and only if something changes."""
-    if not path.exists():
-        return
-    kept, changed = [], False
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            changed = True
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < epochs_done:
-            kept.append(line)
-        else:
-            changed = True
-    if changed:
-        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    a torn last line."""
+    keep_jsonl_records(path, lambda r: isinstance(r.get("epoch"), int) and r["epoch"] < epochs_done)
 
 
 def train(cfg: LocaliserConfig, opts: TrainOptions) -> dict[str, Any]:
@@ -316,6 +302,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     model = build_model(cfg, pretrained=opts.pretrained).to(device)
     state: dict[str, Any] = {"stage": 0, "epoch_in_stage": 0, "global_step": 0, "epochs_done": 0, "best_score": -math.inf}
     opt_state = sched_state = None
+    identity = run_identity(cfg, opts)  # stored in every last.pt
     if opts.resume:
         last = out / "last.pt"
         payload = read_checkpoint(last, expect_config=cfg.name)
@@ -333,7 +320,7 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
         load_weights(model, payload, last)
         ts = payload.get("trainer_state") or {}
         if "run" in ts:  # checkpoints from before stop 23 carry no identity
-            changes = _identity_changes(ts["run"], run_identity(cfg, opts))
+            changes = _identity_changes(ts["run"], identity)
             if changes:
                 raise DataError(f"{last}: --resume needs the run's own options and data; changed: "
                                 f"{'; '.join(changes[:4])} (start a new run with --init-from {last} instead)")
@@ -362,7 +349,6 @@ def _train(cfg: LocaliserConfig, opts: TrainOptions, rank: int, world: int, devi
     metrics_path = out / "metrics.jsonl"
     if opts.resume and is_main:
         _trim_metrics(metrics_path, state["epochs_done"])
-    identity = run_identity(cfg, opts)
     stopped_early = False
 
     def save_last(opt: torch.optim.Optimizer | None, sched: Any) -> None:

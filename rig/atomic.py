@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -68,6 +68,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as fh:
         fh.write(data)
+
+
+def keep_jsonl_records(path: str | Path, keep: Callable[[Any], bool]) -> None:
+    """Rewrite the JSON-lines file ``path`` atomically with only the records ``keep`` accepts
+    (unreadable lines, such as one torn by a crash, are dropped); untouched if nothing is
+    dropped or the file does not exist. For logs of a resumed run: the records of the work
+    it does again go."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if keep(json.loads(line)):
+                kept.append(line)
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not the record kept
+            continue
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def write_json_atomic(

@@ -62,18 +62,8 @@ class ClosedLoop:
             service.check_target_px(ctl.name, params.target_px)
 
         def body(op: Any) -> dict[str, Any]:
-            return dict(
-                service.move_tip(
-                    ctl.name,
-                    target_px=params.target_px,
-                    target_um=params.target_um,
-                    tolerance_um=params.tolerance_um,
-                    max_iterations=params.max_iterations,
-                    speed_um_s=params.speed_um_s,
-                    progress=op.progress,
-                    cancel=op.cancel_event,
-                )
-            )
+            return dict(service.move_tip(ctl.name, **_move_tip_request(params), progress=op.progress,
+                                         cancel=op.cancel_event))
 
         return body
 
@@ -83,10 +73,7 @@ class ClosedLoop:
         service = self._require(ctl.name)
 
         def check() -> None:
-            service.check_move_tip(
-                ctl.name, target_px=params.target_px, target_um=params.target_um, tolerance_um=params.tolerance_um,
-                max_iterations=params.max_iterations, speed_um_s=params.speed_um_s,
-            )
+            service.check_move_tip(ctl.name, **_move_tip_request(params))
 
         return check
 
@@ -101,3 +88,10 @@ class ClosedLoop:
     def close(self) -> None:
         if self.service is not None:
             self.service.close()
+
+
+def _move_tip_request(params: Any) -> dict[str, Any]:
+    """A ``move_tip`` request's parameters as ``CalibrationService.move_tip`` and
+    ``check_move_tip`` take them."""
+    return {name: getattr(params, name) for name in
+            ("target_px", "target_um", "tolerance_um", "max_iterations", "speed_um_s")}

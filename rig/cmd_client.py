@@ -24,7 +24,7 @@ from rig.client import (
     TelemetrySubscriber,
 )
 from rig.errors import InvalidParams
-from rig.protocol import METHODS, RpcError
+from rig.protocol import METHODS, MOTION_METHODS, RpcError
 from rig.telemetry import TOPICS
 
 MAX_TIMEOUT_S = 86400.0  # a day: longer is a typo (and inf overflowed in ZeroMQ's poll)
@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParams(f"--retries must be 0 or more, got {args.retries}")
     if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:  # NaN and inf fail too
         raise InvalidParams(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {args.timeout}")
-    waits = args.method in ("move", "move_tip", "calibrate") and params.get("wait", True)
+    waits = args.method in MOTION_METHODS and params.get("wait", True)
     timeout = args.timeout if args.timeout is not None else (300.0 if waits else 5.0)
     with PatchrigClient(args.endpoint, timeout_s=5.0 if waits else timeout, op_timeout_s=timeout,
                         retries=args.retries, curve_dir=args.curve_dir) as client:
         try:
-            if args.method in ("move", "move_tip", "calibrate"):  # never re-sent; waiting: a ping first
+            if args.method in MOTION_METHODS:  # never re-sent; waiting: a ping first
                 motion = {k: v for k, v in params.items() if k != "wait"}
                 result = client.motion(args.method, motion, params.get("wait", True))
             else:

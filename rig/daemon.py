@@ -34,7 +34,7 @@ from rig.curve import ServerKeys, is_loopback_endpoint, start_authenticator
 from rig.errors import Busy, ConfigError, DeviceError, InvalidParams, NoFrame, NotFound, Stopped
 from rig.localiser_worker import LocaliserWorker
 from rig.logs import get_logger
-from rig.protocol import PROTOCOL, Request
+from rig.protocol import MOTION_METHODS, PROTOCOL, Request
 from rig.server import CommandServer, Responder, normalise_endpoint
 from rig.telemetry import TelemetryPublisher
 from rig.watchdog import Lease, Watchdog
@@ -455,7 +455,7 @@ class Daemon:
         elif method == "set_tip":
             self.controller(p.channel)  # type: ignore[attr-defined]
             self._query(responder, lambda: self.closed_loop.set_tip(p.channel, p.px))  # type: ignore[attr-defined]
-        elif method in ("move", "move_tip", "calibrate"):
+        elif method in MOTION_METHODS:
             self._start_operation(request, responder)
         else:  # parse_request only lets known methods through
             raise InvalidParams(f"method {method!r} is not handled")

@@ -147,7 +147,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from localisation.dataset_format import load_image, read_dataset, refuse_overwriting
+    from localisation.dataset_format import (
+        finite_number,
+        load_image,
+        read_dataset,
+        refuse_overwriting,
+    )
 
     _check_sheet_layout(args.tile, max_images=args.max, cols=args.cols)
     _check_picture_path(args.out)
@@ -159,7 +164,7 @@ def _run_show(args: argparse.Namespace) -> int:
     for record in ds.records[: args.max]:
         hidden = [  # hand-edited entries without both coordinates are left out
             (t["x"], t["y"]) for t in record.extra.get("all_tips", [])
-            if isinstance(t, dict) and not t.get("visible", True) and _is_number(t.get("x")) and _is_number(t.get("y"))
+            if isinstance(t, dict) and not t.get("visible", True) and finite_number(t.get("x")) and finite_number(t.get("y"))
         ]
         caption = f"{Path(record.file).name}  {len(record.tips_px)} tips  {record.um_per_px:.2f} um/px"
         items.append((load_image(record), record.tips_px, hidden, caption))
@@ -190,10 +195,6 @@ def _run_figure(args: argparse.Namespace) -> int:
     write_picture(args.out, sheet)
     print(f"wrote {args.out}")
     return 0
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _check_sheet_layout(tile_px: int, *, max_images: int = 1, cols: int = 1) -> None:
